@@ -1,0 +1,1 @@
+"""Fleet simulator, load generator and benchmarks for Ballast."""

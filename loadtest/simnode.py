@@ -1,0 +1,328 @@
+"""A simulated OpenAI-compatible inference node (one GPU server) on loopback.
+
+Each node follows a GPU :class:`Profile`: time to first token grows with the
+prompt, tokens stream at the profile's rate per sequence, at most
+``max_seqs`` sequences run at once, up to ``max_queue`` more wait, and beyond
+that the node answers 503. Streaming responses are real SSE chunks emitted at
+the token rate. A :class:`Fault` makes the node misbehave the ways real
+decentralized supply does (hang, error bursts, mid-stream disconnects, slowness,
+lying about models); ``stop()``/``start()`` model a crash (connection refused).
+
+Engine-style ``/metrics`` use vLLM's metric names so a router can scrape it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import socket
+import struct
+import time
+from dataclasses import dataclass, field, replace
+from random import Random
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Relative behaviour of one GPU class serving a small model."""
+
+    name: str
+    ttft_s: float  # time to first token for an empty prompt
+    prefill_tok_per_s: float  # prompt processing rate
+    tokens_per_s: float  # decode rate of one sequence
+    max_seqs: int  # sequences decoded at once
+    vram_gb: float
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("H100", 0.020, 40000, 120, 64, 80),
+        Profile("A100", 0.030, 25000, 90, 48, 80),
+        Profile("L40S", 0.045, 15000, 70, 32, 48),
+        Profile("RTX 4090", 0.050, 12000, 80, 16, 24),
+        Profile("RTX 3090", 0.080, 7000, 55, 12, 24),
+        Profile("T4", 0.150, 2500, 25, 8, 16),
+    )
+}
+
+
+@dataclass
+class Fault:
+    """How a node misbehaves. ``mode`` is one of the names below."""
+
+    mode: str = "none"  # none | hang | error | slow | midstream | lie
+    rate: float = 1.0  # share of requests affected (error, midstream)
+    status: int = 500  # error: HTTP status to answer
+    retry_after: float | None = None  # error: Retry-After header (seconds)
+    factor: float = 5.0  # slow: latency multiplier
+    after_tokens: int = 2  # midstream: tokens sent before the connection drops
+
+
+@dataclass
+class SimConfig:
+    id: str
+    models: list[str]
+    profile: Profile = PROFILES["RTX 4090"]
+    claimed_models: list[str] = field(default_factory=list)  # lie: claimed, not served
+    max_queue: int = 64
+    time_scale: float = 1.0  # multiply every delay (tests run faster with < 1)
+    default_max_tokens: int = 16
+    seed: int = 0
+
+
+def _prompt_tokens(doc: dict[str, Any]) -> int:
+    if "messages" in doc:
+        text = "".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
+    else:
+        text = str(doc.get("prompt", doc.get("input", "")))
+    return max(1, len(text) // 4)
+
+
+class SimNode:
+    def __init__(self, cfg: SimConfig, fault: Fault | None = None) -> None:
+        self.cfg = cfg
+        self.fault = fault or Fault()
+        self.rng = Random(cfg.seed)
+        self.running = 0
+        self.waiting = 0
+        self.requests = 0
+        self.cancelled = 0  # requests whose client (the router) went away
+        self.cancel_seen = asyncio.Event()
+        self.arrived = asyncio.Event()  # set once a request has reached the node
+        self.port = 0
+        self._slots = asyncio.Semaphore(cfg.profile.max_seqs)
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_fault(self, fault: Fault) -> None:
+        self.fault = fault
+
+    async def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1 (the same port again after a ``stop()``)."""
+        if self._runner is None:
+            self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+            await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port or self.port))
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Crash: close the listener and every open connection (then: refused)."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+            server = self._runner.server
+            if server is not None:
+                await server.shutdown(0)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers ---------------------------------------------------------
+
+    def _delay(self, seconds: float) -> float:
+        f = self.fault
+        return seconds * self.cfg.time_scale * (f.factor if f.mode == "slow" else 1.0)
+
+    async def _preamble(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+        self.requests += 1
+        self.arrived.set()
+        try:
+            doc = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return {}, _error(400, "invalid JSON")
+        model = doc.get("model")
+        if model not in self.cfg.models:
+            return doc, _error(404, f"model {model!r} not found")
+        f = self.fault
+        if f.mode == "hang":
+            try:
+                await asyncio.Event().wait()  # black hole: until the client gives up
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                self.cancel_seen.set()
+                raise
+        if f.mode == "error" and self.rng.random() < f.rate:
+            headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else None
+            return doc, _error(f.status, "simulated failure", headers)
+        if self.waiting >= self.cfg.max_queue:
+            return doc, _error(503, "server overloaded", {"Retry-After": "1"})
+        return doc, None
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        doc, err = await self._preamble(request)
+        if err is not None:
+            return err
+        p = self.cfg.profile
+        chat = request.path.endswith("chat/completions")
+        prompt = _prompt_tokens(doc)
+        n_out = doc.get("max_tokens") or doc.get("max_completion_tokens")
+        n_out = int(n_out) if isinstance(n_out, int) and n_out > 0 else self.cfg.default_max_tokens
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            await asyncio.sleep(self._delay(p.ttft_s + prompt / p.prefill_tok_per_s))
+            rid = f"sim-{self.cfg.id}-{self.requests}"
+            tok_s = self._delay(1.0 / p.tokens_per_s)
+            if doc.get("stream") is True:
+                return await self._stream(request, doc["model"], rid, chat, n_out, tok_s)
+            await asyncio.sleep(tok_s * (n_out - 1))
+            text = "tok " * n_out
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text}}
+                if chat
+                else {"index": 0, "text": text, "logprobs": None}
+            )
+            choice["finish_reason"] = "length"
+            body = {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": doc["model"],
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": n_out,
+                    "total_tokens": prompt + n_out,
+                },
+                "system_fingerprint": self.cfg.id,
+            }
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            self.cancel_seen.set()
+            raise
+        finally:
+            self.running -= 1
+            self._slots.release()
+
+    async def _stream(
+        self, request: web.Request, model: str, rid: str, chat: bool, n_out: int, tok_s: float
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        created = int(time.time())
+        f = self.fault
+        drop_at = f.after_tokens if f.mode == "midstream" and self.rng.random() < f.rate else -1
+        for i in range(n_out):
+            if i == drop_at and request.transport is not None:
+                request.transport.abort()  # the node dies mid-stream
+                return out
+            if i:
+                await asyncio.sleep(tok_s)
+            last = i == n_out - 1
+            if chat:
+                delta: dict[str, Any] = {"content": "tok "}
+                if i == 0:
+                    delta["role"] = "assistant"
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": "tok ", "logprobs": None}
+            choice["finish_reason"] = "length" if last else None
+            chunk = {
+                "id": rid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+            await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        doc, err = await self._preamble(request)
+        if err is not None:
+            return err
+        await asyncio.sleep(self._delay(self.cfg.profile.ttft_s))
+        inputs = doc.get("input", "")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        b64 = doc.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(inputs):
+            vec = [math.sin(len(str(text)) + j) for j in range(8)]
+            emb: Any = base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = sum(max(1, len(str(t)) // 4) for t in inputs)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": doc["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": self.cfg.id}
+            for m in self.cfg.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        p = self.cfg.profile
+        model = self.cfg.models[0] if self.cfg.models else ""
+        usage = min(1.0, self.running / p.max_seqs)
+        text = (
+            f'vllm:num_requests_running{{model_name="{model}"}} {self.running}\n'
+            f'vllm:num_requests_waiting{{model_name="{model}"}} {self.waiting}\n'
+            f'vllm:kv_cache_usage_perc{{model_name="{model}"}} {usage}\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": "sim_error", "param": None, "code": status}}
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def sim_config(
+    id: str, models: list[str], profile: str | Profile = "RTX 4090", **kw: Any
+) -> SimConfig:
+    """Shorthand: a :class:`SimConfig` with a profile given by name from :data:`PROFILES`."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    return SimConfig(id=id, models=models, profile=prof, **kw)
+
+
+def scaled(profile: Profile, speed: float) -> Profile:
+    """The same card ``speed`` times faster (or slower, below 1)."""
+    return replace(
+        profile,
+        ttft_s=profile.ttft_s / speed,
+        tokens_per_s=profile.tokens_per_s * speed,
+        prefill_tok_per_s=profile.prefill_tok_per_s * speed,
+    )

@@ -1,0 +1,77 @@
+"""Routing policies: which node gets this request.
+
+A policy is a pure function of the request, a snapshot of candidate nodes, a
+random generator and the current time; it returns up to ``k`` distinct nodes in
+order of preference (first = primary, the rest = failover). Policies do no I/O
+and keep no clock of their own, so they are deterministic under a seeded
+``random.Random`` and an injected ``now``.
+
+Each policy lives in its own module and is registered here by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from random import Random
+from typing import Any, ClassVar, Protocol, TypeVar
+
+
+@dataclass(slots=True, frozen=True)
+class RequestInfo:
+    """Just enough of the request to route it (the body is parsed once)."""
+
+    model: str
+    stream: bool = False
+    max_tokens: int | None = None
+    prompt_bytes: int = 0
+
+
+class Stats(Protocol):
+    in_flight: int
+
+    def cost(self, now: float) -> float: ...
+
+
+class Candidate(Protocol):
+    id: str
+    stats: Stats
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class Policy(Protocol):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def rank(
+        self, req: RequestInfo, candidates: Sequence[C], k: int, rng: Random, now: float
+    ) -> list[C]: ...
+
+
+class PolicyError(ValueError):
+    """Invalid policy name or parameters."""
+
+
+def _registry() -> dict[str, type]:
+    from policies.least_outstanding import LeastOutstanding
+    from policies.p2c_peak_ewma import P2CPeakEwma
+    from policies.random_choice import RandomChoice
+    from policies.round_robin import RoundRobin
+
+    return {p.name: p for p in (RoundRobin, RandomChoice, LeastOutstanding, P2CPeakEwma)}
+
+
+REGISTRY: dict[str, type] = _registry()
+
+
+def build_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
+    """Instantiate a policy by name; unknown names and parameters are errors."""
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    try:
+        return cls(**(params or {}))
+    except TypeError as e:
+        raise PolicyError(f"policy {name}: invalid params: {e}") from None

@@ -1,0 +1,3 @@
+"""Ballast: an inference request router for heterogeneous, unreliable GPU fleets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""Configuration: one YAML file, validated once at load time.
+
+The file is parsed into pydantic models (unknown keys are errors), then
+environment overrides are applied (secrets and URLs only). Everything the
+request path needs is resolved here, so the proxy never parses or looks up
+configuration per request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the key path that caused it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class PolicyConfig(_Strict):
+    name: str = "p2c_peak_ewma"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeConfig(_Strict):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    url: str
+    models: list[str] = Field(min_length=1)
+    gpu: str | None = None
+    vram_gb: float | None = Field(None, ge=0)
+    gpus: int = Field(1, ge=0)
+    api_key_env: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        return v.rstrip("/")
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(2.0, gt=0)
+    first_byte_s: float = Field(30.0, gt=0)
+    total_s: float = Field(600.0, gt=0)
+    stream_idle_s: float = Field(60.0, gt=0)
+
+
+class Retries(_Strict):
+    max_attempts: int = Field(3, ge=1, le=10)
+    budget_percent: float = Field(20.0, ge=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+class Scoring(_Strict):
+    decay_s: float = Field(10.0, gt=0)
+    success_half_life_s: float = Field(30.0, gt=0)
+    failure_penalty_s: float = Field(5.0, ge=0)
+    default_latency_s: float = Field(1.0, gt=0)
+
+
+class StateConfig(_Strict):
+    redis_url: str | None = None
+    key_prefix: str = "ballast:"
+
+
+class LoggingConfig(_Strict):
+    level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    format: str = Field("json", pattern=r"^(json|text)$")
+    access_log: bool = True
+
+
+class Config(_Strict):
+    listen: Listen = Field(default_factory=Listen)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    nodes: list[NodeConfig] = Field(default_factory=list)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries = Field(default_factory=Retries)
+    limits: Limits = Field(default_factory=Limits)
+    scoring: Scoring = Field(default_factory=Scoring)
+    state: StateConfig = Field(default_factory=StateConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        seen: set[str] = set()
+        for i, node in enumerate(self.nodes):
+            if node.id in seen:
+                raise ValueError(f"nodes[{i}].id: duplicate node id {node.id!r}")
+            seen.add(node.id)
+        from policies import REGISTRY
+
+        if self.policy.name not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            raise ValueError(f"policy.name: unknown policy {self.policy.name!r} (known: {known})")
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
+    """Validate a decoded YAML document and apply environment overrides."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>: the config must be a mapping")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+    if url := env.get("BALLAST_REDIS_URL"):
+        cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
+    for i, node in enumerate(cfg.nodes):
+        if node.api_key_env and node.api_key_env not in env:
+            raise ConfigError(
+                f"nodes[{i}].api_key_env: environment variable {node.api_key_env} is not set"
+            )
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, env)

@@ -1,0 +1,228 @@
+"""The node registry and each node's scoreboard.
+
+A :class:`Node` carries what the node *claims* (URL, models, GPU, VRAM, free-form
+labels such as pool, region or price) next to what Ballast has *measured*
+(:class:`NodeStats`). The :class:`Registry` keeps, per model, a ready-made tuple
+of routable nodes; it is rebuilt when membership or state changes, never per
+request, so finding the candidates for a request is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+
+from router.config import NodeConfig, Scoring
+from router.peak_ewma import PeakEwma
+from router.success_ratio import DecayedRatio
+
+
+class NodeState(StrEnum):
+    REGISTERED = "registered"  # claims only, not proven to serve
+    VERIFIED = "verified"  # answered a real inference for each claimed model
+    SERVING = "serving"  # verified and taking traffic
+    EJECTED = "ejected"  # outlier, temporarily out of rotation
+    DRAINING = "draining"  # finishing in-flight work, no new requests
+    GONE = "gone"  # heartbeat expired or removed
+
+
+ROUTABLE = frozenset({NodeState.VERIFIED, NodeState.SERVING})
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    CLIENT_ERROR = "client_error"  # 4xx other than 429: the node works, the request was bad
+    CONNECT_ERROR = "connect_error"
+    TIMEOUT = "timeout"
+    HTTP_5XX = "http_5xx"
+    HTTP_429 = "http_429"
+    STREAM_ERROR = "stream_error"  # failed after the first byte
+    CANCELLED = "cancelled"  # the client went away; says nothing about the node
+
+
+FAILURES = frozenset(
+    {
+        Outcome.CONNECT_ERROR,
+        Outcome.TIMEOUT,
+        Outcome.HTTP_5XX,
+        Outcome.HTTP_429,
+        Outcome.STREAM_ERROR,
+    }
+)
+
+
+class NodeStats:
+    """What Ballast measured about one node, from real traffic.
+
+    All updates are synchronous and local; a shared store reads them in the
+    background. ``now`` is always passed in, so tests run on an injected clock.
+    """
+
+    __slots__ = (
+        "consecutive_failures",
+        "failures_total",
+        "in_flight",
+        "last_error",
+        "latency",
+        "requests_total",
+        "success",
+        "ttfb",
+    )
+
+    def __init__(self, scoring: Scoring) -> None:
+        self.latency = PeakEwma(scoring.decay_s, scoring.default_latency_s)
+        self.ttfb = PeakEwma(scoring.decay_s, scoring.default_latency_s)
+        self.success = DecayedRatio(scoring.success_half_life_s)
+        self.in_flight = 0
+        self.requests_total = 0
+        self.failures_total = 0
+        self.consecutive_failures = 0
+        self.last_error = ""
+
+    def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
+        """Record one finished attempt.
+
+        ``elapsed_s`` is the time to the first byte (or to the failure). A failure
+        enters the latency estimate as at least ``penalty_s``: a node that answers
+        503 in a millisecond must look slow, not fast.
+        """
+        if outcome is Outcome.CANCELLED:
+            return
+        self.requests_total += 1
+        if outcome in FAILURES:
+            self.failures_total += 1
+            self.consecutive_failures += 1
+            self.last_error = outcome.value
+            self.success.record(False, now)
+            self.latency.observe(max(elapsed_s, penalty_s), now)
+        else:
+            self.consecutive_failures = 0
+            self.success.record(True, now)
+            self.latency.observe(elapsed_s, now)
+
+    def cost(self, now: float) -> float:
+        """Peak-EWMA cost: expected latency times the queue this request joins."""
+        return self.latency.value(now) * (self.in_flight + 1)
+
+
+class Node:
+    __slots__ = (
+        "auth_header",
+        "gpu",
+        "gpus",
+        "id",
+        "labels",
+        "models",
+        "source",
+        "state",
+        "state_reason",
+        "stats",
+        "url",
+        "vram_gb",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        url: str,
+        models: Iterable[str],
+        scoring: Scoring,
+        gpu: str | None = None,
+        vram_gb: float | None = None,
+        gpus: int = 1,
+        labels: dict[str, str] | None = None,
+        api_key: str | None = None,
+        source: str = "config",
+        state: NodeState = NodeState.SERVING,
+        state_reason: str = "static node from config",
+    ) -> None:
+        self.id = id
+        self.url = url.rstrip("/")
+        self.models = tuple(models)
+        self.gpu = gpu
+        self.vram_gb = vram_gb
+        self.gpus = gpus
+        self.labels = dict(labels or {})
+        self.auth_header = f"Bearer {api_key}" if api_key else None
+        self.source = source
+        self.state = state
+        self.state_reason = state_reason
+        self.stats = NodeStats(scoring)
+
+    @classmethod
+    def from_config(
+        cls, nc: NodeConfig, scoring: Scoring, env: dict[str, str] | None = None
+    ) -> Node:
+        env = os.environ if env is None else env
+        key = env.get(nc.api_key_env) if nc.api_key_env else None
+        return cls(
+            id=nc.id,
+            url=nc.url,
+            models=nc.models,
+            gpu=nc.gpu,
+            vram_gb=nc.vram_gb,
+            gpus=nc.gpus,
+            labels=nc.labels,
+            api_key=key,
+            scoring=scoring,
+        )
+
+    def __repr__(self) -> str:
+        return f"Node({self.id!r}, {self.state})"
+
+
+class Registry:
+    """All known nodes, and per model the tuple of nodes that may take traffic."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self.nodes: dict[str, Node] = {}
+        self._routable: dict[str, tuple[Node, ...]] = {}
+        self._models: frozenset[str] = frozenset()
+        self._on_change = on_change
+        self.version = 0
+
+    def add(self, node: Node) -> None:
+        self.nodes[node.id] = node
+        self._rebuild()
+
+    def remove(self, node_id: str) -> Node | None:
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self._rebuild()
+        return node
+
+    def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
+        node = self.nodes[node_id]
+        node.state = state
+        node.state_reason = reason
+        self._rebuild()
+
+    def candidates(self, model: str) -> tuple[Node, ...] | None:
+        """Routable nodes for ``model``; ``None`` when no node claims the model at all."""
+        found = self._routable.get(model)
+        if found is None and model in self._models:
+            return ()
+        return found
+
+    def served_models(self) -> list[str]:
+        """Models that at least one routable node serves."""
+        return sorted(self._routable)
+
+    def routable_count(self) -> int:
+        return sum(1 for n in self.nodes.values() if n.state in ROUTABLE)
+
+    def _rebuild(self) -> None:
+        routable: dict[str, list[Node]] = {}
+        models: set[str] = set()
+        for node in self.nodes.values():
+            models.update(node.models)
+            if node.state in ROUTABLE:
+                for m in node.models:
+                    routable.setdefault(m, []).append(node)
+        self._routable = {m: tuple(ns) for m, ns in routable.items()}
+        self._models = frozenset(models)
+        self.version += 1
+        if self._on_change is not None:
+            self._on_change()

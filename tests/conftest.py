@@ -1,0 +1,108 @@
+"""Shared fixtures: simulated nodes and routers on real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from random import Random
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from loadtest.simnode import Fault, Profile, SimNode, sim_config
+from router.app import ROUTER, Router, create_app
+from router.config import parse_config
+
+MODEL = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def node_entry(sim: SimNode, **extra: Any) -> dict[str, Any]:
+    return {"id": sim.cfg.id, "url": sim.url, "models": list(sim.cfg.models), **extra}
+
+
+@dataclass
+class RouterHandle:
+    url: str
+    app: web.Application
+
+    @property
+    def router(self) -> Router:
+        return self.app[ROUTER]
+
+
+MakeSim = Callable[..., Awaitable[SimNode]]
+MakeRouter = Callable[..., Awaitable[RouterHandle]]
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[MakeSim]:
+    sims: list[SimNode] = []
+
+    async def make(
+        id: str,
+        models: tuple[str, ...] = (MODEL,),
+        profile: str | Profile = "H100",
+        fault: Fault | None = None,
+        time_scale: float = 0.01,
+        **kw: Any,
+    ) -> SimNode:
+        sim = SimNode(sim_config(id, list(models), profile, time_scale=time_scale, **kw), fault)
+        await sim.start()
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        await sim.close()
+
+
+@pytest.fixture
+async def make_router() -> AsyncIterator[MakeRouter]:
+    runners: list[web.AppRunner] = []
+
+    async def make(nodes: list[dict[str, Any]], seed: int = 1, **cfg: Any) -> RouterHandle:
+        app = create_app(parse_config({"nodes": nodes, **cfg}), rng=Random(seed))
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return RouterHandle(f"http://127.0.0.1:{runner.addresses[0][1]}", app)
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def chat(stream: bool = False, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **extra,
+    }
+
+
+@pytest.fixture
+def rng() -> Random:
+    return Random(42)
