@@ -269,10 +269,13 @@ class Proxy:
         elapsed = 0.0
         outcome = Outcome.CANCELLED
         upstream: ClientResponse | None = None
+        out: web.StreamResponse | None = None
         try:
-            # Phase 1: until the first byte, every failure is retryable.
-            try:
-                async with asyncio.timeout(min(self.first_byte_s, deadline - loop.time())):
+            # One timer per attempt: the first-byte timeout, moved to the request
+            # deadline once the first byte is in. Until the client has been sent
+            # anything, every failure is retryable (raised as _Failed).
+            async with asyncio.timeout(min(self.first_byte_s, deadline - loop.time())) as timer:
+                try:
                     upstream = await self.session.post(
                         node.url + request.path,
                         data=body,
@@ -287,40 +290,34 @@ class Proxy:
                             outcome, f"HTTP {status}", upstream.headers.get("Retry-After")
                         )
                     first = await upstream.content.readany() if stream else b""
-            except TimeoutError:
-                outcome = Outcome.TIMEOUT
-                raise _Failed(outcome, "no first byte in time") from None
-            except ClientError as e:
-                outcome = Outcome.CONNECT_ERROR
-                raise _Failed(outcome, type(e).__name__) from None
-            except OSError as e:
-                outcome = Outcome.CONNECT_ERROR
-                raise _Failed(outcome, type(e).__name__) from None
-            elapsed = self.clock() - t0
-            ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-            resp_headers = CIMultiDict(
-                (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
-            )
-            resp_headers["x-ballast-node"] = node.id
-
-            # Phase 2a: a whole body; still retryable until it is complete.
-            if not stream:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        data = await self._read_body(upstream)
-                except (TimeoutError, ClientError, OSError) as e:
-                    outcome = Outcome.TIMEOUT if isinstance(e, TimeoutError) else Outcome.HTTP_5XX
-                    raise _Failed(outcome, f"body read failed: {type(e).__name__}") from None
-                outcome = ok
+                    elapsed = self.clock() - t0
+                    timer.reschedule(deadline)
+                    data = b"" if stream else await self._read_body(upstream)
+                except (ClientError, OSError) as e:
+                    if isinstance(e, TimeoutError):  # aiohttp's own read timeout
+                        raise
+                    outcome = Outcome.STREAM_ERROR if elapsed else Outcome.CONNECT_ERROR
+                    raise _Failed(outcome, type(e).__name__) from None
                 ex.ttfb = elapsed
-                return web.Response(status=status, body=data, headers=resp_headers)
-
-            # Phase 2b: a stream; committed once the first chunk goes out.
-            outcome = ok
-            ex.ttfb = elapsed
-            out = web.StreamResponse(status=status, headers=resp_headers)
-            await out.prepare(request)
-            outcome = await self._pump(upstream, out, first, deadline, ok)
+                ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
+                resp_headers = CIMultiDict(
+                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+                )
+                resp_headers["x-ballast-node"] = node.id
+                if not stream:
+                    outcome = ok
+                    return web.Response(status=status, body=data, headers=resp_headers)
+                out = web.StreamResponse(status=status, headers=resp_headers)
+                outcome = await self._pump(request, upstream, out, first, ok)
+                return out
+        except TimeoutError:
+            if out is None:
+                outcome = Outcome.TIMEOUT
+                raise _Failed(
+                    outcome, "no first byte in time" if not elapsed else "timeout"
+                ) from None
+            await self._end_stream(out, "request deadline exceeded", "deadline_exceeded")
+            outcome = Outcome.CANCELLED  # the node was working; the deadline ran out
             return out
         finally:
             stats.in_flight -= 1
@@ -329,41 +326,35 @@ class Proxy:
                     upstream.release()
                 else:
                     upstream.close()
-            stats.record(outcome, elapsed or (self.clock() - t0), self.clock(), self.penalty_s)
+            now = self.clock()
+            stats.record(outcome, elapsed or (now - t0), now, self.penalty_s)
 
     async def _pump(
         self,
+        request: web.Request,
         upstream: ClientResponse,
         out: web.StreamResponse,
         first: bytes,
-        deadline: float,
         ok: Outcome,
     ) -> Outcome:
         """Copy a stream to the client as it arrives; return the attempt's outcome."""
         content = upstream.content
         chunk = first
         try:
-            async with asyncio.timeout_at(deadline):
-                while chunk:
-                    try:
-                        await out.write(chunk)
-                    except ConnectionResetError:
-                        return Outcome.CANCELLED  # the client went away
-                    try:
-                        chunk = await content.readany()
-                    except TimeoutError:  # stream_idle_s passed without a byte
-                        await self._end_stream(out, "node stopped sending", "upstream_stalled")
-                        return Outcome.TIMEOUT
-                    except (ClientError, OSError):
-                        await self._end_stream(out, "node failed mid-stream", "upstream_error")
-                        return Outcome.STREAM_ERROR
-        except TimeoutError:
-            await self._end_stream(out, "request deadline exceeded", "deadline_exceeded")
-            return Outcome.CANCELLED  # the node was working; the deadline ran out
-        try:
+            await out.prepare(request)
+            while chunk:
+                await out.write(chunk)
+                try:
+                    chunk = await content.readany()
+                except TimeoutError:  # stream_idle_s passed without a byte
+                    await self._end_stream(out, "node stopped sending", "upstream_stalled")
+                    return Outcome.TIMEOUT
+                except (ClientError, OSError):
+                    await self._end_stream(out, "node failed mid-stream", "upstream_error")
+                    return Outcome.STREAM_ERROR
             await out.write_eof()
         except ConnectionResetError:
-            return Outcome.CANCELLED
+            return Outcome.CANCELLED  # the client went away
         return ok
 
     @staticmethod

@@ -1,0 +1,406 @@
+"""Proxy overhead benchmark: Ballast against direct-to-node and a bare proxy.
+
+Every target runs in its own process against the same local node process, and
+the load comes from a separate process, so the CPU counters of each proxy
+measure that proxy alone. Targets:
+
+* ``direct``: the load generator talks to the node itself (the floor);
+* ``bare``: a pass-through aiohttp proxy with no logic at all, written here;
+  the cost floor of a Python proxy;
+* ``ballast``: ``ballast serve`` with its default features;
+* ``nginx``: when ``nginx`` is on the PATH, a keep-alive ``proxy_pass``.
+
+For each target, non-streaming and streaming, at each concurrency, it prints
+requests/s, p50/p99 latency, p50 time to first byte (streams), added p50
+latency against direct, and the proxy's CPU time per request (user + system
+from ``/proc/PID/stat``). Ratios against ``bare`` are measured in the same run,
+because the machine is shared and noisy.
+
+    python -m loadtest.bench_overhead --duration 5 --concurrency 1,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+MODEL = "bench-model"
+CHAT = orjson.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 8}
+)
+CHAT_STREAM = orjson.dumps({**orjson.loads(CHAT), "stream": True})
+STREAM_CHUNKS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the processes -----------------------------------------------------------
+
+
+def run_node(port: int) -> None:
+    """A node that answers at once: fixed JSON, or 8 SSE chunks."""
+    from aiohttp import web
+
+    body = orjson.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok " * 8}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28},
+        }
+    )
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        doc = orjson.loads(await request.read())
+        if not doc.get("stream"):
+            return web.Response(body=body, content_type="application/json")
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for _ in range(STREAM_CHUNKS):
+            await out.write(chunk)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    _run_app(app, port)
+
+
+def run_bare(port: int, upstream: str) -> None:
+    """The cost floor of a Python proxy: forward, stream back, nothing else."""
+    from aiohttp import ClientSession, TCPConnector, web
+
+    async def session_ctx(app: web.Application) -> Any:
+        app["s"] = ClientSession(connector=TCPConnector(limit=0), auto_decompress=False)
+        yield
+        await app["s"].close()
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with request.app["s"].post(
+            upstream + request.path, data=body, headers={"Content-Type": "application/json"}
+        ) as up:
+            out = web.StreamResponse(
+                status=up.status, headers={"Content-Type": up.headers["Content-Type"]}
+            )
+            await out.prepare(request)
+            async for data in up.content.iter_any():
+                await out.write(data)
+            await out.write_eof()
+            return out
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", proxy)
+    _run_app(app, port)
+
+
+def _run_app(app: Any, port: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def run_load(url: str, conc: int, duration: float, stream: bool) -> None:
+    """Closed-loop load: ``conc`` workers for ``duration`` seconds; prints JSON."""
+    import uvloop
+    from aiohttp import ClientSession, TCPConnector
+
+    body = CHAT_STREAM if stream else CHAT
+    lat: list[float] = []
+    ttfb: list[float] = []
+    errors = 0
+
+    async def worker(session: ClientSession, stop_at: float) -> None:
+        nonlocal errors
+        clock = time.perf_counter
+        target = url + "/v1/chat/completions"
+        headers = {"Content-Type": "application/json"}
+        while clock() < stop_at:
+            t0 = clock()
+            try:
+                async with session.post(target, data=body, headers=headers) as resp:
+                    first = await resp.content.readany()
+                    t1 = clock()
+                    while await resp.content.readany():
+                        pass
+                    if resp.status != 200 or not first:
+                        errors += 1
+                        continue
+            except Exception:
+                errors += 1
+                continue
+            lat.append(clock() - t0)
+            ttfb.append(t1 - t0)
+
+    async def main() -> None:
+        async with ClientSession(connector=TCPConnector(limit=0)) as session:
+            warm = time.perf_counter() + min(1.0, duration / 5)
+            await asyncio.gather(*(worker(session, warm) for _ in range(conc)))
+            lat.clear()
+            ttfb.clear()
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(session, start + duration) for _ in range(conc)))
+            elapsed = time.perf_counter() - start
+            print(
+                orjson.dumps(
+                    {"lat": lat, "ttfb": ttfb, "errors": errors, "elapsed": elapsed}
+                ).decode()
+            )
+
+    uvloop.run(main())
+
+
+# -- orchestration ------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    target: str
+    mode: str
+    conc: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float
+    cpu_us: float  # proxy CPU per request; nan for direct
+    errors: int
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def measure(
+    target: str, url: str, pid: int | None, conc: int, duration: float, stream: bool
+) -> Result:
+    me = [sys.executable, "-m", "loadtest.bench_overhead"]
+    args = [*me, "--role", "load", "--url", url, "--conc", str(conc)]
+    args += ["--duration", str(duration)] + (["--stream"] if stream else [])
+    load = subprocess.Popen(args, stdout=subprocess.PIPE)
+    # CPU is sampled around the measured window only (the load warms up first).
+    time.sleep(min(1.0, duration / 5))
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    out, _ = load.communicate(timeout=duration + 60)
+    cpu1 = cpu_seconds(pid) if pid else 0.0
+    doc = orjson.loads(out)
+    n = len(doc["lat"])
+    return Result(
+        target=target,
+        mode="stream" if stream else "json",
+        conc=conc,
+        rps=n / doc["elapsed"],
+        p50_ms=percentile(doc["lat"], 0.5) * 1e3,
+        p99_ms=percentile(doc["lat"], 0.99) * 1e3,
+        ttfb_p50_ms=percentile(doc["ttfb"], 0.5) * 1e3,
+        cpu_us=(cpu1 - cpu0) / n * 1e6 if pid and n else float("nan"),
+        errors=doc["errors"],
+    )
+
+
+def nginx_conf(tmp: Path, port: int, upstream_port: int) -> Path:
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp};
+  proxy_temp_path {tmp};
+  upstream node {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://node;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+    )
+    return conf
+
+
+def ballast_conf(tmp: Path, port: int, node_url: str) -> Path:
+    import yaml
+
+    conf = tmp / "ballast.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "nodes": [{"id": "bench-node", "url": node_url, "models": [MODEL]}],
+                "logging": {"level": "warning"},
+            }
+        )
+    )
+    return conf
+
+
+def main_bench(args: argparse.Namespace) -> list[Result]:
+    me = [sys.executable, "-m", "loadtest.bench_overhead"]
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ballast-bench-"))
+    try:
+        node_port = free_port()
+        node = spawn([*me, "--role", "node", "--port", str(node_port)])
+        procs.append(node)
+        wait_port(node_port, node)
+        node_url = f"http://127.0.0.1:{node_port}"
+        targets: list[tuple[str, str, int | None]] = [("direct", node_url, None)]
+
+        bare_port = free_port()
+        bare = spawn([*me, "--role", "bare", "--port", str(bare_port), "--url", node_url])
+        procs.append(bare)
+        targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
+
+        b_port = free_port()
+        extra = ["--workers", str(args.workers)] if args.workers > 1 else []
+        ballast = spawn(
+            [
+                sys.executable,
+                "-m",
+                "router.cli",
+                "serve",
+                "--config",
+                str(ballast_conf(tmp, b_port, node_url)),
+                *extra,
+            ]
+        )
+        procs.append(ballast)
+        targets.append(("ballast", f"http://127.0.0.1:{b_port}", ballast.pid))
+
+        if shutil.which("nginx") and not args.no_nginx:
+            n_port = free_port()
+            nginx = spawn(["nginx", "-c", str(nginx_conf(tmp, n_port, node_port))])
+            procs.append(nginx)
+            targets.append(("nginx", f"http://127.0.0.1:{n_port}", nginx.pid))
+
+        for _, url, pid in targets:
+            if pid:
+                wait_port(int(url.rsplit(":", 1)[1]), next(p for p in procs if p.pid == pid))
+
+        results = []
+        for stream in (False, True):
+            for conc in args.concurrency:
+                for name, url, pid in targets:
+                    r = measure(name, url, pid, conc, args.duration, stream)
+                    results.append(r)
+                    print(
+                        f"  measured {name:<8} {r.mode:<6} c={conc:<3} {r.rps:8.0f} req/s",
+                        file=sys.stderr,
+                    )
+        return results
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: list[Result]) -> str:
+    lines = [
+        "| mode | conc | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | "
+        "CPU µs/req | req/s vs bare | CPU vs bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        direct = next(
+            x for x in results if (x.mode, x.conc, x.target) == (r.mode, r.conc, "direct")
+        )
+        bare = next(x for x in results if (x.mode, x.conc, x.target) == (r.mode, r.conc, "bare"))
+        lines.append(
+            f"| {r.mode} | {r.conc} | {r.target} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {r.ttfb_p50_ms:.2f} | {r.p50_ms - direct.p50_ms:+.2f} | {r.cpu_us:.0f} "
+            f"| {r.rps / bare.rps:.2f}x | {r.cpu_us / bare.cpu_us:.2f}x |"
+            + (f" errors={r.errors}" if r.errors else "")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--role", choices=["bench", "node", "bare", "load"], default="bench")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--url", default="")
+    p.add_argument("--conc", type=int, default=1)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument(
+        "--concurrency",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 64],
+        help="comma-separated concurrencies",
+    )
+    p.add_argument("--workers", type=int, default=1, help="ballast serve --workers")
+    p.add_argument("--no-nginx", action="store_true")
+    args = p.parse_args()
+    if args.role == "node":
+        run_node(args.port)
+    elif args.role == "bare":
+        run_bare(args.port, args.url)
+    elif args.role == "load":
+        run_load(args.url, args.conc, args.duration, args.stream)
+    else:
+        print(report(main_bench(args)))
+
+
+if __name__ == "__main__":
+    main()
