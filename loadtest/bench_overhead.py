@@ -274,16 +274,17 @@ http {{
     return conf
 
 
-def ballast_conf(tmp: Path, port: int, node_url: str) -> Path:
+def ballast_conf(tmp: Path, port: int, node_url: str, observability: bool) -> Path:
     import yaml
 
-    conf = tmp / "ballast.yaml"
+    conf = tmp / f"ballast-{port}.yaml"
     conf.write_text(
         yaml.safe_dump(
             {
                 "listen": {"host": "127.0.0.1", "port": port},
                 "nodes": [{"id": "bench-node", "url": node_url, "models": [MODEL]}],
-                "logging": {"level": "warning"},
+                "logging": {"level": "warning", "access_log": observability},
+                "metrics": {"enabled": observability},
             }
         )
     )
@@ -307,21 +308,13 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
         procs.append(bare)
         targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
 
-        b_port = free_port()
-        extra = ["--workers", str(args.workers)] if args.workers > 1 else []
-        ballast = spawn(
-            [
-                sys.executable,
-                "-m",
-                "router.cli",
-                "serve",
-                "--config",
-                str(ballast_conf(tmp, b_port, node_url)),
-                *extra,
-            ]
-        )
-        procs.append(ballast)
-        targets.append(("ballast", f"http://127.0.0.1:{b_port}", ballast.pid))
+        variants = [("ballast", True)] + ([("ballast-noobs", False)] if args.no_obs else [])
+        for name, observability in variants:
+            b_port = free_port()
+            conf = ballast_conf(tmp, b_port, node_url, observability)
+            ballast = spawn([sys.executable, "-m", "router.cli", "serve", "--config", str(conf)])
+            procs.append(ballast)
+            targets.append((name, f"http://127.0.0.1:{b_port}", ballast.pid))
 
         if shutil.which("nginx") and not args.no_nginx:
             n_port = free_port()
@@ -389,8 +382,12 @@ def main() -> None:
         default=[1, 64],
         help="comma-separated concurrencies",
     )
-    p.add_argument("--workers", type=int, default=1, help="ballast serve --workers")
     p.add_argument("--no-nginx", action="store_true")
+    p.add_argument(
+        "--no-obs",
+        action="store_true",
+        help="also measure Ballast with metrics and the access log off",
+    )
     args = p.parse_args()
     if args.role == "node":
         run_node(args.port)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 
 from loadtest.simnode import SimNode, sim_config
 from router.app import serve
@@ -32,7 +34,15 @@ async def run_demo(host: str, port: int) -> None:
         }
         for sim in sims
     ]
-    cfg = parse_config({"listen": {"host": host, "port": port}, "nodes": nodes})
+    # A throw-away admin token so `ballast nodes` works against the demo.
+    token = os.environ.setdefault("BALLAST_ADMIN_TOKEN", secrets.token_urlsafe(16))
+    cfg = parse_config(
+        {
+            "listen": {"host": host, "port": port},
+            "nodes": nodes,
+            "admin": {"token_env": "BALLAST_ADMIN_TOKEN"},
+        }
+    )
 
     def ready(bound: int) -> None:
         url = f"http://{host}:{bound}"
@@ -46,6 +56,8 @@ async def run_demo(host: str, port: int) -> None:
             f'"content": "Hello"}}], "max_tokens": 8}}\' -i',
             flush=True,
         )
+        print(f"Fleet table:  BALLAST_ADMIN_TOKEN={token} ballast nodes --router {url}")
+        print(f"Metrics:      curl -s {url}/metrics")
         print("Press Ctrl-C to stop.", flush=True)
 
     try:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
 import orjson
 from aiohttp import ClientSession, TCPConnector, web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from policies import Policy, PolicyError, build_policy
 from router.config import Config, ConfigError, load_config
 from router.errors import error_response
-from router.nodes import Node, Registry
-from router.proxy import Exchange, Proxy
+from router.logs import AccessLog
+from router.metrics import Metrics
+from router.nodes import ROUTABLE, Node, NodeState, Registry
+from router.proxy import Proxy
 
 log = logging.getLogger("ballast")
 
@@ -32,8 +37,11 @@ class Router:
     cfg: Config
     registry: Registry
     proxy: Proxy
+    metrics: Metrics
+    access_log: AccessLog | None
+    admin_token: str | None
+    clock: Callable[[], float]
     config_path: Path | None = None
-    observers: list[Callable[[Exchange], None]] = field(default_factory=list)
     _models_body: bytes = b""
     _models_version: int = -1
 
@@ -82,7 +90,24 @@ def build_router(
         registry.add(Node.from_config(nc, cfg.scoring))
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     proxy = Proxy(cfg, registry, policy, session, clock=clock, rng=rng)
-    return Router(cfg=cfg, registry=registry, proxy=proxy, config_path=config_path)
+    metrics = Metrics(registry, lambda: proxy.active, clock)
+    if cfg.metrics.enabled:
+        proxy.observers.append(metrics.observe)
+    access_log = None
+    if cfg.logging.access_log:
+        access_log = AccessLog(fmt=cfg.logging.format)
+        proxy.observers.append(access_log)
+    admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+    return Router(
+        cfg=cfg,
+        registry=registry,
+        proxy=proxy,
+        metrics=metrics,
+        access_log=access_log,
+        admin_token=admin_token,
+        clock=clock,
+        config_path=config_path,
+    )
 
 
 def new_session() -> ClientSession:
@@ -105,10 +130,14 @@ def create_app(
 
     async def pool(app: web.Application) -> AsyncIterator[None]:
         async with new_session() as session:
-            app[ROUTER] = build_router(
+            router = app[ROUTER] = build_router(
                 cfg, session=session, clock=clock, rng=rng, config_path=config_path
             )
+            if router.access_log is not None:
+                router.access_log.start()
             yield
+            if router.access_log is not None:
+                await router.access_log.stop()
 
     app.cleanup_ctx.append(pool)
 
@@ -127,6 +156,16 @@ def create_app(
         body = {"status": "ready" if n else "not_ready", "routable_nodes": n, "store": "memory"}
         return web.json_response(body, status=200 if n else 503)
 
+    async def metrics(request: web.Request) -> web.Response:
+        body = request.app[ROUTER].metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def admin_nodes(request: web.Request) -> web.Response:
+        router = request.app[ROUTER]
+        if (denied := _check_admin(request, router.admin_token)) is not None:
+            return denied
+        return web.Response(body=orjson.dumps(fleet_view(router)), content_type="application/json")
+
     async def fallback(request: web.Request) -> web.Response:
         if request.path in INFERENCE_PATHS or request.path == "/v1/models":
             return error_response(
@@ -141,8 +180,76 @@ def create_app(
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if cfg.metrics.enabled:
+        app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/nodes", admin_nodes)
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app
+
+
+def _check_admin(request: web.Request, token: str | None) -> web.Response | None:
+    """The admin API needs ``Authorization: Bearer <admin token>``; off without a token."""
+    if token is None:
+        return error_response(
+            404, "the admin API is off (set admin.token_env)", "invalid_request_error", "admin_off"
+        )
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return error_response(
+            401, "missing or wrong admin token", "authentication_error", "invalid_admin_token"
+        )
+    return None
+
+
+def fleet_view(router: Router) -> dict[str, object]:
+    """Every node with its claims, state and measured scores, plus the supply summary."""
+    now = router.clock()
+    nodes = list(router.registry.nodes.values())
+    total = sum(n.stats.requests_total for n in nodes) or 1
+    rows = []
+    for n in nodes:
+        st = n.stats
+        rows.append(
+            {
+                "id": n.id,
+                "gpu": n.gpu,
+                "gpus": n.gpus,
+                "vram_gb": n.vram_gb,
+                "models": n.models,
+                "labels": n.labels,
+                "source": n.source,
+                "state": n.state.value,
+                "reason": n.state_reason,
+                "in_flight": st.in_flight,
+                "latency_ms": round(st.latency.value(now) * 1e3, 3),
+                "ttfb_ms": round(st.ttfb.value(now) * 1e3, 3),
+                "success_ratio": round(st.success.value(now), 4),
+                "score": round(st.cost(now), 6),
+                "requests": st.requests_total,
+                "failures": st.failures_total,
+                "consecutive_failures": st.consecutive_failures,
+                "last_error": st.last_error or None,
+                "share": round(st.requests_total / total, 4),
+            }
+        )
+    return {"nodes": rows, "summary": supply_summary(nodes)}
+
+
+def supply_summary(nodes: list[Node]) -> dict[str, dict[str, float]]:
+    """Claimed (every known node) vs verified vs serving: nodes, GPUs, VRAM."""
+    groups = {
+        "claimed": nodes,
+        "verified": [n for n in nodes if n.state in ROUTABLE],
+        "serving": [n for n in nodes if n.state is NodeState.SERVING],
+    }
+    return {
+        name: {
+            "nodes": len(ns),
+            "gpus": sum(n.gpus for n in ns),
+            "vram_gb": sum(n.vram_gb or 0 for n in ns),
+        }
+        for name, ns in groups.items()
+    }
 
 
 async def serve(

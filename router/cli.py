@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from router.config import ConfigError, load_config
 
@@ -67,6 +73,76 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     )
 
 
+def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
+    req = urllib.request.Request(router.rstrip("/") + "/admin/nodes")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = orjson.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise SystemExit(f"ballast: {router}: HTTP {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(f"ballast: cannot reach {router}: {e}") from None
+
+
+def render_fleet(doc: dict[str, Any]) -> str:
+    cols = [
+        ("NODE", "id"),
+        ("GPU", "gpu"),
+        ("STATE", "state"),
+        ("REASON", "reason"),
+        ("MODELS", "models"),
+        ("INFL", "in_flight"),
+        ("LAT_MS", "latency_ms"),
+        ("SUCCESS", "success_ratio"),
+        ("SCORE", "score"),
+        ("SHARE", "share"),
+    ]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        v = row.get(key)
+        if key == "models":
+            return ",".join(v or [])
+        if key == "share":
+            return f"{v * 100:.1f}%"
+        if key == "success_ratio":
+            return f"{v:.3f}"
+        if key == "score":
+            return f"{v:.4g}"
+        if key == "latency_ms":
+            return f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    rows = [[cell(r, k) for _, k in cols] for r in doc["nodes"]]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, (h, _) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    parts = []
+    for name, s in doc["summary"].items():
+        parts.append(f"{name} {s['nodes']} nodes / {s['gpus']} GPUs / {s['vram_gb']:g} GB")
+    lines.append("supply: " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def cmd_nodes(args: argparse.Namespace) -> None:
+    while True:
+        doc = fetch_fleet(args.router, args.admin_token)
+        if args.json:
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render_fleet(doc), flush=True)
+        if not args.watch:
+            return
+        time.sleep(args.interval)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ballast", description="Inference request router for unreliable GPU fleets."
@@ -86,12 +162,27 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("policies", help="list routing policies")
     p.set_defaults(func=cmd_policies)
 
+    p = sub.add_parser("nodes", help="print the fleet table of a running router")
+    p.add_argument("--router", default="http://127.0.0.1:8080", help="router base URL")
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("BALLAST_ADMIN_TOKEN"),
+        help="admin bearer token (default: $BALLAST_ADMIN_TOKEN)",
+    )
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_nodes)
+
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("config")
     p.set_defaults(func=cmd_check_config)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

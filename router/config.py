@@ -92,6 +92,14 @@ class LoggingConfig(_Strict):
     access_log: bool = True
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = True
+
+
+class AdminConfig(_Strict):
+    token_env: str | None = None
+
+
 class Config(_Strict):
     listen: Listen = Field(default_factory=Listen)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -102,6 +110,8 @@ class Config(_Strict):
     scoring: Scoring = Field(default_factory=Scoring)
     state: StateConfig = Field(default_factory=StateConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -144,6 +154,8 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         raise ConfigError(_format_errors(e)) from None
     if url := env.get("BALLAST_REDIS_URL"):
         cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
+    if cfg.admin.token_env and not env.get(cfg.admin.token_env):
+        raise ConfigError(f"admin.token_env: environment variable {cfg.admin.token_env} is not set")
     for i, node in enumerate(cfg.nodes):
         if node.api_key_env and node.api_key_env not in env:
             raise ConfigError(

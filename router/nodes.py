@@ -65,6 +65,7 @@ class NodeStats:
         "in_flight",
         "last_error",
         "latency",
+        "outcomes",
         "requests_total",
         "success",
         "ttfb",
@@ -79,6 +80,7 @@ class NodeStats:
         self.failures_total = 0
         self.consecutive_failures = 0
         self.last_error = ""
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
 
     def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
         """Record one finished attempt.
@@ -87,6 +89,7 @@ class NodeStats:
         enters the latency estimate as at least ``penalty_s``: a node that answers
         503 in a millisecond must look slow, not fast.
         """
+        self.outcomes[outcome] += 1
         if outcome is Outcome.CANCELLED:
             return
         self.requests_total += 1
@@ -102,8 +105,16 @@ class NodeStats:
             self.latency.observe(elapsed_s, now)
 
     def cost(self, now: float) -> float:
-        """Peak-EWMA cost: expected latency times the queue this request joins."""
-        return self.latency.value(now) * (self.in_flight + 1)
+        """Peak-EWMA cost: expected latency times the queue this request joins.
+
+        A node never measured costs nothing while idle, so it gets one request
+        and is measured at once, and the configured default while that request
+        is in flight, so it is not flooded before its first answer (Finagle).
+        """
+        lat = self.latency
+        if lat.estimate < 0.0 and self.in_flight == 0:
+            return 0.0
+        return lat.value(now) * (self.in_flight + 1)
 
 
 class Node:
@@ -209,6 +220,10 @@ class Registry:
     def served_models(self) -> list[str]:
         """Models that at least one routable node serves."""
         return sorted(self._routable)
+
+    def knows(self, model: str) -> bool:
+        """Whether any node (in any state) claims ``model``: bounds metric labels."""
+        return model in self._models
 
     def routable_count(self) -> int:
         return sum(1 for n in self.nodes.values() if n.state in ROUTABLE)

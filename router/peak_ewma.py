@@ -11,7 +11,7 @@ pull it down gradually with time constant ``tau``::
 Reading the estimate also decays it toward zero with the same constant, without
 mutating it, so a node that was slow a while ago and has since received no
 traffic is eventually tried again. A node that was never measured reports the
-configured default so that new nodes are neither starved nor flooded.
+configured default (see ``NodeStats.cost`` for how new nodes are treated).
 
 The cost used by load-aware policies is ``estimate * (in_flight + 1)``: the
 expected wait of one more request queued behind the ones already sent.

@@ -59,6 +59,7 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "duration",
         "model",
         "node",
         "outcomes",
@@ -77,7 +78,8 @@ class Exchange:
         self.node = ""
         self.attempts = 0
         self.status = 0
-        self.ttfb = -1.0
+        self.ttfb = -1.0  # request arrival to the node's first byte; < 0: none
+        self.duration = 0.0
         self.outcomes: list[Outcome] = []
 
 
@@ -107,14 +109,14 @@ class Proxy:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: Random | None = None,
-        observe: Callable[[Exchange], None] | None = None,
+        observers: list[Callable[[Exchange], None]] | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.session = session
         self.clock = clock
         self.rng = rng or Random()
-        self.observe = observe
+        self.observers = observers if observers is not None else []
         t = cfg.timeouts
         self.first_byte_s = t.first_byte_s
         self.total_s = t.total_s
@@ -145,8 +147,9 @@ class Proxy:
             raise
         finally:
             self.active -= 1
-            if self.observe is not None:
-                self.observe(ex)
+            ex.duration = self.clock() - ex.start
+            for observe in self.observers:
+                observe(ex)
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self.max_body:
@@ -290,7 +293,8 @@ class Proxy:
                             outcome, f"HTTP {status}", upstream.headers.get("Retry-After")
                         )
                     first = await upstream.content.readany() if stream else b""
-                    elapsed = self.clock() - t0
+                    t_first = self.clock()
+                    elapsed = t_first - t0
                     timer.reschedule(deadline)
                     data = b"" if stream else await self._read_body(upstream)
                 except (ClientError, OSError) as e:
@@ -298,7 +302,9 @@ class Proxy:
                         raise
                     outcome = Outcome.STREAM_ERROR if elapsed else Outcome.CONNECT_ERROR
                     raise _Failed(outcome, type(e).__name__) from None
-                ex.ttfb = elapsed
+                ex.ttfb = t_first - ex.start
+                if stream:
+                    stats.ttfb.observe(elapsed, t_first)
                 ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
                 resp_headers = CIMultiDict(
                     (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE

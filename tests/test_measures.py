@@ -72,3 +72,10 @@ def test_cost_grows_with_in_flight() -> None:
     stats.record(Outcome.OK, elapsed_s=0.2, now=0, penalty_s=5.0)
     stats.in_flight = 3
     assert math.isclose(stats.cost(0), 0.8)
+
+
+def test_new_node_gets_one_request_then_waits_for_its_answer() -> None:
+    stats = NodeStats(Scoring(default_latency_s=1.0))
+    assert stats.cost(0) == 0.0  # idle and never measured: try it
+    stats.in_flight = 1
+    assert stats.cost(0) == 2.0  # its first request is out: not flooded meanwhile

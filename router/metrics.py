@@ -1,0 +1,184 @@
+"""Prometheus metrics (``/metrics``), all prefixed ``ballast_``.
+
+Per-request work is a few dict lookups and two histogram observations: label
+children are cached per (model, code), and model labels are bounded to models
+some node claims (anything else is counted as ``model="unknown"``). Everything
+per node (scoreboard, attempts by outcome, state) and the supply picture are
+read from the registry at scrape time by :class:`FleetCollector`, so they cost
+nothing per request however large the fleet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from router.nodes import NodeState, Registry
+from router.proxy import Exchange
+
+# LLM latencies: tens of milliseconds (a cached embedding) to minutes (long generations).
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
+)  # fmt: skip
+GIB = 1024**3
+
+disable_created_metrics()  # no *_created series: they double the series count for nothing
+
+
+class FleetCollector:
+    """Per-node scoreboard and supply, computed from the registry at scrape time."""
+
+    def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
+        self.registry = registry
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        nodes = list(self.registry.nodes.values())
+        attempts = CounterMetricFamily(
+            "ballast_upstream_attempts",
+            "Attempts sent to nodes, by outcome",
+            labels=["node", "outcome"],
+        )
+        latency = GaugeMetricFamily(
+            "ballast_node_latency_seconds", "Peak-EWMA latency estimate", labels=["node"]
+        )
+        ttfb = GaugeMetricFamily(
+            "ballast_node_ttfb_seconds", "Peak-EWMA time to first byte (streams)", labels=["node"]
+        )
+        success = GaugeMetricFamily(
+            "ballast_node_success_ratio", "Decayed success ratio", labels=["node"]
+        )
+        in_flight = GaugeMetricFamily(
+            "ballast_node_in_flight", "Requests in flight to the node", labels=["node"]
+        )
+        score = GaugeMetricFamily(
+            "ballast_node_score",
+            "Routing cost (latency x (in-flight + 1)); lower is preferred",
+            labels=["node"],
+        )
+        state = GaugeMetricFamily(
+            "ballast_node_state", "1 for the node's current state", labels=["node", "state"]
+        )
+        for node in nodes:
+            st, nid = node.stats, node.id
+            for outcome, n in st.outcomes.items():
+                if n:
+                    attempts.add_metric([nid, outcome.value], n)
+            latency.add_metric([nid], st.latency.value(now))
+            ttfb.add_metric([nid], st.ttfb.value(now))
+            success.add_metric([nid], st.success.value(now))
+            in_flight.add_metric([nid], st.in_flight)
+            score.add_metric([nid], st.cost(now))
+            for s in NodeState:
+                state.add_metric([nid, s.value], 1.0 if node.state is s else 0.0)
+        yield from (attempts, latency, ttfb, success, in_flight, score, state)
+        yield from self._supply(nodes)
+
+    @staticmethod
+    def _supply(nodes: list) -> Iterator[Metric]:
+        count: Tally[tuple[str, str]] = Tally()
+        gpus: Tally[tuple[str, str]] = Tally()
+        vram: Tally[tuple[str, str]] = Tally()
+        models: set[str] = set()
+        for node in nodes:
+            for m in node.models:
+                models.add(m)
+                key = (m, node.state.value)
+                count[key] += 1
+                gpus[key] += node.gpus
+                vram[key] += (node.vram_gb or 0) * GIB
+        families = (
+            ("ballast_supply_nodes", "Nodes claiming each model, by state", count),
+            ("ballast_supply_gpus", "Claimed GPUs per model, by node state", gpus),
+            ("ballast_supply_vram_bytes", "Claimed VRAM per model, by node state", vram),
+        )
+        for name, doc, tally in families:
+            fam = GaugeMetricFamily(name, doc, labels=["model", "state"])
+            for m in sorted(models):
+                for s in NodeState:
+                    fam.add_metric([m, s.value], tally[(m, s.value)])
+            yield fam
+
+
+class Metrics:
+    """The process's metrics; ``observe`` is called once per finished request."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        active: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+        store_backend: str = "memory",
+    ) -> None:
+        self.nodes = registry
+        self.registry = reg = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        self.requests = Counter(
+            "ballast_requests",
+            "Client requests by model and status",
+            ["model", "code"],
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "ballast_request_duration_seconds",
+            "Client request duration",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.ttfb = Histogram(
+            "ballast_ttfb_seconds",
+            "Time from request arrival to the node's first byte",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.retries = Counter(
+            "ballast_retries", "Attempts beyond the first, over all requests", registry=reg
+        )
+        in_flight = Gauge("ballast_in_flight", "Client requests in progress", registry=reg)
+        in_flight.set_function(active)
+        store = Gauge(
+            "ballast_store_up", "1 when the state store is reachable", ["backend"], registry=reg
+        )
+        store.labels(store_backend).set(1)
+        reg.register(FleetCollector(registry, clock))
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def observe(self, ex: Exchange) -> None:
+        model = ex.model
+        if not self.nodes.knows(model):
+            model = "unknown" if model else "none"
+        child = self._requests.get((model, ex.status))
+        if child is None:
+            child = self._requests[(model, ex.status)] = self.requests.labels(model, str(ex.status))
+        child.inc()
+        hists = self._by_model.get(model)
+        if hists is None:
+            hists = self._by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
+        hists[0].observe(ex.duration)
+        if ex.ttfb >= 0:
+            hists[1].observe(ex.ttfb)
+        if ex.attempts > 1:
+            self.retries.inc(ex.attempts - 1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
