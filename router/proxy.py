@@ -126,8 +126,10 @@ class Proxy:
         self.max_body = cfg.limits.max_body_bytes
         self.max_response = cfg.limits.max_response_bytes
         self.penalty_s = cfg.scoring.failure_penalty_s
+        self.connect_s = t.connect_s
+        self.stream_idle_s = t.stream_idle_s
         self.client_timeout = ClientTimeout(
-            total=None, connect=t.connect_s, sock_connect=t.connect_s, sock_read=t.stream_idle_s
+            total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s
         )
         self.active = 0  # client requests in progress
         self.active_retries = 0  # of which currently on a retry attempt
@@ -261,7 +263,6 @@ class Proxy:
         stream: bool,
         deadline: float,
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
         stats = node.stats
         if node.auth_header is not None:
             headers["Authorization"] = node.auth_header
@@ -272,58 +273,45 @@ class Proxy:
         elapsed = 0.0
         outcome = Outcome.CANCELLED
         upstream: ClientResponse | None = None
-        out: web.StreamResponse | None = None
         try:
-            # One timer per attempt: the first-byte timeout, moved to the request
-            # deadline once the first byte is in. Until the client has been sent
-            # anything, every failure is retryable (raised as _Failed).
-            async with asyncio.timeout(min(self.first_byte_s, deadline - loop.time())) as timer:
-                try:
-                    upstream = await self.session.post(
-                        node.url + request.path,
-                        data=body,
-                        headers=headers,
-                        timeout=self.client_timeout,
-                        allow_redirects=False,
-                    )
-                    status = upstream.status
-                    if status in _RETRYABLE_STATUS:
-                        outcome = Outcome.HTTP_429 if status == 429 else Outcome.HTTP_5XX
-                        raise _Failed(
-                            outcome, f"HTTP {status}", upstream.headers.get("Retry-After")
-                        )
-                    first = await upstream.content.readany() if stream else b""
-                    t_first = self.clock()
-                    elapsed = t_first - t0
-                    timer.reschedule(deadline)
-                    data = b"" if stream else await self._read_body(upstream)
-                except (ClientError, OSError) as e:
-                    if isinstance(e, TimeoutError):  # aiohttp's own read timeout
-                        raise
-                    outcome = Outcome.STREAM_ERROR if elapsed else Outcome.CONNECT_ERROR
-                    raise _Failed(outcome, type(e).__name__) from None
-                ex.ttfb = t_first - ex.start
-                if stream:
-                    stats.ttfb.observe(elapsed, t_first)
-                ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-                resp_headers = CIMultiDict(
-                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+            # Until the client has been sent anything, every failure is retryable
+            # (raised as _Failed). The first-byte timeout is aiohttp's socket read
+            # timeout, so no extra timer runs per attempt.
+            try:
+                upstream = await self.session.post(
+                    node.url + request.path,
+                    data=body,
+                    headers=headers,
+                    timeout=self._attempt_timeout(deadline),
+                    allow_redirects=False,
                 )
-                resp_headers["x-ballast-node"] = node.id
-                if not stream:
-                    outcome = ok
-                    return web.Response(status=status, body=data, headers=resp_headers)
-                out = web.StreamResponse(status=status, headers=resp_headers)
-                outcome = await self._pump(request, upstream, out, first, ok)
-                return out
-        except TimeoutError:
-            if out is None:
+                status = upstream.status
+                if status in _RETRYABLE_STATUS:
+                    outcome = Outcome.HTTP_429 if status == 429 else Outcome.HTTP_5XX
+                    raise _Failed(outcome, f"HTTP {status}", upstream.headers.get("Retry-After"))
+                first = await upstream.content.readany() if stream else b""
+                t_first = self.clock()
+                elapsed = t_first - t0
+                data = b"" if stream else await self._read_body(upstream, deadline)
+            except TimeoutError:
                 outcome = Outcome.TIMEOUT
-                raise _Failed(
-                    outcome, "no first byte in time" if not elapsed else "timeout"
-                ) from None
-            await self._end_stream(out, "request deadline exceeded", "deadline_exceeded")
-            outcome = Outcome.CANCELLED  # the node was working; the deadline ran out
+                detail = "body not complete in time" if elapsed else "no first byte in time"
+                raise _Failed(outcome, detail) from None
+            except (ClientError, OSError) as e:
+                outcome = Outcome.STREAM_ERROR if elapsed else Outcome.CONNECT_ERROR
+                raise _Failed(outcome, type(e).__name__) from None
+            ex.ttfb = t_first - ex.start
+            ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
+            resp_headers = CIMultiDict(
+                (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+            )
+            resp_headers["x-ballast-node"] = node.id
+            if not stream:
+                outcome = ok
+                return web.Response(status=status, body=data, headers=resp_headers)
+            stats.ttfb.observe(elapsed, t_first)
+            out = web.StreamResponse(status=status, headers=resp_headers)
+            outcome = await self._pump(request, upstream, out, first, ok, deadline)
             return out
         finally:
             stats.in_flight -= 1
@@ -335,6 +323,17 @@ class Proxy:
             now = self.clock()
             stats.record(outcome, elapsed or (now - t0), now, self.penalty_s)
 
+    def _attempt_timeout(self, deadline: float) -> ClientTimeout:
+        """Socket timeouts for one attempt: first byte within min(first_byte_s, time left)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining >= self.first_byte_s:
+            return self.client_timeout
+        return ClientTimeout(
+            total=None,
+            sock_connect=min(self.connect_s, remaining),
+            sock_read=max(remaining, 0.001),
+        )
+
     async def _pump(
         self,
         request: web.Request,
@@ -342,14 +341,26 @@ class Proxy:
         out: web.StreamResponse,
         first: bytes,
         ok: Outcome,
+        deadline: float,
     ) -> Outcome:
-        """Copy a stream to the client as it arrives; return the attempt's outcome."""
+        """Copy a stream to the client as it arrives; return the attempt's outcome.
+
+        Between chunks the node may be silent for ``stream_idle_s``; the request
+        deadline is checked as each chunk arrives.
+        """
+        conn = upstream.connection
+        if conn is not None and conn.protocol is not None:
+            conn.protocol.read_timeout = self.stream_idle_s
+        time = asyncio.get_running_loop().time
         content = upstream.content
         chunk = first
         try:
             await out.prepare(request)
             while chunk:
                 await out.write(chunk)
+                if time() > deadline:
+                    await self._end_stream(out, "request deadline exceeded", "deadline_exceeded")
+                    return Outcome.CANCELLED  # the node was working; the deadline ran out
                 try:
                     chunk = await content.readany()
                 except TimeoutError:  # stream_idle_s passed without a byte
@@ -371,11 +382,14 @@ class Proxy:
         except ConnectionResetError:
             pass
 
-    async def _read_body(self, upstream: ClientResponse) -> bytes:
+    async def _read_body(self, upstream: ClientResponse, deadline: float) -> bytes:
+        time = asyncio.get_running_loop().time
         content = upstream.content
         parts: list[bytes] = []
         size = 0
         while chunk := await content.readany():
+            if time() > deadline:
+                raise TimeoutError
             size += len(chunk)
             if size > self.max_response:
                 raise ClientError("response larger than limits.max_response_bytes")
