@@ -24,6 +24,7 @@ from router.logs import AccessLog
 from router.metrics import Metrics
 from router.nodes import ROUTABLE, Node, NodeState, Registry
 from router.proxy import Proxy
+from router.store import MemoryStore, StateStore
 
 log = logging.getLogger("ballast")
 
@@ -38,6 +39,7 @@ class Router:
     registry: Registry
     proxy: Proxy
     metrics: Metrics
+    store: StateStore
     access_log: AccessLog | None
     admin_token: str | None
     clock: Callable[[], float]
@@ -90,7 +92,8 @@ def build_router(
         registry.add(Node.from_config(nc, cfg.scoring))
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     proxy = Proxy(cfg, registry, policy, session, clock=clock, rng=rng)
-    metrics = Metrics(registry, lambda: proxy.active, clock)
+    store = MemoryStore()
+    metrics = Metrics(registry, store, lambda: proxy.active, clock)
     if cfg.metrics.enabled:
         proxy.observers.append(metrics.observe)
     access_log = None
@@ -103,6 +106,7 @@ def build_router(
         registry=registry,
         proxy=proxy,
         metrics=metrics,
+        store=store,
         access_log=access_log,
         admin_token=admin_token,
         clock=clock,
@@ -133,11 +137,13 @@ def create_app(
             router = app[ROUTER] = build_router(
                 cfg, session=session, clock=clock, rng=rng, config_path=config_path
             )
+            await router.store.start(router.registry)
             if router.access_log is not None:
                 router.access_log.start()
             yield
             if router.access_log is not None:
                 await router.access_log.stop()
+            await router.store.close()
 
     app.cleanup_ctx.append(pool)
 
@@ -152,8 +158,10 @@ def create_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        n = request.app[ROUTER].registry.routable_count()
-        body = {"status": "ready" if n else "not_ready", "routable_nodes": n, "store": "memory"}
+        router = request.app[ROUTER]
+        n = router.registry.routable_count()
+        store = f"{router.store.backend}:{'ok' if router.store.healthy else 'degraded'}"
+        body = {"status": "ready" if n else "not_ready", "routable_nodes": n, "store": store}
         return web.json_response(body, status=200 if n else 503)
 
     async def metrics(request: web.Request) -> web.Response:

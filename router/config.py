@@ -154,6 +154,11 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         raise ConfigError(_format_errors(e)) from None
     if url := env.get("BALLAST_REDIS_URL"):
         cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
+    if cfg.state.redis_url:
+        raise ConfigError(
+            "state.redis_url: the shared Redis store is not part of this version; "
+            "leave it null (or unset BALLAST_REDIS_URL) for in-memory state"
+        )
     if cfg.admin.token_env and not env.get(cfg.admin.token_env):
         raise ConfigError(f"admin.token_env: environment variable {cfg.admin.token_env} is not set")
     for i, node in enumerate(cfg.nodes):

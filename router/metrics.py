@@ -29,6 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from router.nodes import NodeState, Registry
 from router.proxy import Exchange
+from router.store import StateStore
 
 # LLM latencies: tens of milliseconds (a cached embedding) to minutes (long generations).
 LATENCY_BUCKETS = (
@@ -121,9 +122,9 @@ class Metrics:
     def __init__(
         self,
         registry: Registry,
+        store: StateStore,
         active: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
-        store_backend: str = "memory",
     ) -> None:
         self.nodes = registry
         self.registry = reg = CollectorRegistry(auto_describe=True)
@@ -155,10 +156,10 @@ class Metrics:
         )
         in_flight = Gauge("ballast_in_flight", "Client requests in progress", registry=reg)
         in_flight.set_function(active)
-        store = Gauge(
+        store_up = Gauge(
             "ballast_store_up", "1 when the state store is reachable", ["backend"], registry=reg
         )
-        store.labels(store_backend).set(1)
+        store_up.labels(store.backend).set_function(lambda: 1.0 if store.healthy else 0.0)
         reg.register(FleetCollector(registry, clock))
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}

@@ -37,6 +37,10 @@ def test_errors_name_the_key(doc: object, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_env_overrides_redis_url() -> None:
-    cfg = parse_config({"state": {"redis_url": None}}, env={"BALLAST_REDIS_URL": "redis://x:1/0"})
-    assert cfg.state.redis_url == "redis://x:1/0"
+def test_redis_url_is_refused_until_the_redis_store_exists() -> None:
+    for doc, env in (
+        ({"state": {"redis_url": "redis://x:1/0"}}, {}),
+        ({}, {"BALLAST_REDIS_URL": "redis://x:1/0"}),  # the env override applies too
+    ):
+        with pytest.raises(ConfigError, match=r"state\.redis_url: the shared Redis store"):
+            parse_config(doc, env=env)

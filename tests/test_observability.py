@@ -91,6 +91,7 @@ async def test_request_and_node_metrics(
     assert metric_value(text, "ballast_supply_nodes", model=MODEL, state="serving") == 1
     assert metric_value(text, "ballast_node_state", node="a", state="serving") == 1
     assert metric_value(text, "ballast_in_flight") == 0
+    assert metric_value(text, "ballast_store_up", backend="memory") == 1
     assert "process_cpu_seconds_total" in text
 
 

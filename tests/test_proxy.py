@@ -285,7 +285,9 @@ async def test_models_health_and_unknown_paths(
     async with http.get(r.url + "/healthz") as resp:
         assert resp.status == 200
     async with http.get(r.url + "/readyz") as resp:
-        assert resp.status == 200 and (await resp.json())["routable_nodes"] == 2
+        ready = await resp.json()
+        assert resp.status == 200 and ready["routable_nodes"] == 2
+        assert ready["store"] == "memory:ok"
     async with http.get(r.url + "/v1/chat/completions") as resp:
         assert resp.status == 405
         assert_error(await resp.json(), "bad_method")
