@@ -10,6 +10,8 @@ measure that proxy alone. Targets:
 * ``ballast``: ``ballast serve`` with its default features;
 * ``nginx``: when ``nginx`` is on the PATH, a keep-alive ``proxy_pass``.
 
+Non-streaming load comes from wrk when it is installed (else, and for streams,
+from a Python aiohttp client that also measures time to first byte).
 For each target, non-streaming and streaming, at each concurrency, it prints
 requests/s, p50/p99 latency, p50 time to first byte (streams), added p50
 latency against direct, and the proxy's CPU time per request (user + system
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,6 +190,7 @@ class Result:
     ttfb_p50_ms: float
     cpu_us: float  # proxy CPU per request; nan for direct
     errors: int
+    client: str = "python"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -241,6 +245,55 @@ def measure(
         ttfb_p50_ms=percentile(doc["ttfb"], 0.5) * 1e3,
         cpu_us=(cpu1 - cpu0) / n * 1e6 if pid and n else float("nan"),
         errors=doc["errors"],
+    )
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * units[m.group(2)] if m else float("nan")
+
+
+def measure_wrk(
+    target: str, url: str, pid: int | None, conc: int, duration: float, script: Path
+) -> Result:
+    """Non-streaming load with wrk (C, far cheaper than a Python client)."""
+    base = ["wrk", "-t1", f"-c{conc}", "--latency", "-s", str(script)]
+    endpoint = url + "/v1/chat/completions"
+    subprocess.run([*base, "-d1s", endpoint], capture_output=True, check=True)  # warm-up
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    out = subprocess.run(
+        [*base, f"-d{max(1, round(duration))}s", endpoint],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu1 = cpu_seconds(pid) if pid else 0.0
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    secs = float(re.search(r"requests in ([\d.]+)s", out).group(1))  # type: ignore[union-attr]
+    pct = dict(re.findall(r"^\s+(50|99)\.000%\s+(\S+)", out, re.M))
+    if not pct:
+        pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p50 = _wrk_ms(pct.get("50", ""))
+    return Result(
+        target=target,
+        mode="json",
+        conc=conc,
+        rps=n / secs,
+        p50_ms=p50,
+        p99_ms=_wrk_ms(pct.get("99", "")),
+        ttfb_p50_ms=p50,
+        cpu_us=(cpu1 - cpu0) / n * 1e6 if pid and n else float("nan"),
+        errors=int(bad.group(1)) if bad else 0,
+        client="wrk",
     )
 
 
@@ -326,11 +379,17 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
             if pid:
                 wait_port(int(url.rsplit(":", 1)[1]), next(p for p in procs if p.pid == pid))
 
+        wrk_script = tmp / "post.lua"
+        wrk_script.write_text(WRK_SCRIPT % CHAT.decode())
+        use_wrk = shutil.which("wrk") is not None and not args.no_wrk
         results = []
         for stream in (False, True):
             for conc in args.concurrency:
                 for name, url, pid in targets:
-                    r = measure(name, url, pid, conc, args.duration, stream)
+                    if use_wrk and not stream:
+                        r = measure_wrk(name, url, pid, conc, args.duration, wrk_script)
+                    else:
+                        r = measure(name, url, pid, conc, args.duration, stream)
                     results.append(r)
                     print(
                         f"  measured {name:<8} {r.mode:<6} c={conc:<3} {r.rps:8.0f} req/s",
@@ -350,18 +409,17 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
 
 def report(results: list[Result]) -> str:
     lines = [
-        "| mode | conc | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | "
+        "| mode | conc | client | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | "
         "CPU µs/req | req/s vs bare | CPU vs bare |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_key = {(x.mode, x.conc, x.target): x for x in results}
     for r in results:
-        direct = next(
-            x for x in results if (x.mode, x.conc, x.target) == (r.mode, r.conc, "direct")
-        )
-        bare = next(x for x in results if (x.mode, x.conc, x.target) == (r.mode, r.conc, "bare"))
+        direct, bare = by_key[r.mode, r.conc, "direct"], by_key[r.mode, r.conc, "bare"]
         lines.append(
-            f"| {r.mode} | {r.conc} | {r.target} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.ttfb_p50_ms:.2f} | {r.p50_ms - direct.p50_ms:+.2f} | {r.cpu_us:.0f} "
+            f"| {r.mode} | {r.conc} | {r.client} | {r.target} | {r.rps:.0f} "
+            f"| {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.ttfb_p50_ms:.2f} "
+            f"| {r.p50_ms - direct.p50_ms:+.2f} | {r.cpu_us:.0f} "
             f"| {r.rps / bare.rps:.2f}x | {r.cpu_us / bare.cpu_us:.2f}x |"
             + (f" errors={r.errors}" if r.errors else "")
         )
@@ -383,6 +441,7 @@ def main() -> None:
         help="comma-separated concurrencies",
     )
     p.add_argument("--no-nginx", action="store_true")
+    p.add_argument("--no-wrk", action="store_true", help="use the Python client for everything")
     p.add_argument(
         "--no-obs",
         action="store_true",

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import yaml
 
+from loadtest.simnode import SimNode
 from tests.conftest import MODEL, MakeSim, chat, free_port, node_entry
 
 BALLAST = [sys.executable, "-m", "router.cli"]
@@ -49,12 +50,13 @@ def test_check_config(tmp_path: Path) -> None:
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
-async def spawn(*args: str) -> asyncio.subprocess.Process:
+async def spawn(*args: str, stderr: int = asyncio.subprocess.STDOUT) -> asyncio.subprocess.Process:
+    """``ballast ARGS`` as a child process; stderr joins stdout unless told otherwise."""
     return await asyncio.create_subprocess_exec(
         *BALLAST,
         *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=stderr,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -75,13 +77,18 @@ async def stop(proc: asyncio.subprocess.Process, sig: int) -> int:
         return await proc.wait()
 
 
-async def test_serve_proxies_and_stops_on_sigterm(fleet: MakeSim, tmp_path: Path) -> None:
-    sim = await fleet("a")
+def serve_config(tmp_path: Path, sim: SimNode) -> tuple[int, Path]:
+    """A config file routing to ``sim`` on a free port; returns (port, path)."""
     port = free_port()
     cfg = tmp_path / "ballast.yaml"
     cfg.write_text(
         yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}, "nodes": [node_entry(sim)]})
     )
+    return port, cfg
+
+
+async def test_serve_proxies_and_stops_on_sigterm(fleet: MakeSim, tmp_path: Path) -> None:
+    port, cfg = serve_config(tmp_path, await fleet("a"))
     proc = await spawn("serve", "--config", str(cfg))
     try:
         await wait_for_line(proc, "listening on")

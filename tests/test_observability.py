@@ -19,6 +19,7 @@ import orjson
 import yaml
 
 from tests.conftest import MODEL, MakeRouter, MakeSim, chat, free_port, node_entry
+from tests.test_cli import serve_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/ballast-dashboard.json"
@@ -288,22 +289,8 @@ async def test_admin_api_and_fleet_table(
 
 
 async def test_access_log_lines(fleet: MakeSim, tmp_path: Path) -> None:
-    a = await fleet("a")
-    port = free_port()
-    cfg = tmp_path / "ballast.yaml"
-    cfg.write_text(
-        yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}, "nodes": [node_entry(a)]})
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router.cli",
-        "serve",
-        "--config",
-        str(cfg),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    port, cfg = serve_config(tmp_path, await fleet("a"))
+    proc = await spawn("serve", "--config", str(cfg), stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None and proc.stdout is not None
     async with asyncio.timeout(30):
         while b"listening on" not in await proc.stderr.readline():
