@@ -20,6 +20,7 @@ Nothing here awaits a shared store.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from policies import Policy, RequestInfo
 from router.config import Config
 from router.errors import error_response, sse_error_event
 from router.nodes import Node, Outcome, Registry
+
+log = logging.getLogger("ballast.proxy")
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those
 # Ballast sets itself or must not leak to a node.
@@ -147,6 +150,14 @@ class Proxy:
         except asyncio.CancelledError:
             ex.status = 499  # client closed the connection (nginx's convention)
             raise
+        except Exception:  # a bug must still answer in the API's envelope, not a traceback
+            log.exception("internal error on request %s", ex.request_id)
+            ex.status = 500
+            resp = error_response(
+                500, "internal error in the router", "server_error", "internal_error"
+            )
+            resp.headers["x-request-id"] = ex.request_id
+            return resp
         finally:
             self.active -= 1
             ex.duration = self.clock() - ex.start

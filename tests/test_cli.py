@@ -98,6 +98,14 @@ async def test_serve_proxies_and_stops_on_sigterm(fleet: MakeSim, tmp_path: Path
             ) as resp:
                 assert resp.status == 200
                 assert resp.headers["x-ballast-node"] == "a"
+        # SIGHUP swaps the policy from the file; a broken file keeps the old one.
+        doc = yaml.safe_load(cfg.read_text())
+        cfg.write_text(yaml.safe_dump({**doc, "policy": {"name": "round_robin"}}))
+        proc.send_signal(signal.SIGHUP)
+        assert "policy round_robin" in await wait_for_line(proc, "reloaded")
+        cfg.write_text(yaml.safe_dump({**doc, "policy": {"name": "no_such_policy"}}))
+        proc.send_signal(signal.SIGHUP)
+        assert "unknown policy" in await wait_for_line(proc, "reload failed")
         assert await stop(proc, signal.SIGTERM) == 0
     finally:
         if proc.returncode is None:

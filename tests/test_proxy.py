@@ -308,3 +308,28 @@ async def test_client_disconnect_while_waiting_cancels_upstream(
     await asyncio.wait_for(hole.cancel_seen.wait(), 5)
     stats = r.router.registry.nodes["hole"].stats
     assert stats.in_flight == 0 and stats.failures_total == 0
+
+
+async def test_a_bug_in_a_policy_answers_500_in_the_envelope(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    class BrokenPolicy:  # a user-written policy with a bug
+        name = "broken"
+        description = "raises"
+
+        def rank(self, *args: object) -> list:
+            raise ZeroDivisionError("oops")
+
+    sim = await fleet("a")
+    r = await make_router([node_entry(sim)])
+    good = r.router.proxy.policy
+    r.router.proxy.policy = BrokenPolicy()
+    async with await post(http, r.url, chat()) as resp:
+        assert resp.status == 500
+        assert "x-request-id" in resp.headers
+        body = await resp.text()
+        assert_error(orjson.loads(body), "internal_error")
+        assert "Traceback" not in body and "oops" not in body
+    r.router.proxy.policy = good
+    async with await post(http, r.url, chat()) as resp:
+        assert resp.status == 200
