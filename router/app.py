@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -24,6 +23,7 @@ from router.logs import AccessLog
 from router.metrics import Metrics
 from router.nodes import ROUTABLE, Node, NodeState, Registry
 from router.proxy import Proxy
+from router.registration import Membership, admin_denied
 from router.store import MemoryStore, StateStore
 
 log = logging.getLogger("ballast")
@@ -42,6 +42,7 @@ class Router:
     store: StateStore
     access_log: AccessLog | None
     admin_token: str | None
+    membership: Membership
     clock: Callable[[], float]
     config_path: Path | None = None
     _models_body: bytes = b""
@@ -79,6 +80,16 @@ class Router:
 ROUTER = web.AppKey("router", Router)
 
 
+def make_store(cfg: Config, clock: Callable[[], float]) -> StateStore:
+    """Redis when configured (URL or Sentinel), else the in-process store."""
+    ttl = cfg.registry.heartbeat_ttl_s
+    if cfg.state.redis_url or cfg.state.sentinel:
+        from router.redis_store import RedisStore
+
+        return RedisStore(cfg.state, cfg.scoring, ttl, clock=clock)
+    return MemoryStore(ttl)
+
+
 def build_router(
     cfg: Config,
     *,
@@ -92,7 +103,7 @@ def build_router(
         registry.add(Node.from_config(nc, cfg.scoring))
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     proxy = Proxy(cfg, registry, policy, session, clock=clock, rng=rng)
-    store = MemoryStore()
+    store = make_store(cfg, clock)
     metrics = Metrics(registry, store, lambda: proxy.active, clock)
     if cfg.metrics.enabled:
         proxy.observers.append(metrics.observe)
@@ -101,6 +112,9 @@ def build_router(
         access_log = AccessLog(fmt=cfg.logging.format)
         proxy.observers.append(access_log)
     admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
+    join_token = (
+        os.environ.get(cfg.registry.join_token_env) if cfg.registry.join_token_env else None
+    )
     return Router(
         cfg=cfg,
         registry=registry,
@@ -109,6 +123,7 @@ def build_router(
         store=store,
         access_log=access_log,
         admin_token=admin_token,
+        membership=Membership(cfg, store, join_token, admin_token),
         clock=clock,
         config_path=config_path,
     )
@@ -170,7 +185,7 @@ def create_app(
 
     async def admin_nodes(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
-        if (denied := _check_admin(request, router.admin_token)) is not None:
+        if (denied := admin_denied(request, router.admin_token)) is not None:
             return denied
         return web.Response(body=orjson.dumps(fleet_view(router)), content_type="application/json")
 
@@ -191,22 +206,23 @@ def create_app(
     if cfg.metrics.enabled:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/nodes", admin_nodes)
+
+    app.router.add_post("/v1/nodes/register", membership_op("register"))
+    app.router.add_post("/v1/nodes/{id}/heartbeat", membership_op("heartbeat"))
+    app.router.add_post("/admin/nodes/{id}/drain", membership_op("drain"))
+    app.router.add_post("/admin/nodes/{id}/resume", membership_op("resume"))
+    app.router.add_delete("/admin/nodes/{id}", membership_op("delete"))
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app
 
 
-def _check_admin(request: web.Request, token: str | None) -> web.Response | None:
-    """The admin API needs ``Authorization: Bearer <admin token>``; off without a token."""
-    if token is None:
-        return error_response(
-            404, "the admin API is off (set admin.token_env)", "invalid_request_error", "admin_off"
-        )
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return error_response(
-            401, "missing or wrong admin token", "authentication_error", "invalid_admin_token"
-        )
-    return None
+def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route handler calling ``Membership.<name>`` of the running router."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await getattr(request.app[ROUTER].membership, name)(request)
+
+    return handler
 
 
 def fleet_view(router: Router) -> dict[str, object]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -40,20 +39,20 @@ def _load(path: str) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from router.app import serve
+    from router.logs import setup_logging
 
     cfg = _load(args.config)
     if args.port is not None:
         cfg = cfg.model_copy(update={"listen": cfg.listen.model_copy(update={"port": args.port})})
-    logging.basicConfig(
-        level=cfg.logging.level.upper(), format="%(asctime)s %(levelname)s %(message)s"
-    )
+    setup_logging(cfg.logging.level, cfg.logging.format)
     _run(serve(cfg, Path(args.config)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from loadtest.demo import run_demo
+    from router.logs import setup_logging
 
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging("warning", "text")
     _run(run_demo(args.host, args.port))
 
 

@@ -8,6 +8,7 @@ configuration per request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,44 @@ class Scoring(_Strict):
     default_latency_s: float = Field(1.0, gt=0)
 
 
+class SentinelConfig(_Strict):
+    hosts: list[str] = Field(min_length=1)  # "host:port"
+    service: str = "mymaster"
+
+
 class StateConfig(_Strict):
+    """``redis_url`` or ``sentinel`` set: state is shared through Redis."""
+
     redis_url: str | None = None
-    key_prefix: str = "ballast:"
+    key_prefix: str = Field("ballast:", min_length=1, max_length=64)
+    cluster: bool = False
+    sentinel: SentinelConfig | None = None
+    sync_interval_s: float = Field(0.5, gt=0, le=60)
+    flush_interval_s: float = Field(0.25, gt=0, le=60)
+    timeout_s: float = Field(1.0, gt=0, le=30)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
+class RegistryConfig(_Strict):
+    join_token_env: str | None = None
+    heartbeat_ttl_s: float = Field(30.0, gt=0)
+    allowed_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR network") from None
+        return v
 
 
 class LoggingConfig(_Strict):
@@ -111,6 +147,7 @@ class Config(_Strict):
     state: StateConfig = Field(default_factory=StateConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
@@ -154,13 +191,14 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         raise ConfigError(_format_errors(e)) from None
     if url := env.get("BALLAST_REDIS_URL"):
         cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
-    if cfg.state.redis_url:
-        raise ConfigError(
-            "state.redis_url: the shared Redis store is not part of this version; "
-            "leave it null (or unset BALLAST_REDIS_URL) for in-memory state"
-        )
-    if cfg.admin.token_env and not env.get(cfg.admin.token_env):
-        raise ConfigError(f"admin.token_env: environment variable {cfg.admin.token_env} is not set")
+    if cfg.state.cluster and not cfg.state.redis_url:
+        raise ConfigError("state.redis_url: required with state.cluster")
+    for key, name in (
+        ("registry.join_token_env", cfg.registry.join_token_env),
+        ("admin.token_env", cfg.admin.token_env),
+    ):
+        if name and not env.get(name):
+            raise ConfigError(f"{key}: environment variable {name} is not set")
     for i, node in enumerate(cfg.nodes):
         if node.api_key_env and node.api_key_env not in env:
             raise ConfigError(

@@ -116,6 +116,20 @@ class FleetCollector:
             yield fam
 
 
+class StoreCollector:
+    """State store errors, read at scrape time."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(
+            "ballast_store_errors", "Failed state store operations", labels=["backend"]
+        )
+        errors.add_metric([self.store.backend], self.store.errors)
+        yield errors
+
+
 class Metrics:
     """The process's metrics; ``observe`` is called once per finished request."""
 
@@ -161,6 +175,7 @@ class Metrics:
         )
         store_up.labels(store.backend).set_function(lambda: 1.0 if store.healthy else 0.0)
         reg.register(FleetCollector(registry, clock))
+        reg.register(StoreCollector(store))
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 

@@ -9,6 +9,7 @@ request, so finding the candidates for a request is one dict lookup.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from enum import StrEnum
@@ -16,6 +17,8 @@ from enum import StrEnum
 from router.config import NodeConfig, Scoring
 from router.peak_ewma import PeakEwma
 from router.success_ratio import DecayedRatio
+
+log = logging.getLogger("ballast.nodes")
 
 
 class NodeState(StrEnum):
@@ -52,11 +55,44 @@ FAILURES = frozenset(
 )
 
 
+class Pending:
+    """Outcomes recorded locally since the last flush to a shared store."""
+
+    __slots__ = ("attempts", "failures", "lat_max", "lat_n", "lat_sum", "requests", "successes")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.attempts = 0
+        self.successes = 0
+        self.requests = 0
+        self.failures = 0
+        self.lat_max = 0.0
+        self.lat_sum = 0.0
+        self.lat_n = 0
+
+    def add(self, ok: bool, latency_s: float) -> None:
+        self.attempts += 1
+        self.requests += 1
+        if ok:
+            self.successes += 1
+        else:
+            self.failures += 1
+        self.lat_sum += latency_s
+        self.lat_n += 1
+        if latency_s > self.lat_max:
+            self.lat_max = latency_s
+
+
 class NodeStats:
     """What Ballast measured about one node, from real traffic.
 
     All updates are synchronous and local; a shared store reads them in the
     background. ``now`` is always passed in, so tests run on an injected clock.
+    ``pending`` is set when a shared store is in use: it accumulates what this
+    process learned until the store flushes it. ``remote_in_flight`` is what
+    other router processes have in flight to the node, as the store last saw.
     """
 
     __slots__ = (
@@ -66,6 +102,8 @@ class NodeStats:
         "last_error",
         "latency",
         "outcomes",
+        "pending",
+        "remote_in_flight",
         "requests_total",
         "success",
         "ttfb",
@@ -81,6 +119,8 @@ class NodeStats:
         self.consecutive_failures = 0
         self.last_error = ""
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self.pending: Pending | None = None
+        self.remote_in_flight = 0
 
     def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
         """Record one finished attempt.
@@ -93,16 +133,18 @@ class NodeStats:
         if outcome is Outcome.CANCELLED:
             return
         self.requests_total += 1
-        if outcome in FAILURES:
+        ok = outcome not in FAILURES
+        sample = elapsed_s if ok else max(elapsed_s, penalty_s)
+        if ok:
+            self.consecutive_failures = 0
+        else:
             self.failures_total += 1
             self.consecutive_failures += 1
             self.last_error = outcome.value
-            self.success.record(False, now)
-            self.latency.observe(max(elapsed_s, penalty_s), now)
-        else:
-            self.consecutive_failures = 0
-            self.success.record(True, now)
-            self.latency.observe(elapsed_s, now)
+        self.success.record(ok, now)
+        self.latency.observe(sample, now)
+        if self.pending is not None:
+            self.pending.add(ok, sample)
 
     def cost(self, now: float) -> float:
         """Peak-EWMA cost: expected latency times the queue this request joins.
@@ -112,9 +154,10 @@ class NodeStats:
         is in flight, so it is not flooded before its first answer (Finagle).
         """
         lat = self.latency
-        if lat.estimate < 0.0 and self.in_flight == 0:
+        queued = self.in_flight + self.remote_in_flight
+        if lat.estimate < 0.0 and queued == 0:
             return 0.0
-        return lat.value(now) * (self.in_flight + 1)
+        return lat.value(now) * (queued + 1)
 
 
 class Node:
@@ -124,11 +167,14 @@ class Node:
         "gpus",
         "id",
         "labels",
+        "last_seen",
         "models",
+        "secret_hash",
         "source",
         "state",
         "state_reason",
         "stats",
+        "telemetry",
         "url",
         "vram_gb",
     )
@@ -161,6 +207,9 @@ class Node:
         self.state = state
         self.state_reason = state_reason
         self.stats = NodeStats(scoring)
+        self.secret_hash = ""  # sha256 of a self-registered node's own secret
+        self.last_seen = 0.0  # wall-clock time of the last heartbeat
+        self.telemetry: dict[str, object] = {}
 
     @classmethod
     def from_config(
@@ -180,6 +229,18 @@ class Node:
             scoring=scoring,
         )
 
+    def spec(self) -> dict[str, object]:
+        """The node's claims, as shared between router processes (no secrets)."""
+        return {
+            "url": self.url,
+            "models": list(self.models),
+            "gpu": self.gpu,
+            "gpus": self.gpus,
+            "vram_gb": self.vram_gb,
+            "labels": self.labels,
+            "source": self.source,
+        }
+
     def __repr__(self) -> str:
         return f"Node({self.id!r}, {self.state})"
 
@@ -193,6 +254,7 @@ class Registry:
         self._models: frozenset[str] = frozenset()
         self._on_change = on_change
         self.version = 0
+        self.dirty: set[Node] = set()  # nodes with news for a shared store
 
     def add(self, node: Node) -> None:
         self.nodes[node.id] = node
@@ -206,9 +268,15 @@ class Registry:
 
     def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
         node = self.nodes[node_id]
+        changed = node.state is not state
         node.state = state
         node.state_reason = reason
-        self._rebuild()
+        if changed:
+            if state is NodeState.EJECTED or state is NodeState.GONE:
+                log.warning("node %s is %s: %s", node_id, state.value, reason)
+            else:
+                log.info("node %s is %s: %s", node_id, state.value, reason)
+            self._rebuild()
 
     def candidates(self, model: str) -> tuple[Node, ...] | None:
         """Routable nodes for ``model``; ``None`` when no node claims the model at all."""

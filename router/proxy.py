@@ -280,6 +280,8 @@ class Proxy:
         else:
             headers.popall("Authorization", None)
         stats.in_flight += 1
+        if stats.pending is not None:  # a shared store will report it
+            self.registry.dirty.add(node)
         t0 = self.clock()
         elapsed = 0.0
         outcome = Outcome.CANCELLED

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from random import Random
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from aiohttp import web
 
 from loadtest.simnode import Fault, Profile, SimNode, sim_config
@@ -106,3 +109,52 @@ def chat(stream: bool = False, max_tokens: int = 4, **extra: Any) -> dict[str, A
 @pytest.fixture
 def rng() -> Random:
     return Random(42)
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on a free loopback port, for one test."""
+
+    port: int
+    dir: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:  # the server answers PING once it accepts commands
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), str(tmp_path))
+    server.start()
+    yield server
+    server.kill()

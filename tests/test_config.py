@@ -37,10 +37,21 @@ def test_errors_name_the_key(doc: object, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_redis_url_is_refused_until_the_redis_store_exists() -> None:
-    for doc, env in (
-        ({"state": {"redis_url": "redis://x:1/0"}}, {}),
-        ({}, {"BALLAST_REDIS_URL": "redis://x:1/0"}),  # the env override applies too
-    ):
-        with pytest.raises(ConfigError, match=r"state\.redis_url: the shared Redis store"):
-            parse_config(doc, env=env)
+def test_env_overrides_redis_url() -> None:
+    cfg = parse_config({"state": {"redis_url": None}}, env={"BALLAST_REDIS_URL": "redis://x:1/0"})
+    assert cfg.state.redis_url == "redis://x:1/0"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"state": {"redis_url": "http://x"}}, "state.redis_url: must be a redis://"),
+        ({"state": {"cluster": True}}, "state.redis_url: required with state.cluster"),
+        ({"registry": {"allowed_networks": ["10.0.0.0/33"]}}, "is not a CIDR network"),
+        ({"registry": {"join_token_env": "NO_SUCH_VAR"}}, "registry.join_token_env: environment"),
+    ],
+)
+def test_state_and_registry_errors(doc: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, env={})
+    assert message in str(info.value)

@@ -293,8 +293,9 @@ async def test_access_log_lines(fleet: MakeSim, tmp_path: Path) -> None:
     proc = await spawn("serve", "--config", str(cfg), stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None and proc.stdout is not None
     async with asyncio.timeout(30):
-        while b"listening on" not in await proc.stderr.readline():
+        while b"listening on" not in (first := await proc.stderr.readline()):
             pass
+    assert orjson.loads(first)["level"] == "warning"  # the process log is JSON
     prompt = "my very private prompt"
     async with aiohttp.ClientSession() as http:
         body = orjson.dumps(
@@ -315,4 +316,4 @@ async def test_access_log_lines(fleet: MakeSim, tmp_path: Path) -> None:
     everything = out + err
     assert prompt.encode() not in everything and b"client-secret" not in everything
     for x in err.splitlines():
-        assert orjson.loads(x)["level"]  # the process log is JSON too
+        assert orjson.loads(x)["level"]

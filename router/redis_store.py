@@ -1,0 +1,497 @@
+"""Fleet state shared through Redis by every router process.
+
+The request path never awaits Redis. Each process:
+
+* **flushes** what it measured (outcome counts, latency samples, its in-flight
+  per node) every ``state.flush_interval_s``, one Lua call per node that had
+  traffic, pipelined. The script merges the batch into the shared decayed
+  success counters and peak-EWMA latency atomically, so two replicas never lose
+  each other's updates;
+* **pulls** only what changed: every write bumps a sequence number and records
+  ``node -> seq`` in a sorted set, so a process asks for the nodes changed since
+  the last sequence it saw (``ZRANGEBYSCORE``) and reads just those hashes.
+  Sync cost follows the rate of change, not the fleet size;
+* is **woken** by pub/sub on urgent changes (join, drain, removal, expiry), and
+  otherwise pulls every ``state.sync_interval_s``;
+* **expires** self-registered nodes whose heartbeats stopped, through a sorted
+  set of last-seen times (only the expired ones are read).
+
+When Redis is unreachable the process keeps routing on its last snapshot,
+reports itself degraded and keeps its unflushed measurements. When Redis comes
+back (possibly empty, having restarted without persistence: detected through an
+epoch key) it re-publishes the nodes it knows and resynchronises.
+
+Every key shares one hash tag (``{fleet}``) so that scripts and pipelines work
+on Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from router.config import Scoring, StateConfig
+from router.nodes import Node, NodeState, Pending, Registry
+from router.store import REGISTERED, adopt, apply_heartbeat
+
+log = logging.getLogger("ballast.store")
+
+_FLUSH = """
+local node, changes, seq = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', node) == 0 then return 0 end
+local now = tonumber(ARGV[2])
+local n = tonumber(ARGV[5])
+if n > 0 then
+  local h = redis.call('HMGET', node, 'ok', 'n', 'sr_t', 'lat', 'lat_t')
+  local ok, att = tonumber(h[1]) or 0, tonumber(h[2]) or 0
+  local w = 1
+  if att > 0 then
+    local age = now - (tonumber(h[3]) or now)
+    w = math.exp(-age * 0.6931471805599453 / tonumber(ARGV[11]))
+  end
+  ok = ok * w + tonumber(ARGV[6])
+  att = att * w + n
+  local lat, lmax, lmean = tonumber(h[4]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  if lat == nil or lmax > lat then
+    lat = lmax
+  else
+    local w2 = math.exp(-(now - (tonumber(h[5]) or now)) / tonumber(ARGV[12]))
+    lat = lat * w2 + lmean * (1 - w2)
+  end
+  redis.call('HSET', node, 'ok', ok, 'n', att, 'sr_t', now, 'lat', lat, 'lat_t', now)
+  redis.call('HINCRBY', node, 'req', ARGV[9])
+  redis.call('HINCRBY', node, 'fail', ARGV[10])
+end
+redis.call('HSET', node, 'if:' .. ARGV[3], ARGV[4], 'ift:' .. ARGV[3], now)
+redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+return 1
+"""
+
+# Write a node's fields and announce the change. ARGV: id, channel, only_if_missing,
+# keep_state, then field/value pairs.
+_PUT = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local exists = redis.call('EXISTS', node) == 1
+if ARGV[3] == '1' and exists then return 0 end
+local fields = {}
+for i = 5, #ARGV, 2 do
+  local k = ARGV[i]
+  if not (ARGV[4] == '1' and exists and (k == 'state' or k == 'reason')) then
+    table.insert(fields, k)
+    table.insert(fields, ARGV[i + 1])
+    if k == 'seen' then redis.call('ZADD', seen, ARGV[i + 1], ARGV[1]) end
+  end
+end
+if #fields > 0 then redis.call('HSET', node, unpack(fields)) end
+redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""
+
+# A heartbeat: last seen and telemetry; revives a node that had expired.
+_BEAT = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('EXISTS', node) == 0 then return 0 end
+redis.call('HSET', node, 'seen', ARGV[3], 'tel', ARGV[4])
+redis.call('ZADD', seen, ARGV[3], ARGV[1])
+if redis.call('HGET', node, 'state') == 'gone' then
+  redis.call('HSET', node, 'state', 'serving', 'reason', 'heartbeats resumed')
+  redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[1])
+end
+return 1
+"""
+
+# Expire one node whose last heartbeat is older than ARGV[3].
+_EXPIRE = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+redis.call('ZREM', seen, ARGV[1])
+local last = tonumber(redis.call('HGET', node, 'seen'))
+if last == nil or last >= tonumber(ARGV[3]) or redis.call('HGET', node, 'state') == 'gone' then
+  return 0
+end
+redis.call('HSET', node, 'state', 'gone', 'reason', ARGV[4])
+redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""
+
+_REMOVE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""
+
+_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def make_client(cfg: StateConfig) -> Any:
+    """A redis-py asyncio client for a URL, a Sentinel service or a Cluster."""
+    t = cfg.timeout_s
+    if cfg.sentinel is not None:
+        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in cfg.sentinel.hosts]
+        sentinel = Sentinel(hosts, socket_timeout=t, socket_connect_timeout=t)
+        return sentinel.master_for(cfg.sentinel.service, socket_timeout=t)
+    assert cfg.redis_url is not None
+    if cfg.cluster:
+        return RedisCluster.from_url(cfg.redis_url, socket_timeout=t, socket_connect_timeout=t)
+    return aioredis.from_url(cfg.redis_url, socket_timeout=t, socket_connect_timeout=t)
+
+
+def _s(v: bytes | None, default: str = "") -> str:
+    return v.decode() if v is not None else default
+
+
+def _f(v: bytes | None, default: float) -> float:
+    return float(v) if v is not None else default
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        cfg: StateConfig,
+        scoring: Scoring,
+        heartbeat_ttl_s: float,
+        *,
+        client: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.scoring = scoring
+        self.ttl = heartbeat_ttl_s
+        self.clock = clock
+        self.wall = wall
+        self.client = client if client is not None else make_client(cfg)
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        p = f"{cfg.key_prefix}{{fleet}}:"
+        self.k_changes, self.k_seq, self.k_seen = p + "changes", p + "seq", p + "seen"
+        self.k_epoch, self.channel, self.k_node = p + "epoch", p + "events", p + "node:"
+        self._flush = self.client.register_script(_FLUSH)
+        self._put = self.client.register_script(_PUT)
+        self._beat = self.client.register_script(_BEAT)
+        self._expire = self.client.register_script(_EXPIRE)
+        self._remove = self.client.register_script(_REMOVE)
+        self.registry = Registry()
+        self.last_seq = 0.0
+        self.epoch: bytes | None = None
+        self._ok = False
+        self.errors = 0
+        self.last_sync = 0.0  # clock() of the last successful sync
+        self.commands_last_tick = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._busy: set[Node] = set()  # nodes whose in-flight we last reported non-zero
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._ok
+
+    async def start(self, registry: Registry) -> None:
+        self.registry = registry
+        for node in registry.nodes.values():
+            node.stats.pending = node.stats.pending or Pending()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(*_ERRORS):
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                await self._tick()  # first picture of the fleet, if Redis answers now
+        self._tasks = [loop.create_task(self._sync_loop()), loop.create_task(self._listen_loop())]
+
+    async def close(self) -> None:
+        # The flag as well as the cancel: on Python 3.11 a cancel that lands as an
+        # asyncio.timeout() expires is turned into TimeoutError, which the loops
+        # treat as a Redis error and survive.
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(*_ERRORS):
+            async with asyncio.timeout(self.cfg.timeout_s):
+                await self._flush_dirty()  # hand over what this process measured last
+        with contextlib.suppress(*_ERRORS):
+            await self.client.aclose()
+
+    # -- membership (admin and registration paths; these may await Redis) -----
+
+    def _keys(self, node_id: str) -> list[str]:
+        return [self.k_node + node_id, self.k_changes, self.k_seq, self.k_seen]
+
+    def _fields(self, node: Node) -> list[Any]:
+        out: list[Any] = ["spec", orjson.dumps(node.spec()), "state", node.state.value]
+        out += ["reason", node.state_reason]
+        if node.secret_hash:
+            out += ["secret", node.secret_hash]
+        if node.source == REGISTERED:
+            out += ["seen", repr(node.last_seen), "tel", orjson.dumps(node.telemetry)]
+        return out
+
+    async def _write(self, node: Node, only_if_missing: bool, keep_state: bool) -> None:
+        args = [node.id, self.channel, int(only_if_missing), int(keep_state), *self._fields(node)]
+        await self._put(keys=self._keys(node.id), args=args)
+
+    async def _guard(self, op: Any) -> None:
+        """Run a membership write; if Redis is down, the local change stands and is
+        re-published when Redis returns."""
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                await op
+        except _ERRORS as e:
+            self._failed(e)
+
+    async def register(self, node: Node) -> None:
+        node.last_seen = self.wall()
+        node.stats.pending = Pending()
+        adopt(self.registry, node)
+        await self._guard(self._write(node, only_if_missing=False, keep_state=False))
+
+    async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
+        now = self.wall()
+        apply_heartbeat(self.registry, self.registry.nodes[node_id], telemetry, now)
+        args = [node_id, self.channel, repr(now), orjson.dumps(telemetry)]
+        await self._guard(self._beat(keys=self._keys(node_id), args=args))
+
+    async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
+        self.registry.set_state(node_id, state, reason)
+        args = [node_id, self.channel, 0, 0, "state", state.value, "reason", reason]
+        await self._guard(self._put(keys=self._keys(node_id), args=args))
+
+    async def remove(self, node_id: str) -> None:
+        self.registry.remove(node_id)
+        await self._guard(self._remove(keys=self._keys(node_id), args=[node_id, self.channel]))
+
+    async def fetch(self, node_id: str) -> Node | None:
+        node = self.registry.nodes.get(node_id)
+        if node is not None:
+            return node
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                h = await self.client.hgetall(self.k_node + node_id)
+        except _ERRORS as e:
+            self._failed(e)
+            return None
+        self._apply(node_id, h, self.wall(), self.clock())
+        return self.registry.nodes.get(node_id)
+
+    # -- background sync --------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.flush_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s * 3):
+                    await self._tick()
+            except _ERRORS as e:
+                self._failed(e)
+
+    async def _listen_loop(self) -> None:
+        """Pub/sub: wake the sync loop at once on urgent changes."""
+        backoff = 0.1
+        while not self._closing:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff = 0.1
+                while not self._closing:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is not None:
+                        self._wake.set()
+            except _ERRORS:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(*_ERRORS):
+                    await pubsub.aclose()
+
+    def _failed(self, e: BaseException) -> None:
+        self.errors += 1
+        if self._ok:
+            log.warning("state store unreachable, routing on the last snapshot: %r", e)
+        self._ok = False
+
+    async def _tick(self) -> None:
+        """One sync round: check the epoch, flush, pull changes, expire."""
+        epoch = await self.client.get(self.k_epoch)
+        commands = 1
+        if epoch is None or epoch != self.epoch:
+            commands += await self._republish()
+        commands += await self._flush_dirty()
+        commands += await self._pull()
+        commands += await self._expire_silent()
+        self.commands_last_tick = commands
+        if not self._ok:
+            log.warning("state store reachable again")
+        self._ok = True
+        self.last_sync = self.clock()
+
+    async def _republish(self) -> int:
+        """Redis is new or lost its data: announce an epoch, re-publish what we know."""
+        await self.client.set(self.k_epoch, secrets.token_hex(8), nx=True)
+        self.epoch = await self.client.get(self.k_epoch)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for node in self.registry.nodes.values():
+                static = node.source != REGISTERED
+                args = [node.id, self.channel, int(not static), 1, *self._fields(node)]
+                await self._put(keys=self._keys(node.id), args=args, client=pipe)
+            await pipe.execute()
+        self.last_seq = 0.0  # read everything once
+        return 2 + len(self.registry.nodes)
+
+    async def _flush_dirty(self) -> int:
+        dirty = self.registry.dirty
+        self.registry.dirty = set()
+        todo = dirty | self._busy
+        if not todo:
+            return 0
+        now = self.wall()
+        sent: list[tuple[Node, Any]] = []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for node in todo:
+                    st = node.stats
+                    p = st.pending
+                    if p is None or node.id not in self.registry.nodes:
+                        continue
+                    mean = p.lat_sum / p.lat_n if p.lat_n else 0.0
+                    args = [
+                        node.id,
+                        repr(now),
+                        self.replica,
+                        st.in_flight,
+                        p.attempts,
+                        p.successes,
+                        repr(p.lat_max),
+                        repr(mean),
+                        p.requests,
+                        p.failures,
+                        self.scoring.success_half_life_s,
+                        self.scoring.decay_s,
+                    ]
+                    await self._flush(keys=self._keys(node.id)[:3], args=args, client=pipe)
+                    sent.append((node, p))
+                await pipe.execute()
+        except BaseException:
+            self.registry.dirty |= dirty  # keep it for the next round
+            raise
+        for node, p in sent:
+            p.clear()
+            if node.stats.in_flight:
+                self._busy.add(node)
+            else:
+                self._busy.discard(node)
+        return len(sent)
+
+    async def _pull(self) -> int:
+        changed = await self.client.zrangebyscore(
+            self.k_changes, f"({self.last_seq!r}", "+inf", withscores=True
+        )
+        if not changed:
+            return 1
+        async with self.client.pipeline(transaction=False) as pipe:
+            for member, _ in changed:
+                pipe.hgetall(self.k_node + member.decode())
+            hashes = await pipe.execute()
+        now_w, now_m = self.wall(), self.clock()
+        for (member, _), h in zip(changed, hashes, strict=True):
+            self._apply(member.decode(), h, now_w, now_m)
+        self.last_seq = max(score for _, score in changed)
+        return 1 + len(changed)
+
+    async def _expire_silent(self) -> int:
+        limit = self.wall() - self.ttl
+        old = await self.client.zrangebyscore(self.k_seen, "-inf", f"({limit!r}", start=0, num=500)
+        if not old:
+            return 1
+        reason = f"no heartbeat for {self.ttl:g}s"
+        async with self.client.pipeline(transaction=False) as pipe:
+            for member in old:
+                nid = member.decode()
+                args = [nid, self.channel, repr(limit), reason]
+                await self._expire(keys=self._keys(nid), args=args, client=pipe)
+            await pipe.execute()
+        return 1 + len(old)
+
+    # -- applying shared state locally ---------------------------------------------
+
+    def _apply(self, node_id: str, h: dict[bytes, bytes], now_w: float, now_m: float) -> None:
+        reg = self.registry
+        node = reg.nodes.get(node_id)
+        if not h:
+            if node is not None:
+                reg.remove(node_id)
+            return
+        if b"spec" not in h:
+            return  # only statistics reached Redis for a node it no longer describes
+        spec = orjson.loads(h[b"spec"])
+        if node is None or node.url != spec["url"] or list(node.models) != spec["models"]:
+            fresh = Node(
+                id=node_id,
+                url=spec["url"],
+                models=spec["models"],
+                gpu=spec.get("gpu"),
+                gpus=spec.get("gpus", 1),
+                vram_gb=spec.get("vram_gb"),
+                labels=spec.get("labels") or {},
+                source=spec.get("source", REGISTERED),
+                scoring=self.scoring,
+                state=NodeState(_s(h.get(b"state"), "serving")),
+                state_reason=_s(h.get(b"reason")),
+            )
+            if node is not None:
+                fresh.auth_header = node.auth_header  # a static node's key stays local
+            fresh.stats.pending = Pending()
+            adopt(reg, fresh)
+            node = fresh
+        state = NodeState(_s(h.get(b"state"), node.state.value))
+        reason = _s(h.get(b"reason"), node.state_reason)
+        if state is not node.state or reason != node.state_reason:
+            reg.set_state(node_id, state, reason)
+        node.secret_hash = _s(h.get(b"secret"))
+        node.last_seen = _f(h.get(b"seen"), 0.0)
+        if b"tel" in h:
+            node.telemetry = orjson.loads(h[b"tel"])
+        self._apply_stats(node, h, now_w, now_m)
+
+    def _apply_stats(self, node: Node, h: dict[bytes, bytes], now_w: float, now_m: float) -> None:
+        st = node.stats
+        if b"lat" in h:
+            st.latency.estimate = float(h[b"lat"])
+            st.latency.stamp = now_m - (now_w - _f(h.get(b"lat_t"), now_w))
+        if b"n" in h:
+            st.success.successes = float(h[b"ok"])
+            st.success.attempts = float(h[b"n"])
+            st.success.stamp = now_m - (now_w - _f(h.get(b"sr_t"), now_w))
+            st.requests_total = int(h.get(b"req", b"0"))
+            st.failures_total = int(h.get(b"fail", b"0"))
+        fresh_after = now_w - 3 * self.cfg.flush_interval_s - 1.0
+        remote = 0
+        mine = ("if:" + self.replica).encode()
+        for key, value in h.items():
+            if key.startswith(b"if:") and key != mine:
+                if _f(h.get(b"ift:" + key[3:]), 0.0) >= fresh_after:
+                    remote += int(value)
+        st.remote_in_flight = remote

@@ -1,0 +1,258 @@
+"""Router replicas sharing fleet state through a real Redis (private, per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from loadtest.simnode import SimNode
+from tests.conftest import MODEL, MakeSim, RedisServer, chat, free_port, node_entry
+from tests.test_cli import spawn, wait_for_line
+
+ADMIN = {"Authorization": "Bearer admin-token"}
+JOIN = {"Authorization": "Bearer join-token"}
+
+Replica = tuple[asyncio.subprocess.Process, str]
+StartReplica = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartReplica]:
+    """Start ``ballast serve`` processes; each gets its own port and config."""
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-token")
+    monkeypatch.setenv("TEST_JOIN_TOKEN", "join-token")
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(redis_url: str | None, nodes: list[dict[str, Any]] | None = None, **cfg: Any):
+        port = free_port()
+        doc = {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "nodes": nodes or [],
+            "state": {"redis_url": redis_url, "timeout_s": 0.5},
+            "admin": {"token_env": "TEST_ADMIN_TOKEN"},
+            "registry": {
+                "join_token_env": "TEST_JOIN_TOKEN",
+                "allowed_networks": ["127.0.0.0/8"],
+            },
+            "logging": {"level": "warning", "access_log": False},
+            **cfg,
+        }
+        path = tmp_path / f"ballast-{port}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        proc = await spawn("serve", "--config", str(path))
+        procs.append(proc)
+        await wait_for_line(proc, "listening on")
+        return proc, f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def register(http: aiohttp.ClientSession, router: str, sim: SimNode, **extra: Any) -> dict:
+    body = {"id": sim.cfg.id, "url": sim.url, "models": list(sim.cfg.models), **extra}
+    async with http.post(router + "/v1/nodes/register", json=body, headers=JOIN) as resp:
+        assert resp.status == 201, await resp.text()
+        return await resp.json()
+
+
+async def served_by(http: aiohttp.ClientSession, router: str) -> str | None:
+    async with http.post(router + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
+        await resp.read()
+        return resp.headers.get("x-ballast-node") if resp.status == 200 else None
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float) -> float:
+    """Seconds until ``check()`` (a look at another process) holds; fails after ``within``."""
+    start = time.monotonic()
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110 - pacing looks at another process
+            await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def fleet_doc(http: aiohttp.ClientSession, router: str) -> dict:
+    async with http.get(router + "/admin/nodes", headers=ADMIN) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_node_registered_on_one_replica_is_routed_by_the_other(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("joiner")
+    _, a = await replica(redis_server.url)
+    _, b = await replica(redis_server.url)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(b + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
+            assert resp.status == 404  # nobody serves the model yet
+        await register(http, a, sim, gpu="RTX 4090", vram_gb=24)
+
+        async def b_routes_to_it() -> bool:
+            return await served_by(http, b) == "joiner"
+
+        assert await until(b_routes_to_it, within=1.0) < 1.0
+
+
+async def test_drain_on_one_replica_is_honoured_by_the_other(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    one, two = await fleet("one"), await fleet("two")
+    nodes = [node_entry(one), node_entry(two)]
+    _, a = await replica(redis_server.url, nodes)
+    _, b = await replica(redis_server.url, nodes)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(a + "/admin/nodes/one/drain", headers=ADMIN) as resp:
+            assert resp.status == 200
+
+        async def b_sees_it_drained() -> bool:
+            states = {n["id"]: n["state"] for n in (await fleet_doc(http, b))["nodes"]}
+            return states["one"] == "draining"
+
+        assert await until(b_sees_it_drained, within=1.0) < 1.0
+        assert {await served_by(http, b) for _ in range(20)} == {"two"}
+        async with http.delete(a + "/admin/nodes/two", headers=ADMIN) as resp:
+            assert resp.status == 200
+
+        async def b_has_no_node_left() -> bool:
+            return [n["id"] for n in (await fleet_doc(http, b))["nodes"]] == ["one"]
+
+        await until(b_has_no_node_left, within=1.0)
+
+
+async def test_counts_from_both_replicas_add_up(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("shared", time_scale=0.0)
+    nodes = [node_entry(sim)]
+    _, a = await replica(redis_server.url, nodes)
+    _, b = await replica(redis_server.url, nodes)
+    async with aiohttp.ClientSession() as http:
+
+        async def burst(router: str) -> None:
+            for _ in range(150):
+                assert await served_by(http, router) == "shared"
+
+        await asyncio.gather(*(burst(r) for r in (a, b, a, b)))  # 600 concurrent-ish requests
+        r = redis_server.client()
+
+        async def flushed() -> bool:
+            total = r.hget("ballast:{fleet}:node:shared", "req")
+            return total is not None and int(total) >= 600
+
+        await until(flushed, within=5.0)
+        assert int(r.hget("ballast:{fleet}:node:shared", "req")) == 600
+        assert sim.requests == 600
+
+        async def both_see_600() -> bool:
+            docs = [await fleet_doc(http, x) for x in (a, b)]
+            return all(d["nodes"][0]["requests"] == 600 for d in docs)
+
+        await until(both_see_600, within=5.0)
+
+
+async def test_redis_outage_loses_no_request_and_state_converges(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("steady")
+    _, a = await replica(redis_server.url, [node_entry(sim)])
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for i in range(200):
+            if i == 50:
+                redis_server.kill()
+            if i == 150:
+                redis_server.start()  # a new, empty Redis on the same port
+            async with http.post(a + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
+                statuses.append(resp.status)
+            if i == 120:
+                async with http.get(a + "/readyz") as resp:
+                    ready = await resp.json()
+                assert ready["store"] == "redis:degraded"
+                async with http.get(a + "/metrics") as resp:
+                    text = await resp.text()
+                assert 'ballast_store_up{backend="redis"} 0.0' in text
+                assert "ballast_store_errors_total" in text
+        assert statuses == [200] * 200
+
+        r = redis_server.client()
+
+        async def republished() -> bool:
+            async with http.get(a + "/readyz") as resp:
+                ok = (await resp.json())["store"] == "redis:ok"
+            return ok and r.hget("ballast:{fleet}:node:steady", "spec") is not None
+
+        await until(republished, within=10.0)
+
+
+async def test_registration_is_guarded(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("honest")
+    _, a = await replica(redis_server.url, registry={"join_token_env": "TEST_JOIN_TOKEN"})
+    body = {"id": "x", "url": sim.url, "models": [MODEL]}
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            async with http.post(a + "/v1/nodes/register", json=body, headers=headers) as resp:
+                assert resp.status == 401
+        # default allowed networks: loopback, link-local and metadata are refused
+        for url in (sim.url, "http://169.254.169.254/latest", "http://[::1]:80"):
+            async with http.post(
+                a + "/v1/nodes/register", json={**body, "url": url}, headers=JOIN
+            ) as resp:
+                assert resp.status == 403, url
+                assert (await resp.json())["error"]["code"] == "url_not_allowed"
+        assert (await fleet_doc(http, a))["nodes"] == []
+        r = redis_server.client()
+        assert r.keys("ballast:{fleet}:node:*") == []
+
+
+async def test_heartbeats_are_per_node_and_expire(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim, other = await fleet("n1"), await fleet("n2")
+    _, a = await replica(redis_server.url, registry={
+        "join_token_env": "TEST_JOIN_TOKEN",
+        "allowed_networks": ["127.0.0.0/8"],
+        "heartbeat_ttl_s": 1.0,
+    })  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        one = await register(http, a, sim)
+        two = await register(http, a, other)
+        beat = {"free_vram_gb": 10.5, "gpu_util": 40, "queue_len": 2}
+        forged = {"Authorization": f"Bearer {one['secret']}"}
+        async with http.post(a + "/v1/nodes/n2/heartbeat", json=beat, headers=forged) as resp:
+            assert resp.status == 401
+        async with http.post(a + "/v1/nodes/ghost/heartbeat", json=beat, headers=forged) as resp:
+            assert resp.status == 404
+        again = {"id": "n2", "url": sim.url, "models": [MODEL]}
+        async with http.post(a + "/v1/nodes/register", json=again, headers=JOIN) as resp:
+            assert resp.status == 409  # hijacking an id needs that node's secret
+        own = {"Authorization": f"Bearer {two['secret']}"}
+        async with http.post(a + "/v1/nodes/n2/heartbeat", json=beat, headers=own) as resp:
+            assert resp.status == 200
+
+        async def n1_gone() -> bool:
+            states = {n["id"]: n for n in (await fleet_doc(http, a))["nodes"]}
+            return states["n1"]["state"] == "gone"
+
+        await until(n1_gone, within=5.0)
+        async with http.post(a + "/v1/nodes/n1/heartbeat", json=beat, headers=forged) as resp:
+            assert resp.status == 200 and (await resp.json())["state"] == "serving"
