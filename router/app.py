@@ -282,12 +282,15 @@ async def serve(
     *,
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``); SIGHUP reloads the policy."""
     app = create_app(cfg, config_path)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=30)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, backlog=2048)
+    site = web.TCPSite(
+        runner, cfg.listen.host, cfg.listen.port, backlog=2048, reuse_port=reuse_port or None
+    )
     await site.start()
     port = runner.addresses[0][1]
     stop = stop or asyncio.Event()

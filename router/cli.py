@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +41,9 @@ def _load(path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Before prometheus_client is first imported: it picks its storage then.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ballast-metrics-")
     from router.app import serve
     from router.logs import setup_logging
 
@@ -45,7 +51,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.port is not None:
         cfg = cfg.model_copy(update={"listen": cfg.listen.model_copy(update={"port": args.port})})
     setup_logging(cfg.logging.level, cfg.logging.format)
-    _run(serve(cfg, Path(args.config)))
+    if args.workers <= 1:
+        _run(serve(cfg, Path(args.config)))
+        return
+    from router.workers import run_workers
+
+    if cfg.listen.port == 0:
+        raise SystemExit("ballast: --workers needs a fixed listen.port")
+    if not (cfg.state.redis_url or cfg.state.sentinel):
+        logging.getLogger("ballast").warning(
+            "--workers %d without state.redis_url: each worker routes on what it alone has "
+            "seen and registrations reach only the worker that received them",
+            args.workers,
+        )
+    try:
+        code = run_workers(
+            args.workers, lambda: _run(serve(cfg, Path(args.config), reuse_port=True))
+        )
+    finally:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    raise SystemExit(code)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -151,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="run the router")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--port", type=int, help="override listen.port")
+    p.add_argument(
+        "--workers", type=int, default=1, help="router processes sharing the port (SO_REUSEPORT)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the router on a local simulated fleet")

@@ -10,6 +10,7 @@ nothing per request however large the fleet.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -117,12 +119,17 @@ class FleetCollector:
 
 
 class StoreCollector:
-    """State store errors, read at scrape time."""
+    """State store health and errors, read at scrape time."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "ballast_store_up", "1 when the state store is reachable", labels=["backend"]
+        )
+        up.add_metric([self.store.backend], 1.0 if self.store.healthy else 0.0)
+        yield up
         errors = CounterMetricFamily(
             "ballast_store_errors", "Failed state store operations", labels=["backend"]
         )
@@ -141,10 +148,21 @@ class Metrics:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.nodes = registry
-        self.registry = reg = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=reg)
-        PlatformCollector(registry=reg)
-        GCCollector(registry=reg)
+        self.active = active
+        # With `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set before the fork),
+        # counters and histograms live in files shared by all workers and any
+        # worker's /metrics reports their sum; fleet and store series are that
+        # worker's view (shared through Redis), process series are left out.
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        if self.multiprocess:
+            MultiProcessCollector(self.registry)
+            reg = CollectorRegistry()  # the metric objects below write to the shared files
+        else:
+            reg = self.registry
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
         self.requests = Counter(
             "ballast_requests",
             "Client requests by model and status",
@@ -168,14 +186,16 @@ class Metrics:
         self.retries = Counter(
             "ballast_retries", "Attempts beyond the first, over all requests", registry=reg
         )
-        in_flight = Gauge("ballast_in_flight", "Client requests in progress", registry=reg)
-        in_flight.set_function(active)
-        store_up = Gauge(
-            "ballast_store_up", "1 when the state store is reachable", ["backend"], registry=reg
+        self.in_flight = Gauge(
+            "ballast_in_flight",
+            "Client requests in progress",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
-        store_up.labels(store.backend).set_function(lambda: 1.0 if store.healthy else 0.0)
-        reg.register(FleetCollector(registry, clock))
-        reg.register(StoreCollector(store))
+        if not self.multiprocess:
+            self.in_flight.set_function(active)
+        self.registry.register(FleetCollector(registry, clock))
+        self.registry.register(StoreCollector(store))
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
@@ -195,6 +215,8 @@ class Metrics:
             hists[1].observe(ex.ttfb)
         if ex.attempts > 1:
             self.retries.inc(ex.attempts - 1)
+        if self.multiprocess:  # each worker's share; summed over live workers
+            self.in_flight.set(self.active())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,7 +32,12 @@ async def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     monkeypatch.setenv("TEST_JOIN_TOKEN", "join-token")
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start(redis_url: str | None, nodes: list[dict[str, Any]] | None = None, **cfg: Any):
+    async def start(
+        redis_url: str | None,
+        nodes: list[dict[str, Any]] | None = None,
+        workers: int = 1,
+        **cfg: Any,
+    ) -> Replica:
         port = free_port()
         doc = {
             "listen": {"host": "127.0.0.1", "port": port},
@@ -48,7 +53,7 @@ async def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         }
         path = tmp_path / f"ballast-{port}.yaml"
         path.write_text(yaml.safe_dump(doc))
-        proc = await spawn("serve", "--config", str(path))
+        proc = await spawn("serve", "--config", str(path), "--workers", str(workers))
         procs.append(proc)
         await wait_for_line(proc, "listening on")
         return proc, f"http://127.0.0.1:{port}"
@@ -256,3 +261,25 @@ async def test_heartbeats_are_per_node_and_expire(
         await until(n1_gone, within=5.0)
         async with http.post(a + "/v1/nodes/n1/heartbeat", json=beat, headers=forged) as resp:
             assert resp.status == 200 and (await resp.json())["state"] == "serving"
+
+
+async def test_workers_share_one_port_state_and_metrics(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("w", time_scale=0.0)
+    _, url = await replica(redis_server.url, [node_entry(sim)], workers=2)
+    connector = aiohttp.TCPConnector(force_close=True)  # new connections spread over workers
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(100):
+            assert await served_by(http, url) == "w"
+        r = redis_server.client()
+
+        async def both_workers_reported() -> bool:
+            fields = r.hkeys("ballast:{fleet}:node:w")
+            return len([f for f in fields if f.startswith(b"if:")]) == 2
+
+        await until(both_workers_reported, within=5.0)
+        async with http.get(url + "/metrics") as resp:
+            text = await resp.text()
+        line = next(x for x in text.splitlines() if x.startswith("ballast_requests_total{"))
+        assert float(line.rsplit(" ", 1)[1]) == 100  # summed over both workers
