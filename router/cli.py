@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -167,6 +168,28 @@ def cmd_nodes(args: argparse.Namespace) -> None:
         time.sleep(args.interval)
 
 
+def cmd_agent(args: argparse.Namespace) -> None:
+    from router.agent import AgentConfig, run_agent
+    from router.logs import setup_logging
+
+    if not args.join_token:
+        raise SystemExit("ballast agent: --join-token (or $BALLAST_JOIN_TOKEN) is required")
+    setup_logging("warning", "text")
+    cfg = AgentConfig(
+        router=args.router,
+        node_url=args.node_url,
+        node_id=args.id,
+        join_token=args.join_token,
+        models=[m for m in (args.models or "").split(",") if m],
+        gpu=args.gpu,
+        gpus=args.gpus,
+        vram_gb=args.vram_gb,
+        interval_s=args.interval,
+        secret_file=Path(args.secret_file) if args.secret_file else None,
+    )
+    _run(run_agent(cfg))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ballast", description="Inference request router for unreliable GPU fleets."
@@ -200,6 +223,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("agent", help="keep a GPU node registered with a router")
+    p.add_argument("--router", required=True, help="router base URL")
+    p.add_argument("--node-url", required=True, help="base URL of the inference server")
+    p.add_argument("--id", default=socket.gethostname(), help="node id (default: hostname)")
+    p.add_argument(
+        "--join-token",
+        default=os.environ.get("BALLAST_JOIN_TOKEN"),
+        help="join token (default: $BALLAST_JOIN_TOKEN)",
+    )
+    p.add_argument("--models", help="comma-separated models (default: the node's /v1/models)")
+    p.add_argument("--gpu", help="GPU model, when nvidia-smi is absent")
+    p.add_argument("--gpus", type=int, default=1, help="GPU count, when nvidia-smi is absent")
+    p.add_argument("--vram-gb", type=float, help="total VRAM, when nvidia-smi is absent")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument("--secret-file", help="keep the node secret here across restarts")
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("config")

@@ -283,3 +283,42 @@ async def test_workers_share_one_port_state_and_metrics(
             text = await resp.text()
         line = next(x for x in text.splitlines() if x.startswith("ballast_requests_total{"))
         assert float(line.rsplit(" ", 1)[1]) == 100  # summed over both workers
+
+
+async def test_agent_registers_and_keeps_the_node_alive(
+    fleet: MakeSim, make_router: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TEST_JOIN_TOKEN", "join-token")
+    sim = await fleet("gpu-box")
+    r = await make_router(
+        [],
+        registry={
+            "join_token_env": "TEST_JOIN_TOKEN",
+            "allowed_networks": ["127.0.0.0/8"],
+            "heartbeat_ttl_s": 2,
+        },
+    )
+    secret_file = tmp_path / "node.secret"
+    agent = await spawn(
+        "agent", "--router", r.url, "--node-url", sim.url, "--id", "gpu-box",
+        "--join-token", "join-token", "--gpu", "RTX 4090", "--vram-gb", "24",
+        "--interval", "0.2", "--secret-file", str(secret_file),
+    )  # fmt: skip
+    try:
+        await wait_for_line(agent, "registered gpu-box")
+        node = r.router.registry.nodes["gpu-box"]
+        assert node.models == (MODEL,)  # discovered from the node's /v1/models
+        assert node.gpu == "RTX 4090" and node.vram_gb == 24
+        assert secret_file.read_text() and node.secret_hash
+        async with aiohttp.ClientSession() as http:
+            assert await served_by(http, r.url) == "gpu-box"
+        first_seen = node.last_seen
+
+        async def beating() -> bool:
+            return node.last_seen > first_seen
+
+        await until(beating, within=5.0)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await agent.wait() == 0
