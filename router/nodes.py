@@ -9,9 +9,10 @@ request, so finding the candidates for a request is one dict lookup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
 from router.config import NodeConfig, Scoring
@@ -255,6 +256,8 @@ class Registry:
         self._on_change = on_change
         self.version = 0
         self.dirty: set[Node] = set()  # nodes with news for a shared store
+        self._deferred = 0  # > 0 inside batch(): rebuild once at the end
+        self._stale = False
 
     def add(self, node: Node) -> None:
         self.nodes[node.id] = node
@@ -296,7 +299,22 @@ class Registry:
     def routable_count(self) -> int:
         return sum(1 for n in self.nodes.values() if n.state in ROUTABLE)
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Apply many changes with one index rebuild at the end."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+            if not self._deferred and self._stale:
+                self._rebuild()
+
     def _rebuild(self) -> None:
+        if self._deferred:
+            self._stale = True
+            return
+        self._stale = False
         routable: dict[str, list[Node]] = {}
         models: set[str] = set()
         for node in self.nodes.values():

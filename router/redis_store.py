@@ -138,6 +138,8 @@ return 1
 """
 
 _ERRORS = (RedisError, OSError, TimeoutError)
+PULL_CHUNK = 1000  # changed nodes read per round trip
+PULL_CHUNKS_PER_TICK = 5
 
 
 def make_client(cfg: StateConfig) -> Any:
@@ -343,7 +345,7 @@ class RedisStore:
         commands += await self._pull()
         commands += await self._expire_silent()
         self.commands_last_tick = commands
-        if not self._ok:
+        if not self._ok and self.errors:
             log.warning("state store reachable again")
         self._ok = True
         self.last_sync = self.clock()
@@ -406,20 +408,34 @@ class RedisStore:
         return len(sent)
 
     async def _pull(self) -> int:
-        changed = await self.client.zrangebyscore(
-            self.k_changes, f"({self.last_seq!r}", "+inf", withscores=True
-        )
-        if not changed:
-            return 1
-        async with self.client.pipeline(transaction=False) as pipe:
-            for member, _ in changed:
-                pipe.hgetall(self.k_node + member.decode())
-            hashes = await pipe.execute()
-        now_w, now_m = self.wall(), self.clock()
-        for (member, _), h in zip(changed, hashes, strict=True):
-            self._apply(member.decode(), h, now_w, now_m)
-        self.last_seq = max(score for _, score in changed)
-        return 1 + len(changed)
+        """Read the nodes changed since the last sequence seen, in bounded chunks.
+
+        A full resync (first start, Redis restarted) is spread over several ticks
+        and yields to the event loop between chunks, so requests never stall on it.
+        """
+        commands = 0
+        for _ in range(PULL_CHUNKS_PER_TICK):
+            changed = await self.client.zrangebyscore(
+                self.k_changes, f"({self.last_seq!r}", "+inf", start=0, num=PULL_CHUNK,
+                withscores=True,
+            )  # fmt: skip
+            commands += 1
+            if not changed:
+                break
+            async with self.client.pipeline(transaction=False) as pipe:
+                for member, _ in changed:
+                    pipe.hgetall(self.k_node + member.decode())
+                hashes = await pipe.execute()
+            commands += len(changed)
+            now_w, now_m = self.wall(), self.clock()
+            with self.registry.batch():
+                for (member, _), h in zip(changed, hashes, strict=True):
+                    self._apply(member.decode(), h, now_w, now_m)
+            self.last_seq = changed[-1][1]
+            if len(changed) < PULL_CHUNK:
+                break
+            await asyncio.sleep(0)
+        return commands
 
     async def _expire_silent(self) -> int:
         limit = self.wall() - self.ttl
