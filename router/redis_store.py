@@ -34,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -140,6 +140,7 @@ return 1
 _ERRORS = (RedisError, OSError, TimeoutError)
 PULL_CHUNK = 1000  # changed nodes read per round trip
 PULL_CHUNKS_PER_TICK = 5
+MAX_REPLAY = 10_000  # membership writes queued while Redis is away
 
 
 def make_client(cfg: StateConfig) -> Any:
@@ -201,6 +202,7 @@ class RedisStore:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._replay: list[Callable[[], Awaitable[Any]]] = []
         self._busy: set[Node] = set()  # nodes whose in-flight we last reported non-zero
 
     # -- lifecycle ------------------------------------------------------------
@@ -253,35 +255,51 @@ class RedisStore:
         args = [node.id, self.channel, int(only_if_missing), int(keep_state), *self._fields(node)]
         await self._put(keys=self._keys(node.id), args=args)
 
-    async def _guard(self, op: Any) -> None:
-        """Run a membership write; if Redis is down, the local change stands and is
-        re-published when Redis returns."""
+    async def _guard(self, op: Callable[[], Awaitable[Any]]) -> None:
+        """Run a membership write. If Redis is away the local change stands, and the
+        write is replayed, in order, before the next successful sync."""
+        if self._replay:  # keep the order of writes
+            self._queue(op)
+            return
         try:
             async with asyncio.timeout(self.cfg.timeout_s * 3):
-                await op
+                await op()
         except _ERRORS as e:
             self._failed(e)
+            self._queue(op)
+
+    def _queue(self, op: Callable[[], Awaitable[Any]]) -> None:
+        if len(self._replay) >= MAX_REPLAY:
+            log.error("state store away too long: dropping the oldest queued membership write")
+            self._replay.pop(0)
+        self._replay.append(op)
+
+    async def _replay_writes(self) -> None:
+        while self._replay:
+            await self._replay[0]()
+            self._replay.pop(0)
 
     async def register(self, node: Node) -> None:
         node.last_seen = self.wall()
         node.stats.pending = Pending()
         adopt(self.registry, node)
-        await self._guard(self._write(node, only_if_missing=False, keep_state=False))
+        await self._guard(lambda: self._write(node, only_if_missing=False, keep_state=False))
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
         now = self.wall()
         apply_heartbeat(self.registry, self.registry.nodes[node_id], telemetry, now)
         args = [node_id, self.channel, repr(now), orjson.dumps(telemetry)]
-        await self._guard(self._beat(keys=self._keys(node_id), args=args))
+        await self._guard(lambda: self._beat(keys=self._keys(node_id), args=args))
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
         self.registry.set_state(node_id, state, reason)
         args = [node_id, self.channel, 0, 0, "state", state.value, "reason", reason]
-        await self._guard(self._put(keys=self._keys(node_id), args=args))
+        await self._guard(lambda: self._put(keys=self._keys(node_id), args=args))
 
     async def remove(self, node_id: str) -> None:
         self.registry.remove(node_id)
-        await self._guard(self._remove(keys=self._keys(node_id), args=[node_id, self.channel]))
+        args = [node_id, self.channel]
+        await self._guard(lambda: self._remove(keys=self._keys(node_id), args=args))
 
     async def fetch(self, node_id: str) -> Node | None:
         node = self.registry.nodes.get(node_id)
@@ -341,6 +359,8 @@ class RedisStore:
         commands = 1
         if epoch is None or epoch != self.epoch:
             commands += await self._republish()
+        commands += len(self._replay)
+        await self._replay_writes()
         commands += await self._flush_dirty()
         commands += await self._pull()
         commands += await self._expire_silent()

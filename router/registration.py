@@ -168,6 +168,15 @@ class Membership:
             log.warning("refused registration of %s: %s", body.id, why)
             return _bad(why, "url_not_allowed", 403)
         existing = await self.store.fetch(body.id)
+        if existing is None and not self.store.healthy:
+            # Whether the id is taken is only known to the shared store.
+            return error_response(
+                503,
+                "the state store is unreachable; retry the registration shortly",
+                "service_unavailable",
+                "store_unavailable",
+                headers={"Retry-After": "5"},
+            )
         given = request.headers.get("X-Node-Secret", "")
         secret = None
         if existing is not None:

@@ -322,3 +322,43 @@ async def test_agent_registers_and_keeps_the_node_alive(
         agent.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await agent.wait() == 0
+
+
+async def test_a_hung_redis_hangs_nothing(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim, joiner = await fleet("steady"), await fleet("late")
+    _, a = await replica(redis_server.url, [node_entry(sim)])
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                assert await served_by(http, a) == "steady"
+
+            async def degraded() -> bool:
+                async with http.get(a + "/readyz") as resp:
+                    return (await resp.json())["store"] == "redis:degraded"
+
+            await until(degraded, within=10.0)
+            # Membership calls are bounded by state.timeout_s. A new id cannot be
+            # checked for conflicts: 503. A drain applies now and reaches Redis later.
+            async with asyncio.timeout(10):
+                body = {"id": "late", "url": joiner.url, "models": [MODEL]}
+                async with http.post(a + "/v1/nodes/register", json=body, headers=JOIN) as resp:
+                    assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+                async with http.post(a + "/admin/nodes/steady/drain", headers=ADMIN) as resp:
+                    assert resp.status == 200
+            async with http.post(a + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
+                assert resp.status == 503  # drained locally at once
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    r = redis_server.client()
+    async with aiohttp.ClientSession() as http:
+
+        async def recovered() -> bool:
+            async with http.get(a + "/readyz") as resp:
+                ok = (await resp.json())["store"] == "redis:ok"
+            return ok and r.hget("ballast:{fleet}:node:steady", "state") == b"draining"
+
+        await until(recovered, within=10.0)  # the drain was replayed into Redis
