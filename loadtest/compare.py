@@ -1,0 +1,303 @@
+"""Policy comparison: the same seeded scenario against each policy, one report.
+
+    python -m loadtest.compare --scenario loadtest/scenarios/flaky.yaml \\
+        --policies round_robin,least_outstanding,p2c_peak_ewma --duration 20 --out out/flaky
+
+For each policy: a fresh simulated fleet from the scenario (same seed, so the
+same faults at the same times), a fresh ``ballast serve`` process (two sharing a
+private Redis with ``--redis``), and the scenario's open-loop load. Writes
+
+* ``DIR/summary.json``: per policy requests, success_rate, latency and TTFB
+  percentiles, goodput, retries, per-node share, status and error counts;
+* ``DIR/report.md``: the table;
+* ``DIR/latency_cdf.png`` and ``DIR/share_<policy>.png`` (traffic share per node
+  over time, fault events marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from loadtest.fleet import Fleet
+from loadtest.loadgen import LoadSpec, Record, run_load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 1)
+
+
+async def start_redis(tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(tmp),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+async def start_router(cfg: dict[str, Any], tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    cfg = {**cfg, "listen": {"host": "127.0.0.1", "port": port}}
+    path = tmp / f"router-{port}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router.cli", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while b"listening on" not in await proc.stderr.readline():
+            if proc.returncode is not None:
+                raise RuntimeError("router exited during start-up")
+    asyncio.get_running_loop().create_task(_drain(proc.stderr))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def scrape_retries(url: str) -> float:
+    reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    for line in text.splitlines():
+        if line.startswith("ballast_retries_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def run_policy(
+    scenario: dict[str, Any], policy: str, duration: float, redis: bool, tmp: Path
+) -> tuple[list[Record], list[tuple[float, str, str]], float]:
+    fleet = Fleet({**scenario["fleet"], "duration_s": duration})
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        await fleet.start()
+        cfg: dict[str, Any] = {
+            **scenario.get("router", {}),
+            "nodes": fleet.router_nodes(),
+            "policy": {"name": policy},
+            "logging": {"level": "warning", "access_log": False},
+        }
+        if redis:
+            proc, url = await start_redis(tmp)
+            procs.append(proc)
+            cfg["state"] = {"redis_url": url}
+        urls = []
+        for _ in range(2 if redis else 1):
+            proc, url = await start_router(cfg, tmp)
+            procs.append(proc)
+            urls.append(url)
+        spec = LoadSpec.from_dict(scenario.get("load", {}))
+        records = await run_load(urls, spec, duration, seed=int(scenario.get("seed", 0)))
+        retries = sum([await scrape_retries(u) for u in urls])
+        return records, list(fleet.log), retries
+    finally:
+        for proc in reversed(procs):
+            await stop(proc)
+        await fleet.close()
+
+
+def summarize(records: list[Record], duration: float, retries: float) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    share = Counter(r.node for r in ok)
+    return {
+        "requests": len(records),
+        "ok": len(ok),
+        "success_rate": round(len(ok) / len(records), 4) if records else None,
+        "latency_ms": {q: pct([r.latency for r in ok], v) for q, v in PCTS},
+        "ttfb_ms": {q: pct([r.ttfb for r in ok if r.ttfb >= 0], v) for q, v in PCTS},
+        "goodput_rps": round(len(ok) / duration, 2),
+        "retries": retries,
+        "per_node_share": {n: round(c / len(ok), 4) for n, c in sorted(share.items())},
+        "statuses": dict(sorted(Counter(str(r.status) for r in records).items())),
+        "errors": dict(sorted(Counter(r.error for r in records if r.error).items())),
+    }
+
+
+PCTS = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+
+def report_md(scenario: str, duration: float, summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"# {scenario}: {duration:g} s per policy",
+        "",
+        "| policy | requests | success | p50 ms | p95 ms | p99 ms | TTFB p50 ms | TTFB p99 ms "
+        "| goodput req/s | retries |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lat, ttfb = s["latency_ms"], s["ttfb_ms"]
+        lines.append(
+            f"| {name} | {s['requests']} | {s['success_rate'] * 100:.1f}% | {lat['p50']} "
+            f"| {lat['p95']} | {lat['p99']} | {ttfb['p50']} | {ttfb['p99']} "
+            f"| {s['goodput_rps']} | {s['retries']:g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    out: Path,
+    runs: dict[str, tuple[list[Record], list[tuple[float, str, str]], float]],
+    duration: float,
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, (records, _, _) in runs.items():
+        lat = sorted(r.latency * 1e3 for r in records if r.ok)
+        if lat:
+            ax.step(
+                lat, [(i + 1) / len(records) for i in range(len(lat))], where="post", label=name
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("share of all requests answered successfully")
+    ax.set_title("Latency CDF per policy (failed requests never reach the top)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = out / "latency_cdf.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+    for name, (records, events, _) in runs.items():
+        bins = max(1, int(duration))
+        per_bin: list[Counter[str]] = [Counter() for _ in range(bins)]
+        for r in records:
+            if r.ok:
+                per_bin[min(bins - 1, int(r.t))][r.node] += 1
+        nodes = sorted({n for c in per_bin for n in c})
+        series = defaultdict(list)
+        for c in per_bin:
+            total = sum(c.values()) or 1
+            for n in nodes:
+                series[n].append(c[n] / total)
+        fig, ax = plt.subplots(figsize=(10, 5))
+        if nodes:
+            colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(nodes))]
+            xs = [b + 0.5 for b in range(bins)]
+            ax.stackplot(xs, [series[n] for n in nodes], labels=nodes, colors=colors, alpha=0.9)
+        for t, node, action in events:
+            if action in ("recover", "join") or t > duration:
+                continue
+            ax.axvline(t, color="black", alpha=0.25, linewidth=0.8)
+            ax.text(t, 1.01, f"{node}:{action}", rotation=90, fontsize=6, va="bottom")
+        ax.set_xlim(0, bins)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("share of successful requests")
+        ax.set_title(f"Traffic share per node over time: {name}", pad=40)
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+        path = out / f"share_{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+async def run_all(
+    scenario: dict[str, Any], policies: list[str], duration: float, redis: bool
+) -> dict[str, tuple[list[Record], list[tuple[float, str, str]], float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="ballast-compare-"))
+    runs = {}
+    try:
+        for policy in policies:
+            runs[policy] = await run_policy(scenario, policy, duration, redis, tmp)
+            s = summarize(runs[policy][0], duration, runs[policy][2])
+            print(
+                f"{policy}: {s['requests']} requests, success {s['success_rate']}, "
+                f"p99 {s['latency_ms']['p99']} ms",
+                file=sys.stderr,
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return runs
+
+
+def compare(
+    scenario_path: Path, policies: list[str], duration: float, out: Path, redis: bool
+) -> dict[str, dict[str, Any]]:
+    """Run every policy on the scenario and write the summary, report and plots."""
+    scenario = yaml.safe_load(scenario_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    runs = asyncio.run(run_all(scenario, policies, duration, redis))
+    summary = {p: summarize(r, duration, retries) for p, (r, _, retries) in runs.items()}
+    doc = {
+        "scenario": scenario.get("name", scenario_path.stem),
+        "duration_s": duration,
+        "redis": redis,
+        "policies": summary,
+        "fault_events": {p: ev for p, (_, ev, _) in runs.items()},
+    }
+    (out / "summary.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    (out / "report.md").write_text(report_md(doc["scenario"], duration, summary))
+    plot(out, runs, duration)
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scenario", required=True, type=Path)
+    p.add_argument("--policies", default="round_robin,least_outstanding,p2c_peak_ewma")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per policy")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--redis", action="store_true", help="two router replicas sharing Redis")
+    args = p.parse_args()
+    policies = [x for x in args.policies.split(",") if x]
+    compare(args.scenario, policies, args.duration, args.out, args.redis)
+    print((args.out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
