@@ -12,13 +12,18 @@ measure that proxy alone. Targets:
 
 Non-streaming load comes from wrk when it is installed (else, and for streams,
 from a Python aiohttp client that also measures time to first byte).
+With ``--streams N`` it instead holds N slow streams open at once through each of
+direct, Ballast and ``serve --workers 2``, and prints the router's peak RSS, CPU
+and the streams' time to first byte.
+
 For each target, non-streaming and streaming, at each concurrency, it prints
 requests/s, p50/p99 latency, p50 time to first byte (streams), added p50
 latency against direct, and the proxy's CPU time per request (user + system
 from ``/proc/PID/stat``). Ratios against ``bare`` are measured in the same run,
 because the machine is shared and noisy.
 
-    python -m loadtest.bench_overhead --duration 5 --concurrency 1,64
+    python -m loadtest.bench_overhead --duration 5 --concurrency 1,64 [--no-obs] [--workers2]
+    python -m loadtest.bench_overhead --streams 2000
 """
 
 from __future__ import annotations
@@ -193,9 +198,40 @@ class Result:
     client: str = "python"
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its children (a `serve --workers N` supervisor and its workers)."""
+    pids = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of ``pid`` and its children."""
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
 
 
 def spawn(args: list[str]) -> subprocess.Popen[bytes]:
@@ -344,6 +380,14 @@ def ballast_conf(tmp: Path, port: int, node_url: str, observability: bool) -> Pa
     return conf
 
 
+def spawn_ballast(
+    tmp: Path, port: int, node_url: str, observability: bool = True, workers: int = 1
+) -> subprocess.Popen[bytes]:
+    conf = ballast_conf(tmp, port, node_url, observability)
+    cmd = [sys.executable, "-m", "router.cli", "serve", "--config", str(conf)]
+    return spawn([*cmd, "--workers", str(workers)])
+
+
 def main_bench(args: argparse.Namespace) -> list[Result]:
     me = [sys.executable, "-m", "loadtest.bench_overhead"]
     procs: list[subprocess.Popen[bytes]] = []
@@ -361,11 +405,12 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
         procs.append(bare)
         targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
 
-        variants = [("ballast", True)] + ([("ballast-noobs", False)] if args.no_obs else [])
-        for name, observability in variants:
+        variants = [("ballast", True, 1)]
+        variants += [("ballast-noobs", False, 1)] if args.no_obs else []
+        variants += [("ballast-w2", True, 2)] if args.workers2 else []
+        for name, observability, workers in variants:
             b_port = free_port()
-            conf = ballast_conf(tmp, b_port, node_url, observability)
-            ballast = spawn([sys.executable, "-m", "router.cli", "serve", "--config", str(conf)])
+            ballast = spawn_ballast(tmp, b_port, node_url, observability, workers)
             procs.append(ballast)
             targets.append((name, f"http://127.0.0.1:{b_port}", ballast.pid))
 
@@ -407,6 +452,120 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# -- many open streams ----------------------------------------------------------
+
+
+def run_slow_node(port: int, chunks: int, interval: float) -> None:
+    """A node whose streams send one token every ``interval`` seconds."""
+    from aiohttp import web
+
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for i in range(chunks):
+            if i:
+                await asyncio.sleep(interval)
+            await out.write(chunk)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    _run_app(app, port)
+
+
+def run_streams(url: str, n: int) -> None:
+    """Open ``n`` streams at once, read them to the end; print TTFBs as JSON."""
+    import uvloop
+    from aiohttp import ClientSession, ClientTimeout, TCPConnector
+
+    async def one(session: ClientSession) -> float:
+        t0 = time.perf_counter()
+        async with session.post(url + "/v1/chat/completions", data=CHAT_STREAM) as resp:
+            if resp.status != 200 or not await resp.content.readany():
+                return -1.0
+            ttfb = time.perf_counter() - t0
+            while await resp.content.readany():
+                pass
+            return ttfb
+
+    async def main() -> None:
+        timeout = ClientTimeout(total=300)
+        async with ClientSession(connector=TCPConnector(limit=0), timeout=timeout) as session:
+            results = await asyncio.gather(
+                *(one(session) for _ in range(n)), return_exceptions=True
+            )
+        ttfb = [r for r in results if isinstance(r, float) and r >= 0]
+        print(orjson.dumps({"ttfb": ttfb, "errors": n - len(ttfb)}).decode())
+
+    uvloop.run(main())
+
+
+def main_streams(args: argparse.Namespace) -> str:
+    me = [sys.executable, "-m", "loadtest.bench_overhead"]
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ballast-bench-"))
+    lines = [
+        f"{args.streams} concurrent streams, {args.chunks} tokens each, one every "
+        f"{args.interval} s",
+        "",
+        "| target | streams ok | TTFB p50 ms | TTFB p99 ms | peak RSS MB | RSS idle MB "
+        "| CPU s | CPU ms/stream |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        node_port = free_port()
+        node = spawn(
+            [*me, "--role", "slownode", "--port", str(node_port), "--chunks", str(args.chunks),
+             "--interval", str(args.interval)]
+        )  # fmt: skip
+        procs.append(node)
+        wait_port(node_port, node)
+        node_url = f"http://127.0.0.1:{node_port}"
+        targets: list[tuple[str, str, int | None]] = [("direct", node_url, None)]
+        for name, workers in (("ballast", 1), ("ballast-w2", 2)):
+            port = free_port()
+            proc = spawn_ballast(tmp, port, node_url, workers=workers)
+            procs.append(proc)
+            wait_port(port, proc)
+            targets.append((name, f"http://127.0.0.1:{port}", proc.pid))
+        for name, url, pid in targets:
+            idle = rss_mb(pid) if pid else float("nan")
+            cpu0 = cpu_seconds(pid) if pid else 0.0
+            load = subprocess.Popen(
+                [*me, "--role", "streams", "--url", url, "--streams", str(args.streams)],
+                stdout=subprocess.PIPE,
+            )
+            peak = idle
+            while load.poll() is None:
+                if pid:
+                    peak = max(peak, rss_mb(pid))
+                time.sleep(0.2)
+            cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
+            doc = orjson.loads(load.stdout.read() if load.stdout else b"{}")
+            ok = len(doc["ttfb"])
+            lines.append(
+                f"| {name} | {ok}/{args.streams} | {(percentile(doc['ttfb'], 0.5)) * 1e3:.1f} "
+                f"| {percentile(doc['ttfb'], 0.99) * 1e3:.1f} | {peak:.0f} | {idle:.0f} "
+                f"| {cpu:.2f} | {cpu / max(ok, 1) * 1e3:.2f} |"
+            )
+            print(f"  measured {name}", file=sys.stderr)
+        return "\n".join(lines)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def report(results: list[Result]) -> str:
     lines = [
         "| mode | conc | client | target | req/s | p50 ms | p99 ms | TTFB p50 ms | added p50 ms | "
@@ -428,7 +587,11 @@ def report(results: list[Result]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--role", choices=["bench", "node", "bare", "load"], default="bench")
+    p.add_argument(
+        "--role",
+        choices=["bench", "node", "bare", "load", "slownode", "streams"],
+        default="bench",
+    )
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--url", default="")
     p.add_argument("--conc", type=int, default=1)
@@ -447,8 +610,23 @@ def main() -> None:
         action="store_true",
         help="also measure Ballast with metrics and the access log off",
     )
+    p.add_argument("--workers2", action="store_true", help="also measure serve --workers 2")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="instead: hold this many slow streams open at once (router RSS, CPU, TTFB)",
+    )
+    p.add_argument("--chunks", type=int, default=20, help="tokens per slow stream")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between slow tokens")
     args = p.parse_args()
-    if args.role == "node":
+    if args.role == "slownode":
+        run_slow_node(args.port, args.chunks, args.interval)
+    elif args.role == "streams":
+        run_streams(args.url, args.streams)
+    elif args.streams:
+        print(main_streams(args))
+    elif args.role == "node":
         run_node(args.port)
     elif args.role == "bare":
         run_bare(args.port, args.url)

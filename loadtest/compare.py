@@ -229,15 +229,21 @@ def plot(
             xs = [b + 0.5 for b in range(bins)]
             ax.stackplot(xs, [series[n] for n in nodes], labels=nodes, colors=colors, alpha=0.9)
         for t, node, action in events:
-            if action in ("recover", "join") or t > duration:
+            if t > duration:
                 continue
-            ax.axvline(t, color="black", alpha=0.25, linewidth=0.8)
+            if action in ("recover", "join"):  # back: a dotted green line, no label
+                ax.axvline(t, color="green", alpha=0.3, linewidth=0.8, linestyle=":")
+                continue
+            ax.axvline(t, color="black", alpha=0.3, linewidth=0.8)
             ax.text(t, 1.01, f"{node}:{action}", rotation=90, fontsize=6, va="bottom")
         ax.set_xlim(0, bins)
         ax.set_ylim(0, 1)
         ax.set_xlabel("seconds")
         ax.set_ylabel("share of successful requests")
-        ax.set_title(f"Traffic share per node over time: {name}", pad=40)
+        ax.set_title(
+            f"Traffic share per node over time: {name} (black: fault/leave, green: back)",
+            pad=70,
+        )
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
         path = out / f"share_{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
