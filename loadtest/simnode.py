@@ -3,7 +3,8 @@
 Each node follows a GPU :class:`Profile`: time to first token grows with the
 prompt, tokens stream at the profile's rate per sequence, at most
 ``max_seqs`` sequences run at once, up to ``max_queue`` more wait, and beyond
-that the node answers 503. Streaming responses are real SSE chunks emitted at
+that the node answers 503; a sequence longer than the KV cache holds
+(``kv_tokens``) fails with an out-of-memory 500. Streaming responses are real SSE chunks emitted at
 the token rate. A :class:`Fault` makes the node misbehave the ways real
 decentralized supply does (hang, error bursts, mid-stream disconnects, slowness,
 lying about models); ``stop()``/``start()`` model a crash (connection refused).
@@ -37,17 +38,18 @@ class Profile:
     tokens_per_s: float  # decode rate of one sequence
     max_seqs: int  # sequences decoded at once
     vram_gb: float
+    kv_tokens: int = 1 << 30  # KV-cache capacity in tokens; a longer sequence runs out of memory
 
 
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile("H100", 0.020, 40000, 120, 64, 80),
-        Profile("A100", 0.030, 25000, 90, 48, 80),
-        Profile("L40S", 0.045, 15000, 70, 32, 48),
-        Profile("RTX 4090", 0.050, 12000, 80, 16, 24),
-        Profile("RTX 3090", 0.080, 7000, 55, 12, 24),
-        Profile("T4", 0.150, 2500, 25, 8, 16),
+        Profile("H100", 0.020, 40000, 120, 64, 80, kv_tokens=400_000),
+        Profile("A100", 0.030, 25000, 90, 48, 80, kv_tokens=400_000),
+        Profile("L40S", 0.045, 15000, 70, 32, 48, kv_tokens=200_000),
+        Profile("RTX 4090", 0.050, 12000, 80, 16, 24, kv_tokens=40_000),
+        Profile("RTX 3090", 0.080, 7000, 55, 12, 24, kv_tokens=40_000),
+        Profile("T4", 0.150, 2500, 25, 8, 16, kv_tokens=6_000),
     )
 }
 
@@ -182,6 +184,10 @@ class SimNode:
         prompt = _prompt_tokens(doc)
         n_out = doc.get("max_tokens") or doc.get("max_completion_tokens")
         n_out = int(n_out) if isinstance(n_out, int) and n_out > 0 else self.cfg.default_max_tokens
+        if prompt + n_out > p.kv_tokens:
+            return _error(
+                500, f"CUDA out of memory: {prompt + n_out} tokens do not fit the KV cache"
+            )
         self.waiting += 1
         try:
             await self._slots.acquire()

@@ -191,3 +191,16 @@ def test_unknown_fault_mode_is_an_error() -> None:
 def test_simnode_config_shorthand() -> None:
     cfg = sim_config("a", [MODEL], "T4")
     assert cfg.profile.name == "T4" and SimNode(cfg).cfg.id == "a"
+
+
+async def test_sequence_longer_than_the_kv_cache_runs_out_of_memory(
+    fleet: MakeSim, http: aiohttp.ClientSession
+) -> None:
+    sim = await fleet("t4", profile="T4")  # 6,000 tokens of KV cache
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}],
+            "max_tokens": 16}  # fmt: skip
+    async with http.post(sim.url + "/v1/chat/completions", json=long) as resp:
+        assert resp.status == 500
+        assert "out of memory" in (await resp.json())["error"]["message"]
+    async with http.post(sim.url + "/v1/chat/completions", json=chat()) as resp:
+        assert resp.status == 200
