@@ -11,7 +11,7 @@ Each policy lives in its own module and is registered here by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from random import Random
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -54,13 +54,26 @@ class PolicyError(ValueError):
     """Invalid policy name or parameters."""
 
 
+def p2c_rank(candidates: Sequence[C], k: int, rng: Random, cost: Callable[[C], float]) -> list[C]:
+    """Power of two choices: the cheaper of two random candidates first, then the
+    rest of a random sample of ``k + 1`` in order of cost (the failover nodes)."""
+    n = len(candidates)
+    if n <= 1:
+        return list(candidates[:k])
+    sample = [candidates[i] for i in rng.sample(range(n), min(n, k + 1))]
+    if cost(sample[1]) < cost(sample[0]):
+        sample[0], sample[1] = sample[1], sample[0]
+    return [sample[0], *sorted(sample[1:], key=cost)][:k]
+
+
 def _registry() -> dict[str, type]:
     from policies.least_outstanding import LeastOutstanding
     from policies.p2c_peak_ewma import P2CPeakEwma
     from policies.random_choice import RandomChoice
     from policies.round_robin import RoundRobin
+    from policies.score import Score
 
-    return {p.name: p for p in (RoundRobin, RandomChoice, LeastOutstanding, P2CPeakEwma)}
+    return {p.name: p for p in (RoundRobin, RandomChoice, LeastOutstanding, P2CPeakEwma, Score)}
 
 
 REGISTRY: dict[str, type] = _registry()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
-from policies import C, RequestInfo
+from policies import C, RequestInfo, p2c_rank
 
 
 class P2CPeakEwma:
@@ -24,12 +24,4 @@ class P2CPeakEwma:
     def rank(
         self, req: RequestInfo, candidates: Sequence[C], k: int, rng: Random, now: float
     ) -> list[C]:
-        n = len(candidates)
-        if n <= 1:
-            return list(candidates[:k])
-        sample = [candidates[i] for i in rng.sample(range(n), min(n, k + 1))]
-        a, b = sample[0], sample[1]
-        if b.stats.cost(now) < a.stats.cost(now):
-            sample[0], sample[1] = b, a
-        rest = sorted(sample[1:], key=lambda c: c.stats.cost(now))
-        return [sample[0], *rest][:k]
+        return p2c_rank(candidates, k, rng, lambda c: c.stats.cost(now))

@@ -32,7 +32,7 @@ class Listen(_Strict):
 
 
 class PolicyConfig(_Strict):
-    name: str = "p2c_peak_ewma"
+    name: str = "score"
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -128,6 +128,47 @@ class LoggingConfig(_Strict):
     access_log: bool = True
 
 
+class HealthConfig(_Strict):
+    probe: bool = True
+    verify_static: bool = False
+    probe_interval_s: float = Field(5.0, gt=0)
+    verified_probe_interval_s: float = Field(30.0, gt=0)
+    probe_timeout_s: float = Field(10.0, gt=0)
+    probe_concurrency: int = Field(16, ge=1)
+    probe_failures_to_unverify: int = Field(2, ge=1)
+    consecutive_failures: int = Field(5, ge=1)
+    consecutive_timeouts: int = Field(1, ge=1)
+    success_rate_min_requests: float = Field(20.0, gt=0)
+    success_rate_stdev_factor: float = Field(1.9, gt=0)
+    success_rate_min_nodes: int = Field(3, ge=2)
+    failure_ratio_threshold: float = Field(0.5, gt=0, le=1)
+    base_ejection_s: float = Field(30.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejection_percent: float = Field(50.0, ge=0, le=100)
+    slow_start_s: float = Field(30.0, ge=0)
+    check_interval_s: float = Field(0.1, gt=0)
+    scrape_engine_metrics: bool = False
+    engine_metrics_interval_s: float = Field(5.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    kv_bytes_per_token: int | None = Field(None, gt=0)
+    context_length: int | None = Field(None, gt=0)
+    weights_gb: float = Field(0.0, ge=0)
+    hedge_after_ms: float | None = Field(None, gt=0)
+
+
+class HedgeConfig(_Strict):
+    after_ms: float | None = Field(None, gt=0)
+    use_p95_ttfb: bool = False
+    budget_percent: float = Field(5.0, ge=0, le=100)
+
+
+class QueueConfig(_Strict):
+    max_size: int = Field(1000, ge=0)
+    max_wait_s: float = Field(10.0, ge=0)
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
 
@@ -148,6 +189,10 @@ class Config(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    hedge: HedgeConfig = Field(default_factory=HedgeConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")

@@ -9,9 +9,11 @@ request, so finding the candidates for a request is one dict lookup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
@@ -97,17 +99,24 @@ class NodeStats:
     """
 
     __slots__ = (
+        "awaiting",
+        "awaiting_since",
         "consecutive_failures",
+        "consecutive_timeouts",
         "failures_total",
         "in_flight",
         "last_error",
         "latency",
         "outcomes",
+        "paused_until",
         "pending",
         "remote_in_flight",
         "requests_total",
+        "returned_at",
+        "slow_start_s",
         "success",
         "ttfb",
+        "ttfb_recent",
     )
 
     def __init__(self, scoring: Scoring) -> None:
@@ -122,6 +131,13 @@ class NodeStats:
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.pending: Pending | None = None
         self.remote_in_flight = 0
+        self.consecutive_timeouts = 0
+        self.awaiting = 0  # attempts sent that have no first byte yet
+        self.awaiting_since = 0.0  # last first byte (or failure) while some were awaiting
+        self.paused_until = 0.0  # a 429 with Retry-After asked for a pause until then
+        self.ttfb_recent: deque[float] = deque(maxlen=64)
+        self.returned_at = -1e18  # back from an ejection at (slow start); far past: none
+        self.slow_start_s = 0.0
 
     def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
         """Record one finished attempt.
@@ -136,6 +152,10 @@ class NodeStats:
         self.requests_total += 1
         ok = outcome not in FAILURES
         sample = elapsed_s if ok else max(elapsed_s, penalty_s)
+        if outcome is Outcome.TIMEOUT:
+            self.consecutive_timeouts += 1
+        elif ok:
+            self.consecutive_timeouts = 0
         if ok:
             self.consecutive_failures = 0
         else:
@@ -153,23 +173,66 @@ class NodeStats:
         A node never measured costs nothing while idle, so it gets one request
         and is measured at once, and the configured default while that request
         is in flight, so it is not flooded before its first answer (Finagle).
+        While attempts wait for a first byte and the node has produced none for
+        longer than its estimate, that silence is the estimate: a node that has
+        started to hang loses traffic before its first timeout fires.
         """
         lat = self.latency
         queued = self.in_flight + self.remote_in_flight
         if lat.estimate < 0.0 and queued == 0:
             return 0.0
-        return lat.value(now) * (queued + 1)
+        est = lat.value(now)
+        if self.awaiting:
+            est = max(est, now - self.awaiting_since)
+        return est * (queued + 1)
+
+    def observe_ttfb(self, ttfb_s: float, now: float) -> None:
+        self.ttfb.observe(ttfb_s, now)
+        self.ttfb_recent.append(ttfb_s)
+
+    def ttfb_p95(self) -> float | None:
+        """95th percentile of the last 64 stream TTFBs (None before 20 samples)."""
+        recent = self.ttfb_recent
+        if len(recent) < 20:
+            return None
+        return sorted(recent)[int(0.95 * (len(recent) - 1))]
+
+    def ramp(self, now: float) -> float:
+        """Slow start: share of its normal traffic a node just back from ejection gets."""
+        if self.slow_start_s <= 0:
+            return 1.0
+        return min(1.0, max(0.1, (now - self.returned_at) / self.slow_start_s))
+
+
+class EngineLoad:
+    """Load as the node's inference engine reports it (vLLM, SGLang, llama.cpp)."""
+
+    __slots__ = ("fresh_until", "kv_usage", "queue", "running")
+
+    def __init__(
+        self, queue: float, running: float, kv_usage: float | None, fresh_until: float
+    ) -> None:
+        self.queue = queue
+        self.running = running
+        self.kv_usage = kv_usage
+        self.fresh_until = fresh_until  # clock() after which it counts as saturated
 
 
 class Node:
     __slots__ = (
         "auth_header",
+        "ejected_until",
+        "ejections",
+        "engine",
         "gpu",
         "gpus",
         "id",
         "labels",
         "last_seen",
         "models",
+        "next_probe",
+        "probe",
+        "probe_failures",
         "secret_hash",
         "source",
         "state",
@@ -211,6 +274,12 @@ class Node:
         self.secret_hash = ""  # sha256 of a self-registered node's own secret
         self.last_seen = 0.0  # wall-clock time of the last heartbeat
         self.telemetry: dict[str, object] = {}
+        self.engine: EngineLoad | None = None  # from the node's own /metrics
+        self.probe: dict[str, object] = {}  # the last active probe's findings
+        self.probe_failures = 0
+        self.next_probe = 0.0
+        self.ejections = 0  # times ejected; sets the next back-off
+        self.ejected_until = 0.0  # wall-clock end of the current ejection
 
     @classmethod
     def from_config(
@@ -256,8 +325,10 @@ class Registry:
         self._on_change = on_change
         self.version = 0
         self.dirty: set[Node] = set()  # nodes with news for a shared store
+        self.touched: set[Node] = set()  # nodes with outcomes since health last looked
         self._deferred = 0  # > 0 inside batch(): rebuild once at the end
         self._stale = False
+        self._waiters: list[asyncio.Future[None]] = []
 
     def add(self, node: Node) -> None:
         self.nodes[node.id] = node
@@ -325,5 +396,15 @@ class Registry:
         self._routable = {m: tuple(ns) for m, ns in routable.items()}
         self._models = frozenset(models)
         self.version += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
         if self._on_change is not None:
             self._on_change()
+
+    async def changed(self) -> None:
+        """Until the next membership or state change."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut

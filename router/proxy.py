@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 from policies import Policy, RequestInfo
 from router.config import Config
 from router.errors import error_response, sse_error_event
+from router.fit import Fit
 from router.nodes import Node, Outcome, Registry
 
 log = logging.getLogger("ballast.proxy")
@@ -55,6 +56,7 @@ _HOP_BY_HOP = frozenset(
 _DROP_REQUEST = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+HEDGE_BURST = 10.0  # hedges the budget may save up
 
 
 class Exchange:
@@ -63,9 +65,11 @@ class Exchange:
     __slots__ = (
         "attempts",
         "duration",
+        "hedged",
         "model",
         "node",
         "outcomes",
+        "queued_s",
         "request_id",
         "start",
         "status",
@@ -83,7 +87,58 @@ class Exchange:
         self.status = 0
         self.ttfb = -1.0  # request arrival to the node's first byte; < 0: none
         self.duration = 0.0
+        self.queued_s = 0.0  # time spent waiting for supply
+        self.hedged = False
         self.outcomes: list[Outcome] = []
+
+
+class _Opened:
+    """One attempt on one node: counted in flight from creation, recorded once."""
+
+    __slots__ = ("awaiting", "done", "first", "node", "proxy", "t0", "t_first", "upstream")
+
+    def __init__(self, proxy: Proxy, node: Node) -> None:
+        self.proxy = proxy
+        self.node = node
+        self.upstream: ClientResponse | None = None
+        self.first = b""
+        self.t_first = -1.0  # clock() at the first byte; < 0: none yet
+        self.done = False
+        st = node.stats
+        self.t0 = proxy.clock()
+        if st.awaiting == 0:
+            st.awaiting_since = self.t0
+        st.awaiting += 1
+        self.awaiting = True
+        st.in_flight += 1
+        reg = proxy.registry
+        reg.touched.add(node)
+        if st.pending is not None:  # a shared store will report it
+            reg.dirty.add(node)
+
+    def first_byte(self) -> None:
+        """The node answered: no longer waiting on it (progress for the stall rule)."""
+        if self.awaiting:
+            self.awaiting = False
+            st = self.node.stats
+            st.awaiting -= 1
+            st.awaiting_since = self.proxy.clock()
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.first_byte()
+        st = self.node.stats
+        st.in_flight -= 1
+        if self.upstream is not None:
+            if outcome is Outcome.OK or outcome is Outcome.CLIENT_ERROR:
+                self.upstream.release()
+            else:
+                self.upstream.close()
+        now = self.proxy.clock()
+        elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
+        st.record(outcome, elapsed, now, self.proxy.penalty_s)
 
 
 class _Failed(Exception):
@@ -136,12 +191,29 @@ class Proxy:
         )
         self.active = 0  # client requests in progress
         self.active_retries = 0  # of which currently on a retry attempt
+        self.fit = Fit(cfg, registry)
+        self.queue_max = cfg.queue.max_size
+        self.queue_wait_s = cfg.queue.max_wait_s
+        self.queued = 0  # requests waiting for supply
+        h = cfg.hedge
+        self.hedge_default = h.after_ms / 1e3 if h.after_ms else None
+        self.hedge_after = {
+            m: mc.hedge_after_ms / 1e3 for m, mc in cfg.models.items() if mc.hedge_after_ms
+        }
+        self.hedge_p95 = h.use_p95_ttfb
+        # Hedge budget: a token bucket refilled by budget_percent of each request.
+        self.hedge_rate = h.budget_percent / 100.0
+        self.hedge_tokens = 0.0
+        self.hedges_sent = 0
+        self.hedges_won = 0
 
     # -- entry point -------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(_request_id(request), self.clock())
         self.active += 1
+        if self.hedge_tokens < HEDGE_BURST:
+            self.hedge_tokens += self.hedge_rate
         try:
             resp = await self._handle(request, ex)
             ex.status = resp.status
@@ -195,8 +267,7 @@ class Proxy:
         ex.model = model
         ex.stream = stream
 
-        candidates = self.registry.candidates(model)
-        if candidates is None:
+        if self.registry.candidates(model) is None:
             return error_response(
                 404,
                 f"the model {model!r} does not exist or no node serves it",
@@ -204,25 +275,88 @@ class Proxy:
                 "model_not_found",
                 "model",
             )
-        if not candidates:
-            return error_response(
-                503,
-                f"no node can serve model {model!r} right now",
-                "service_unavailable",
-                "no_capacity",
-                headers={"Retry-After": "1"},
-            )
         info = RequestInfo(
             model=model,
             stream=stream,
             max_tokens=max_tokens if isinstance(max_tokens, int) else None,
             prompt_bytes=len(body),
         )
-        ranked = self.policy.rank(info, candidates, self.max_attempts, self.rng, self.clock())
+        need = self.fit.need_tokens(info)
+        if need is not None and not self.fit.possible(model, need):
+            return error_response(
+                400,
+                f"the request needs about {need} tokens of context and KV cache; "
+                f"no node serving {model!r} can hold that",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "messages",
+            )
         headers = self._upstream_headers(request, ex.request_id)
-        return await self._attempts(request, ex, ranked, body, headers, stream)
+        deadline = asyncio.get_running_loop().time() + self.total_s
+        return await self._route(request, ex, info, need, body, headers, deadline)
 
-    # -- attempts and failover ----------------------------------------------
+    # -- routing, queueing, failover ----------------------------------------------
+
+    async def _route(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        info: RequestInfo,
+        need: int | None,
+        body: bytes,
+        headers: CIMultiDict[str],
+        deadline: float,
+    ) -> web.StreamResponse:
+        """Rank, try, and when no node can take the request, wait for capacity."""
+        loop = asyncio.get_running_loop()
+        failures: list[_Failed] = []
+        queue_until: float | None = None
+        left = self.max_attempts
+        while True:
+            routable = self.registry.candidates(info.model) or ()
+            candidates = self.fit.filter(routable, info.model, need)
+            if candidates and left > 0:
+                ranked = self.policy.rank(info, candidates, left, self.rng, self.clock())
+                before = ex.attempts
+                resp = await self._attempts(request, ex, ranked, body, headers, deadline, failures)
+                if resp is not None:
+                    return resp
+                left -= ex.attempts - before
+                # Nothing reached the client. Nodes that are down (refused, reset)
+                # are soon out of the candidate set: wait for the supply to change.
+                if not all(f.outcome is Outcome.CONNECT_ERROR for f in failures):
+                    break
+            if queue_until is None:
+                queue_until = min(deadline, loop.time() + self.queue_wait_s)
+            if not await self._wait_for_supply(ex, queue_until):
+                break
+            left = max(left, 1)  # the supply changed: at least one more attempt
+        if not failures:
+            return error_response(
+                503,
+                f"no node can serve model {info.model!r} right now",
+                "service_unavailable",
+                "no_capacity",
+                headers={"Retry-After": "1"},
+            )
+        return self._exhausted(failures, deadline - loop.time() <= 0)
+
+    async def _wait_for_supply(self, ex: Exchange, until: float) -> bool:
+        """Queue: wait for the candidate set to change, until ``until``; False: give up."""
+        loop = asyncio.get_running_loop()
+        if until - loop.time() <= 0 or self.queued >= self.queue_max:
+            return False
+        self.queued += 1
+        t0 = loop.time()
+        try:
+            async with asyncio.timeout_at(until):
+                await self.registry.changed()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.queued -= 1
+            ex.queued_s += loop.time() - t0
 
     async def _attempts(
         self,
@@ -231,15 +365,17 @@ class Proxy:
         ranked: list[Node],
         body: bytes,
         headers: CIMultiDict[str],
-        stream: bool,
-    ) -> web.StreamResponse:
+        deadline: float,
+        failures: list[_Failed],
+    ) -> web.StreamResponse | None:
+        """Try ``ranked`` in order (hedging the first); None when all failed."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.total_s
-        failures: list[_Failed] = []
+        stream = ex.stream
         retrying = False
         try:
-            for i, node in enumerate(ranked):
-                if i > 0:
+            i = 0
+            while i < len(ranked):
+                if ex.attempts > 0:
                     if not self._retry_allowed():
                         break
                     if not retrying:
@@ -247,94 +383,181 @@ class Proxy:
                         self.active_retries += 1
                 if deadline - loop.time() <= 0:
                     break
-                ex.attempts += 1
-                ex.node = node.id
+                node = ranked[i]
+                hedge_s = self._hedge_delay(ex.model, node) if i + 1 < len(ranked) else None
                 try:
-                    return await self._attempt(request, ex, node, body, headers, stream, deadline)
+                    if hedge_s is None:
+                        ex.attempts += 1
+                        opened = await self._open(request, node, body, headers, stream, deadline)
+                        i += 1
+                    else:
+                        opened, i = await self._hedged(
+                            request, ex, ranked, i, hedge_s, body, headers, deadline, failures
+                        )
                 except _Failed as f:
                     ex.outcomes.append(f.outcome)
                     failures.append(f)
+                    i += 1
+                    continue
+                ex.node = opened.node.id
+                return await self._deliver(request, ex, opened, deadline)
         finally:
             if retrying:
                 self.active_retries -= 1
-        return self._exhausted(failures, deadline - loop.time() <= 0)
+        return None
 
     def _retry_allowed(self) -> bool:
         """Envoy-style retry budget: concurrent retries stay below a share of traffic."""
         cap = max(self.min_retry_concurrency, self.active * self.budget_fraction)
         return self.active_retries < cap
 
-    async def _attempt(
+    # -- hedging ------------------------------------------------------------------
+
+    def _hedge_delay(self, model: str, node: Node) -> float | None:
+        """Seconds to wait for the primary's first byte before hedging, or None."""
+        after = self.hedge_after.get(model, self.hedge_default)
+        if after is None and self.hedge_p95:
+            after = node.stats.ttfb_p95()
+        if after is None or self.hedge_tokens < 1.0:
+            return None
+        return after
+
+    async def _hedged(
         self,
         request: web.Request,
         ex: Exchange,
+        ranked: list[Node],
+        i: int,
+        hedge_s: float,
+        body: bytes,
+        headers: CIMultiDict[str],
+        deadline: float,
+        failures: list[_Failed],
+    ) -> tuple[_Opened, int]:
+        """Primary ``ranked[i]``; if it has no first byte after ``hedge_s``, a copy to
+        ``ranked[i + 1]``. The first to answer wins; the other is cancelled."""
+        stream = ex.stream
+        ex.attempts += 1
+        tasks = {
+            asyncio.ensure_future(self._open(request, ranked[i], body, headers, stream, deadline))
+        }
+        next_i = i + 1
+        done, _ = await asyncio.wait(tasks, timeout=hedge_s)
+        if not done and self.hedge_tokens >= 1.0:
+            self.hedge_tokens -= 1.0
+            self.hedges_sent += 1
+            ex.attempts += 1
+            ex.hedged = True
+            tasks.add(
+                asyncio.ensure_future(
+                    self._open(request, ranked[next_i], body, headers, stream, deadline)
+                )
+            )
+            next_i += 1
+        pending = tasks
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        winner = task.result()
+                        if ex.hedged and winner.node is ranked[i + 1]:
+                            self.hedges_won += 1
+                        return winner, next_i
+                    if not isinstance(exc, _Failed):
+                        raise exc
+                    if pending:  # the other copy may still answer
+                        ex.outcomes.append(exc.outcome)
+                        failures.append(exc)
+                    else:
+                        raise exc
+            raise AssertionError("unreachable")
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- one attempt: open (retryable) then deliver (committed) -------------------
+
+    async def _open(
+        self,
+        request: web.Request,
         node: Node,
         body: bytes,
         headers: CIMultiDict[str],
         stream: bool,
         deadline: float,
-    ) -> web.StreamResponse:
-        stats = node.stats
+    ) -> _Opened:
+        """Send the request to ``node`` and wait for its first byte (or, without
+        streaming, its whole body). Every failure here is retryable: _Failed."""
+        att = _Opened(self, node)
         if node.auth_header is not None:
+            headers = CIMultiDict(headers)
             headers["Authorization"] = node.auth_header
-        else:
-            headers.popall("Authorization", None)
-        stats.in_flight += 1
-        if stats.pending is not None:  # a shared store will report it
-            self.registry.dirty.add(node)
-        t0 = self.clock()
-        elapsed = 0.0
-        outcome = Outcome.CANCELLED
-        upstream: ClientResponse | None = None
         try:
-            # Until the client has been sent anything, every failure is retryable
-            # (raised as _Failed). The first-byte timeout is aiohttp's socket read
-            # timeout, so no extra timer runs per attempt.
-            try:
-                upstream = await self.session.post(
-                    node.url + request.path,
-                    data=body,
-                    headers=headers,
-                    timeout=self._attempt_timeout(deadline),
-                    allow_redirects=False,
-                )
-                status = upstream.status
-                if status in _RETRYABLE_STATUS:
-                    outcome = Outcome.HTTP_429 if status == 429 else Outcome.HTTP_5XX
-                    raise _Failed(outcome, f"HTTP {status}", upstream.headers.get("Retry-After"))
-                first = await upstream.content.readany() if stream else b""
-                t_first = self.clock()
-                elapsed = t_first - t0
-                data = b"" if stream else await self._read_body(upstream, deadline)
-            except TimeoutError:
-                outcome = Outcome.TIMEOUT
-                detail = "body not complete in time" if elapsed else "no first byte in time"
-                raise _Failed(outcome, detail) from None
-            except (ClientError, OSError) as e:
-                outcome = Outcome.STREAM_ERROR if elapsed else Outcome.CONNECT_ERROR
-                raise _Failed(outcome, type(e).__name__) from None
-            ex.ttfb = t_first - ex.start
+            # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
+            upstream = await self.session.post(
+                node.url + request.path,
+                data=body,
+                headers=headers,
+                timeout=self._attempt_timeout(deadline),
+                allow_redirects=False,
+            )
+            att.upstream = upstream
+            status = upstream.status
+            if status in _RETRYABLE_STATUS:
+                outcome = Outcome.HTTP_429 if status == 429 else Outcome.HTTP_5XX
+                retry_after = upstream.headers.get("Retry-After")
+                if retry_after is not None and status == 429:
+                    node.stats.paused_until = self.clock() + _seconds(retry_after)
+                raise _Failed(outcome, f"HTTP {status}", retry_after)
+            att.first = await upstream.content.readany() if stream else b""
+            att.t_first = self.clock()
+            att.first_byte()
+            if not stream:
+                att.first = await self._read_body(upstream, deadline)
+        except _Failed as f:
+            att.finish(f.outcome)
+            raise
+        except TimeoutError:
+            att.finish(Outcome.TIMEOUT)
+            detail = "body not complete in time" if att.t_first >= 0 else "no first byte in time"
+            raise _Failed(Outcome.TIMEOUT, detail) from None
+        except (ClientError, OSError) as e:
+            outcome = Outcome.STREAM_ERROR if att.t_first >= 0 else Outcome.CONNECT_ERROR
+            att.finish(outcome)
+            raise _Failed(outcome, type(e).__name__) from None
+        except BaseException:
+            att.finish(Outcome.CANCELLED)
+            raise
+        return att
+
+    async def _deliver(
+        self, request: web.Request, ex: Exchange, att: _Opened, deadline: float
+    ) -> web.StreamResponse:
+        """Send the node's answer to the client: from here on the attempt is committed."""
+        upstream = att.upstream
+        assert upstream is not None
+        outcome = Outcome.CANCELLED
+        try:
+            ex.ttfb = att.t_first - ex.start
+            status = upstream.status
             ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
             resp_headers = CIMultiDict(
                 (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
             )
-            resp_headers["x-ballast-node"] = node.id
-            if not stream:
+            resp_headers["x-ballast-node"] = att.node.id
+            if not ex.stream:
                 outcome = ok
-                return web.Response(status=status, body=data, headers=resp_headers)
-            stats.ttfb.observe(elapsed, t_first)
+                return web.Response(status=status, body=att.first, headers=resp_headers)
+            att.node.stats.observe_ttfb(att.t_first - att.t0, att.t_first)
             out = web.StreamResponse(status=status, headers=resp_headers)
-            outcome = await self._pump(request, upstream, out, first, ok, deadline)
+            outcome = await self._pump(request, upstream, out, att.first, ok, deadline)
             return out
         finally:
-            stats.in_flight -= 1
-            if upstream is not None:
-                if outcome is Outcome.OK or outcome is Outcome.CLIENT_ERROR:
-                    upstream.release()
-                else:
-                    upstream.close()
-            now = self.clock()
-            stats.record(outcome, elapsed or (now - t0), now, self.penalty_s)
+            att.finish(outcome)
 
     def _attempt_timeout(self, deadline: float) -> ClientTimeout:
         """Socket timeouts for one attempt: first byte within min(first_byte_s, time left)."""

@@ -29,7 +29,7 @@ def test_policies_lists_each_with_a_description() -> None:
     assert out.returncode == 0
     lines = out.stdout.strip().splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == sorted(["least_outstanding", "p2c_peak_ewma", "random", "round_robin"])
+    assert names == sorted(["least_outstanding", "p2c_peak_ewma", "random", "round_robin", "score"])
     assert all(len(line.split(None, 1)[1]) > 10 for line in lines)
 
 

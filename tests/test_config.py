@@ -12,7 +12,7 @@ NODE = {"id": "a", "url": "http://127.0.0.1:9001", "models": ["m"]}
 def test_defaults_are_the_embedded_default() -> None:
     cfg = parse_config(None, env={})
     assert cfg.listen.port == 8080
-    assert cfg.policy.name == "p2c_peak_ewma"
+    assert cfg.policy.name == "score"
     assert cfg.state.redis_url is None
     assert cfg.retries.max_attempts == 3
     assert cfg.timeouts.first_byte_s == 30

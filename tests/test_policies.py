@@ -26,7 +26,7 @@ def measured(latencies: list[float], now: float = 0.0) -> list[Node]:
 
 
 def test_registry_names() -> None:
-    assert {"round_robin", "random", "least_outstanding", "p2c_peak_ewma"} <= set(REGISTRY)
+    assert {"round_robin", "random", "least_outstanding", "p2c_peak_ewma", "score"} <= set(REGISTRY)
     for cls in REGISTRY.values():
         assert cls.description
 
