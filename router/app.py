@@ -19,9 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from policies import Policy, PolicyError, build_policy
 from router.config import Config, ConfigError, load_config
 from router.errors import error_response
+from router.health import HealthMonitor
 from router.logs import AccessLog
 from router.metrics import Metrics
 from router.nodes import ROUTABLE, Node, NodeState, Registry
+from router.prober import Prober
 from router.proxy import Proxy
 from router.registration import Membership, admin_denied
 from router.store import MemoryStore, StateStore
@@ -43,6 +45,8 @@ class Router:
     access_log: AccessLog | None
     admin_token: str | None
     membership: Membership
+    health: HealthMonitor
+    prober: Prober | None
     clock: Callable[[], float]
     config_path: Path | None = None
     _models_body: bytes = b""
@@ -98,13 +102,20 @@ def build_router(
     rng: Random | None = None,
     config_path: Path | None = None,
 ) -> Router:
-    registry = Registry()
-    for nc in cfg.nodes:
-        registry.add(Node.from_config(nc, cfg.scoring))
+    registry = Registry(slow_start_s=cfg.health.slow_start_s)
+    with registry.batch():
+        for nc in cfg.nodes:
+            node = Node.from_config(nc, cfg.scoring)
+            if cfg.health.verify_static and cfg.health.probe:
+                node.state = NodeState.REGISTERED
+                node.state_reason = "static node waiting for verification"
+            registry.add(node)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     proxy = Proxy(cfg, registry, policy, session, clock=clock, rng=rng)
     store = make_store(cfg, clock)
-    metrics = Metrics(registry, store, lambda: proxy.active, clock)
+    health = HealthMonitor(cfg.health, registry, store, clock)
+    prober = Prober(cfg.health, registry, store, session, clock) if cfg.health.probe else None
+    metrics = Metrics(registry, store, lambda: proxy.active, clock, proxy, health, prober)
     if cfg.metrics.enabled:
         proxy.observers.append(metrics.observe)
     access_log = None
@@ -124,6 +135,8 @@ def build_router(
         access_log=access_log,
         admin_token=admin_token,
         membership=Membership(cfg, store, join_token, admin_token),
+        health=health,
+        prober=prober,
         clock=clock,
         config_path=config_path,
     )
@@ -153,11 +166,17 @@ def create_app(
                 cfg, session=session, clock=clock, rng=rng, config_path=config_path
             )
             await router.store.start(router.registry)
+            router.health.start()
+            if router.prober is not None:
+                router.prober.start()
             if router.access_log is not None:
                 router.access_log.start()
             yield
             if router.access_log is not None:
                 await router.access_log.stop()
+            if router.prober is not None:
+                await router.prober.stop()
+            await router.health.stop()
             await router.store.close()
 
     app.cleanup_ctx.append(pool)
@@ -225,11 +244,18 @@ def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResp
     return handler
 
 
+def score_of(policy: object, node: Node, now: float) -> float:
+    """The node's routing cost under ``policy`` (lower is preferred)."""
+    cost = getattr(policy, "cost", None)
+    return cost(node, now) if cost is not None else node.stats.cost(now)
+
+
 def fleet_view(router: Router) -> dict[str, object]:
     """Every node with its claims, state and measured scores, plus the supply summary."""
     now = router.clock()
     nodes = list(router.registry.nodes.values())
     total = sum(n.stats.requests_total for n in nodes) or 1
+    factors = getattr(router.proxy.policy, "factors", None)
     rows = []
     for n in nodes:
         st = n.stats
@@ -248,12 +274,24 @@ def fleet_view(router: Router) -> dict[str, object]:
                 "latency_ms": round(st.latency.value(now) * 1e3, 3),
                 "ttfb_ms": round(st.ttfb.value(now) * 1e3, 3),
                 "success_ratio": round(st.success.value(now), 4),
-                "score": round(st.cost(now), 6),
+                "score": round(score_of(router.proxy.policy, n, now), 6),
                 "requests": st.requests_total,
                 "failures": st.failures_total,
                 "consecutive_failures": st.consecutive_failures,
                 "last_error": st.last_error or None,
                 "share": round(st.requests_total / total, 4),
+                "ejections": n.ejections,
+                "telemetry": n.telemetry,
+                "engine": None
+                if n.engine is None
+                else {
+                    "queue": n.engine.queue,
+                    "running": n.engine.running,
+                    "kv_usage": n.engine.kv_usage,
+                    "stale": now > n.engine.fresh_until,
+                },
+                "probe": n.probe,
+                "factors": factors(n, now) if factors else None,
             }
         )
     return {"nodes": rows, "summary": supply_summary(nodes)}

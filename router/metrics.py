@@ -29,8 +29,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from router.nodes import NodeState, Registry
-from router.proxy import Exchange
+from router.health import HealthMonitor
+from router.nodes import Node, NodeState, Registry
+from router.prober import Prober
+from router.proxy import Exchange, Proxy
 from router.store import StateStore
 
 # LLM latencies: tens of milliseconds (a cached embedding) to minutes (long generations).
@@ -45,9 +47,12 @@ disable_created_metrics()  # no *_created series: they double the series count f
 class FleetCollector:
     """Per-node scoreboard and supply, computed from the registry at scrape time."""
 
-    def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, registry: Registry, clock: Callable[[], float], score: Callable[[Node, float], float]
+    ) -> None:
         self.registry = registry
         self.clock = clock
+        self.score = score
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
@@ -86,7 +91,7 @@ class FleetCollector:
             ttfb.add_metric([nid], st.ttfb.value(now))
             success.add_metric([nid], st.success.value(now))
             in_flight.add_metric([nid], st.in_flight)
-            score.add_metric([nid], st.cost(now))
+            score.add_metric([nid], self.score(node, now))
             for s in NodeState:
                 state.add_metric([nid, s.value], 1.0 if node.state is s else 0.0)
         yield from (attempts, latency, ttfb, success, in_flight, score, state)
@@ -118,6 +123,35 @@ class FleetCollector:
             yield fam
 
 
+class RouterCollector:
+    """Ejections, probes, hedges and the supply queue, read at scrape time."""
+
+    def __init__(self, proxy: Proxy, health: HealthMonitor, prober: Prober | None) -> None:
+        self.proxy = proxy
+        self.health = health
+        self.prober = prober
+
+    def collect(self) -> Iterator[Metric]:
+        ej = CounterMetricFamily("ballast_ejections", "Nodes ejected by passive health checks")
+        ej.add_metric([], self.health.ejections_total)
+        yield ej
+        probes = CounterMetricFamily(
+            "ballast_probes", "Active probes of nodes, by outcome", labels=["outcome"]
+        )
+        for outcome in ("ok", "failed"):
+            probes.add_metric([outcome], self.prober.outcomes[outcome] if self.prober else 0)
+        yield probes
+        sent = CounterMetricFamily("ballast_hedges", "Hedged copies sent to a second node")
+        sent.add_metric([], self.proxy.hedges_sent)
+        yield sent
+        won = CounterMetricFamily("ballast_hedges_won", "Hedged copies that answered first")
+        won.add_metric([], self.proxy.hedges_won)
+        yield won
+        queue = GaugeMetricFamily("ballast_queue_length", "Requests waiting for supply")
+        queue.add_metric([], self.proxy.queued)
+        yield queue
+
+
 class StoreCollector:
     """State store health and errors, read at scrape time."""
 
@@ -146,6 +180,9 @@ class Metrics:
         store: StateStore,
         active: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
+        proxy: Proxy | None = None,
+        health: HealthMonitor | None = None,
+        prober: Prober | None = None,
     ) -> None:
         self.nodes = registry
         self.active = active
@@ -194,8 +231,21 @@ class Metrics:
         )
         if not self.multiprocess:
             self.in_flight.set_function(active)
-        self.registry.register(FleetCollector(registry, clock))
+        self.queue_wait = Histogram(
+            "ballast_queue_wait_seconds",
+            "Time requests waited for supply (only those that waited)",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+
+        def score(node: Node, now: float) -> float:
+            cost = getattr(proxy.policy, "cost", None) if proxy is not None else None
+            return cost(node, now) if cost is not None else node.stats.cost(now)
+
+        self.registry.register(FleetCollector(registry, clock, score))
         self.registry.register(StoreCollector(store))
+        if proxy is not None and health is not None:
+            self.registry.register(RouterCollector(proxy, health, prober))
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
@@ -215,6 +265,8 @@ class Metrics:
             hists[1].observe(ex.ttfb)
         if ex.attempts > 1:
             self.retries.inc(ex.attempts - 1)
+        if ex.queued_s:
+            self.queue_wait.observe(ex.queued_s)
         if self.multiprocess:  # each worker's share; summed over live workers
             self.in_flight.set(self.active())
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
@@ -318,8 +319,12 @@ class Node:
 class Registry:
     """All known nodes, and per model the tuple of nodes that may take traffic."""
 
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, on_change: Callable[[], None] | None = None, slow_start_s: float = 0.0
+    ) -> None:
+        self.slow_start_s = slow_start_s
         self.nodes: dict[str, Node] = {}
+        self._ejected: tuple[Node, ...] = ()
         self._routable: dict[str, tuple[Node, ...]] = {}
         self._models: frozenset[str] = frozenset()
         self._on_change = on_change
@@ -343,6 +348,9 @@ class Registry:
     def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
         node = self.nodes[node_id]
         changed = node.state is not state
+        if node.state is NodeState.EJECTED and state in ROUTABLE:
+            node.stats.returned_at = time.monotonic()  # slow start from now
+            node.stats.slow_start_s = self.slow_start_s
         node.state = state
         node.state_reason = reason
         if changed:
@@ -362,6 +370,9 @@ class Registry:
     def served_models(self) -> list[str]:
         """Models that at least one routable node serves."""
         return sorted(self._routable)
+
+    def ejected(self) -> tuple[Node, ...]:
+        return self._ejected
 
     def knows(self, model: str) -> bool:
         """Whether any node (in any state) claims ``model``: bounds metric labels."""
@@ -394,6 +405,7 @@ class Registry:
                 for m in node.models:
                     routable.setdefault(m, []).append(node)
         self._routable = {m: tuple(ns) for m, ns in routable.items()}
+        self._ejected = tuple(n for n in self.nodes.values() if n.state is NodeState.EJECTED)
         self._models = frozenset(models)
         self.version += 1
         waiters, self._waiters = self._waiters, []

@@ -293,7 +293,9 @@ class RedisStore:
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
         self.registry.set_state(node_id, state, reason)
+        node = self.registry.nodes[node_id]
         args = [node_id, self.channel, 0, 0, "state", state.value, "reason", reason]
+        args += ["until", repr(node.ejected_until), "ejections", node.ejections]
         await self._guard(lambda: self._put(keys=self._keys(node_id), args=args))
 
     async def remove(self, node_id: str) -> None:
@@ -506,6 +508,8 @@ class RedisStore:
         reason = _s(h.get(b"reason"), node.state_reason)
         if state is not node.state or reason != node.state_reason:
             reg.set_state(node_id, state, reason)
+        node.ejected_until = _f(h.get(b"until"), node.ejected_until)
+        node.ejections = int(h.get(b"ejections", node.ejections))
         node.secret_hash = _s(h.get(b"secret"))
         node.last_seen = _f(h.get(b"seen"), 0.0)
         if b"tel" in h:

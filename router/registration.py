@@ -205,8 +205,10 @@ class Membership:
             labels=labels,
             scoring=self.cfg.scoring,
             source=REGISTERED,
-            state=NodeState.SERVING,
-            state_reason="self-registered",
+            state=NodeState.REGISTERED if self.cfg.health.probe else NodeState.SERVING,
+            state_reason="waiting for verification"
+            if self.cfg.health.probe
+            else "self-registered (verification is off)",
         )
         node.secret_hash = secret_hash
         await self.store.register(node)

@@ -78,6 +78,9 @@ async def make_router() -> AsyncIterator[MakeRouter]:
     runners: list[web.AppRunner] = []
 
     async def make(nodes: list[dict[str, Any]], seed: int = 1, **cfg: Any) -> RouterHandle:
+        # Active probes would add requests to the simulated nodes that tests count;
+        # the tests of health and verification turn them on.
+        cfg.setdefault("health", {"probe": False})
         app = create_app(parse_config({"nodes": nodes, **cfg}), rng=Random(seed))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()

@@ -49,6 +49,7 @@ async def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
                 "allowed_networks": ["127.0.0.0/8"],
             },
             "logging": {"level": "warning", "access_log": False},
+            "health": {"probe": False},
             **cfg,
         }
         path = tmp_path / f"ballast-{port}.yaml"

@@ -1,0 +1,284 @@
+"""Active probes: supply is what has proved it serves.
+
+A node that joined (or a static node with ``health.verify_static``) is
+``registered``: claims only. The prober asks its ``/v1/models`` and then runs a
+real tiny inference (a streamed chat completion of up to 4 tokens; embeddings
+for embedding models) for every model it claims. Only when every claimed model
+answers is the node ``verified`` and a candidate. A model the node does not
+list, or an inference that fails, keeps it out, with the reason.
+
+Verified nodes keep being probed at a slower pace (``verified_probe_interval_s``)
+and what they deliver (time to first token, tokens/s) is recorded next to what
+they claim; ``probe_failures_to_unverify`` failed probes in a row send a node
+back to ``registered``. When a model has no routable node left (a supply dip),
+its ejected nodes are probed every half second and return as soon as they
+answer, instead of waiting out their back-off.
+
+Probes run with bounded concurrency, jittered intervals and their own timeout.
+
+Optionally (``health.scrape_engine_metrics``) the nodes' own ``/metrics`` are
+scraped: vLLM, SGLang and llama.cpp queue depth, running requests and KV-cache
+use feed the ``score`` policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from random import Random
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.config import HealthConfig
+from router.nodes import ROUTABLE, EngineLoad, Node, NodeState, Registry
+from router.store import StateStore
+
+log = logging.getLogger("ballast.prober")
+
+DIP_PROBE_INTERVAL_S = 0.5
+QUEUE_METRICS = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
+RUNNING_METRICS = (
+    "vllm:num_requests_running",
+    "sglang:num_running_reqs",
+    "llamacpp:requests_processing",
+)
+KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+
+
+class ProbeFailed(Exception):
+    pass
+
+
+def parse_engine_metrics(text: str) -> tuple[float, float, float | None]:
+    """(waiting, running, KV-cache use 0..1 or None) from an engine's /metrics."""
+    queue = running = 0.0
+    kv: float | None = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if name in QUEUE_METRICS:
+                queue += sample.value
+            elif name in RUNNING_METRICS:
+                running += sample.value
+            elif name in KV_METRICS:
+                kv = max(kv or 0.0, sample.value)
+    return queue, running, kv
+
+
+class Prober:
+    def __init__(
+        self,
+        cfg: HealthConfig,
+        registry: Registry,
+        store: StateStore,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.store = store
+        self.session = session
+        self.clock = clock
+        self.rng = rng or Random()
+        self.timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
+        self.outcomes: Counter[str] = Counter()  # probes by outcome (ok, failed)
+        self._slots = asyncio.Semaphore(cfg.probe_concurrency)
+        self._busy: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._schedule()))
+        if self.cfg.scrape_engine_metrics:
+            self._tasks.append(loop.create_task(self._scrape_loop()))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._running]:
+            task.cancel()
+        for task in [*self._tasks, *self._running]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- scheduling ----------------------------------------------------------------
+
+    def _interval(self, base: float) -> float:
+        return base * self.rng.uniform(0.8, 1.2)
+
+    async def _schedule(self) -> None:
+        while True:
+            now = self.clock()
+            dip = {
+                m for n in self.registry.ejected() for m in n.models
+            } - set(self.registry.served_models())  # fmt: skip
+            for node in list(self.registry.nodes.values()):
+                if node.id in self._busy or node.next_probe > now:
+                    continue
+                if node.state is NodeState.REGISTERED:
+                    node.next_probe = now + self._interval(self.cfg.probe_interval_s)
+                elif node.state in ROUTABLE:
+                    node.next_probe = now + self._interval(self.cfg.verified_probe_interval_s)
+                elif node.state is NodeState.EJECTED and dip & set(node.models):
+                    node.next_probe = now + DIP_PROBE_INTERVAL_S
+                else:
+                    continue
+                self._busy.add(node.id)
+                task = asyncio.get_running_loop().create_task(self._probe_one(node))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            await asyncio.sleep(0.25)
+
+    async def _probe_one(self, node: Node) -> None:
+        try:
+            async with self._slots:
+                state_before = node.state
+                try:
+                    findings = await self.probe(node)
+                except ProbeFailed as e:
+                    self.outcomes["failed"] += 1
+                    await self._failed(node, state_before, str(e))
+                else:
+                    self.outcomes["ok"] += 1
+                    await self._passed(node, state_before, findings)
+        except Exception:
+            log.exception("probe of %s failed unexpectedly", node.id)
+        finally:
+            self._busy.discard(node.id)
+
+    async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
+        node.probe = {"ok": True, "at": time.time(), **findings}
+        node.probe_failures = 0
+        if node.id not in self.registry.nodes or node.state is not before:
+            return  # changed meanwhile (drained, removed, ejected): leave it
+        if before is NodeState.REGISTERED:
+            why = "answered a real inference for every claimed model"
+            await self.store.set_state(node.id, NodeState.VERIFIED, why)
+        elif before is NodeState.EJECTED:
+            why = "answered a probe while its model had no supply; slow start"
+            await self.store.set_state(node.id, NodeState.SERVING, why)
+
+    async def _failed(self, node: Node, before: NodeState, why: str) -> None:
+        node.probe = {"ok": False, "at": time.time(), "error": why}
+        node.probe_failures += 1
+        if node.id not in self.registry.nodes or node.state is not before:
+            return
+        if before is NodeState.REGISTERED and node.state_reason != f"not verified: {why}":
+            await self.store.set_state(node.id, NodeState.REGISTERED, f"not verified: {why}")
+        elif before in ROUTABLE and node.probe_failures >= self.cfg.probe_failures_to_unverify:
+            reason = f"failed {node.probe_failures} probes in a row: {why}"
+            log.warning("node %s is no longer verified: %s", node.id, reason)
+            await self.store.set_state(node.id, NodeState.REGISTERED, reason)
+
+    # -- one probe -------------------------------------------------------------------
+
+    def _headers(self, node: Node) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "User-Agent": "ballast-prober"}
+        if node.auth_header:
+            h["Authorization"] = node.auth_header
+        return h
+
+    async def probe(self, node: Node) -> dict[str, object]:
+        """Check every claimed model with a real tiny inference; raise ProbeFailed."""
+        headers = self._headers(node)
+        try:
+            listed = await self._listed_models(node, headers)
+            per_model = {}
+            for model in node.models:
+                if listed is not None and model not in listed:
+                    raise ProbeFailed(f"claims {model!r} but its /v1/models does not list it")
+                per_model[model] = await self._tiny_inference(node, model, headers)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise ProbeFailed(f"{type(e).__name__} {e}".strip()) from None
+        first = next(iter(per_model.values()), {})
+        return {**first, "models": per_model}
+
+    async def _listed_models(self, node: Node, headers: dict[str, str]) -> set[str] | None:
+        async with self.session.get(
+            node.url + "/v1/models", headers=headers, timeout=self.timeout
+        ) as resp:
+            if resp.status == 404:
+                return None  # no model list: the inference decides
+            if resp.status != 200:
+                raise ProbeFailed(f"/v1/models answered HTTP {resp.status}")
+            try:
+                return {m["id"] for m in orjson.loads(await resp.read())["data"]}
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise ProbeFailed("/v1/models is not an OpenAI model list") from e
+
+    async def _tiny_inference(
+        self, node: Node, model: str, headers: dict[str, str]
+    ) -> dict[str, float]:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Reply with OK."}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+        t0 = self.clock()
+        stamps: list[float] = []
+        async with self.session.post(
+            node.url + "/v1/chat/completions",
+            data=orjson.dumps(body),
+            headers=headers,
+            timeout=self.timeout,
+        ) as resp:
+            if resp.status in (400, 404):  # maybe an embedding model
+                return await self._tiny_embedding(node, model, headers, resp.status)
+            if resp.status != 200:
+                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {resp.status}")
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    if b'"error"' in line:
+                        raise ProbeFailed(f"tiny inference on {model!r}: error event")
+                    stamps.append(self.clock())
+        if not stamps:
+            raise ProbeFailed(f"tiny inference on {model!r}: no tokens")
+        out = {"ttfb_ms": round((stamps[0] - t0) * 1e3, 1)}
+        if len(stamps) > 1 and stamps[-1] > stamps[0]:
+            out["tokens_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1)
+        return out
+
+    async def _tiny_embedding(
+        self, node: Node, model: str, headers: dict[str, str], chat_status: int
+    ) -> dict[str, float]:
+        t0 = self.clock()
+        async with self.session.post(
+            node.url + "/v1/embeddings",
+            data=orjson.dumps({"model": model, "input": "ok"}),
+            headers=headers,
+            timeout=self.timeout,
+        ) as resp:
+            if resp.status != 200:
+                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}")
+            await resp.read()
+        return {"ttfb_ms": round((self.clock() - t0) * 1e3, 1)}
+
+    # -- engine metrics --------------------------------------------------------------
+
+    async def _scrape_loop(self) -> None:
+        interval = self.cfg.engine_metrics_interval_s
+        while True:
+            nodes = [n for n in self.registry.nodes.values() if n.state in ROUTABLE]
+            await asyncio.gather(*(self._scrape(n, interval) for n in nodes))
+            await asyncio.sleep(self._interval(interval))
+
+    async def _scrape(self, node: Node, interval: float) -> None:
+        async with self._slots:
+            try:
+                async with self.session.get(
+                    node.url + "/metrics", headers=self._headers(node), timeout=self.timeout
+                ) as resp:
+                    if resp.status != 200:
+                        return
+                    text = await resp.text()
+                queue, running, kv = parse_engine_metrics(text)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                return  # stale metrics count as saturated once fresh_until passes
+            node.engine = EngineLoad(queue, running, kv, self.clock() + 3 * interval)
