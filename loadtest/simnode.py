@@ -137,7 +137,7 @@ class SimNode:
                 await site.stop()
             server = self._runner.server
             if server is not None:
-                await server.shutdown(0)
+                await server.shutdown(0.001)  # 0 would mean no timeout at all
 
     async def close(self) -> None:
         if self._runner is not None:

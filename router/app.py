@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
 
@@ -51,6 +51,7 @@ class Router:
     config_path: Path | None = None
     _models_body: bytes = b""
     _models_version: int = -1
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def models_body(self) -> bytes:
         if self._models_version != self.registry.version:
@@ -68,8 +69,17 @@ class Router:
         self.proxy.policy = policy
         return policy
 
+    def adopt_policy(self, name: str, params: dict[str, object]) -> None:
+        """A policy change made on another router process (through the store)."""
+        try:
+            self.swap_policy(name, params)
+        except PolicyError as e:
+            log.error("ignoring a shared policy change: %s", e)
+            return
+        log.warning("policy %s adopted from the shared store", name)
+
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and apply the policy from it."""
+        """SIGHUP: re-read the config file and apply (and share) the policy from it."""
         if self.config_path is None:
             return
         try:
@@ -79,6 +89,11 @@ class Router:
             log.error("reload failed, keeping the current policy: %s", e)
             return
         log.warning("reloaded %s: policy %s", self.config_path, cfg.policy.name)
+        task = asyncio.get_running_loop().create_task(
+            self.store.publish_policy(cfg.policy.name, cfg.policy.params)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 ROUTER = web.AppKey("router", Router)
@@ -126,7 +141,7 @@ def build_router(
     join_token = (
         os.environ.get(cfg.registry.join_token_env) if cfg.registry.join_token_env else None
     )
-    return Router(
+    router = Router(
         cfg=cfg,
         registry=registry,
         proxy=proxy,
@@ -140,6 +155,8 @@ def build_router(
         clock=clock,
         config_path=config_path,
     )
+    store.on_policy = router.adopt_policy
+    return router
 
 
 def new_session() -> ClientSession:
@@ -208,6 +225,34 @@ def create_app(
             return denied
         return web.Response(body=orjson.dumps(fleet_view(router)), content_type="application/json")
 
+    async def put_policy(request: web.Request) -> web.Response:
+        router = request.app[ROUTER]
+        if (denied := admin_denied(request, router.admin_token)) is not None:
+            return denied
+        try:
+            doc = orjson.loads(await request.read())
+            name, params = doc["name"], doc.get("params") or {}
+            if not isinstance(name, str) or not isinstance(params, dict):
+                raise TypeError
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return error_response(
+                400, 'body must be {"name": str, "params": {...}}', "invalid_request_error",
+                "invalid_policy",
+            )  # fmt: skip
+        try:
+            router.swap_policy(name, params)
+        except PolicyError as e:
+            return error_response(400, str(e), "invalid_request_error", "invalid_policy")
+        await router.store.publish_policy(name, params)
+        log.warning("policy switched to %s through the admin API", name)
+        return web.json_response({"policy": name, "params": params})
+
+    async def get_policy(request: web.Request) -> web.Response:
+        router = request.app[ROUTER]
+        if (denied := admin_denied(request, router.admin_token)) is not None:
+            return denied
+        return web.json_response({"policy": router.proxy.policy.name})
+
     async def fallback(request: web.Request) -> web.Response:
         if request.path in INFERENCE_PATHS or request.path == "/v1/models":
             return error_response(
@@ -225,6 +270,8 @@ def create_app(
     if cfg.metrics.enabled:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/nodes", admin_nodes)
+    app.router.add_put("/admin/policy", put_policy)
+    app.router.add_get("/admin/policy", get_policy)
 
     app.router.add_post("/v1/nodes/register", membership_op("register"))
     app.router.add_post("/v1/nodes/{id}/heartbeat", membership_op("heartbeat"))

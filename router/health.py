@@ -69,8 +69,14 @@ class HealthMonitor:
                 await self._task
 
     async def _run(self) -> None:
+        wake = self.registry.failure_seen
         while True:
-            await asyncio.sleep(self.cfg.check_interval_s)
+            # A failure wakes the check at once, so an ejection lands before the
+            # next request; otherwise look every check_interval_s.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.check_interval_s):
+                    await wake.wait()
+            wake.clear()
             try:
                 await self.check()
             except Exception:  # a bug here must not stop health checking

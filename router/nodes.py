@@ -331,6 +331,7 @@ class Registry:
         self.version = 0
         self.dirty: set[Node] = set()  # nodes with news for a shared store
         self.touched: set[Node] = set()  # nodes with outcomes since health last looked
+        self.failure_seen = asyncio.Event()  # set by the request path on a failed attempt
         self._deferred = 0  # > 0 inside batch(): rebuild once at the end
         self._stale = False
         self._waiters: list[asyncio.Future[None]] = []

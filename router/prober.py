@@ -119,16 +119,20 @@ class Prober:
                 m for n in self.registry.ejected() for m in n.models
             } - set(self.registry.served_models())  # fmt: skip
             for node in list(self.registry.nodes.values()):
-                if node.id in self._busy or node.next_probe > now:
+                if node.id in self._busy:
                     continue
                 if node.state is NodeState.REGISTERED:
-                    node.next_probe = now + self._interval(self.cfg.probe_interval_s)
+                    interval = self.cfg.probe_interval_s
                 elif node.state in ROUTABLE:
-                    node.next_probe = now + self._interval(self.cfg.verified_probe_interval_s)
+                    interval = self.cfg.verified_probe_interval_s
                 elif node.state is NodeState.EJECTED and dip & set(node.models):
-                    node.next_probe = now + DIP_PROBE_INTERVAL_S
+                    interval = DIP_PROBE_INTERVAL_S
                 else:
                     continue
+                # Due, or scheduled further out than its current pace allows.
+                if now < node.next_probe <= now + interval:
+                    continue
+                node.next_probe = now + self._interval(interval)
                 self._busy.add(node.id)
                 task = asyncio.get_running_loop().create_task(self._probe_one(node))
                 self._running.add(task)

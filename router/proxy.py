@@ -34,7 +34,7 @@ from policies import Policy, RequestInfo
 from router.config import Config
 from router.errors import error_response, sse_error_event
 from router.fit import Fit
-from router.nodes import Node, Outcome, Registry
+from router.nodes import FAILURES, Node, Outcome, Registry
 
 log = logging.getLogger("ballast.proxy")
 
@@ -111,10 +111,8 @@ class _Opened:
         st.awaiting += 1
         self.awaiting = True
         st.in_flight += 1
-        reg = proxy.registry
-        reg.touched.add(node)
         if st.pending is not None:  # a shared store will report it
-            reg.dirty.add(node)
+            proxy.registry.dirty.add(node)
 
     def first_byte(self) -> None:
         """The node answered: no longer waiting on it (progress for the stall rule)."""
@@ -139,6 +137,10 @@ class _Opened:
         now = self.proxy.clock()
         elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
         st.record(outcome, elapsed, now, self.proxy.penalty_s)
+        reg = self.proxy.registry
+        reg.touched.add(self.node)  # health looks at nodes with new outcomes
+        if outcome in FAILURES:
+            reg.failure_seen.set()
 
 
 class _Failed(Exception):
@@ -203,7 +205,7 @@ class Proxy:
         self.hedge_p95 = h.use_p95_ttfb
         # Hedge budget: a token bucket refilled by budget_percent of each request.
         self.hedge_rate = h.budget_percent / 100.0
-        self.hedge_tokens = 0.0
+        self.hedge_tokens = 1.0
         self.hedges_sent = 0
         self.hedges_won = 0
 
@@ -318,7 +320,10 @@ class Proxy:
             if candidates and left > 0:
                 ranked = self.policy.rank(info, candidates, left, self.rng, self.clock())
                 before = ex.attempts
-                resp = await self._attempts(request, ex, ranked, body, headers, deadline, failures)
+                # After a wait for supply the first attempt is a new start, not a retry.
+                resp = await self._attempts(
+                    request, ex, ranked, body, headers, deadline, failures, queue_until is None
+                )
                 if resp is not None:
                     return resp
                 left -= ex.attempts - before
@@ -367,15 +372,19 @@ class Proxy:
         headers: CIMultiDict[str],
         deadline: float,
         failures: list[_Failed],
+        first_may_retry: bool = True,
     ) -> web.StreamResponse | None:
-        """Try ``ranked`` in order (hedging the first); None when all failed."""
+        """Try ``ranked`` in order (hedging the first); None when all failed.
+
+        Attempts after a request's first one are retries and need the budget;
+        with ``first_may_retry`` false the first attempt here does not."""
         loop = asyncio.get_running_loop()
         stream = ex.stream
         retrying = False
         try:
             i = 0
             while i < len(ranked):
-                if ex.attempts > 0:
+                if ex.attempts > 0 and (i > 0 or first_may_retry):
                     if not self._retry_allowed():
                         break
                     if not retrying:

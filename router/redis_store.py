@@ -187,6 +187,9 @@ class RedisStore:
         p = f"{cfg.key_prefix}{{fleet}}:"
         self.k_changes, self.k_seq, self.k_seen = p + "changes", p + "seq", p + "seen"
         self.k_epoch, self.channel, self.k_node = p + "epoch", p + "events", p + "node:"
+        self.k_policy = p + "policy"
+        self.on_policy: Callable[[str, dict[str, Any]], None] | None = None
+        self._policy_seen: bytes | None = None
         self._flush = self.client.register_script(_FLUSH)
         self._put = self.client.register_script(_PUT)
         self._beat = self.client.register_script(_BEAT)
@@ -303,6 +306,18 @@ class RedisStore:
         args = [node_id, self.channel]
         await self._guard(lambda: self._remove(keys=self._keys(node_id), args=args))
 
+    async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
+        doc = orjson.dumps({"name": name, "params": params, "id": secrets.token_hex(6)})
+        self._policy_seen = doc  # this process has it already
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.k_policy, doc)
+                pipe.publish(self.channel, "*policy")
+                await pipe.execute()
+
+        await self._guard(write)
+
     async def fetch(self, node_id: str) -> Node | None:
         node = self.registry.nodes.get(node_id)
         if node is not None:
@@ -357,8 +372,13 @@ class RedisStore:
 
     async def _tick(self) -> None:
         """One sync round: check the epoch, flush, pull changes, expire."""
-        epoch = await self.client.get(self.k_epoch)
+        epoch, policy = await self.client.mget(self.k_epoch, self.k_policy)
         commands = 1
+        if policy is not None and policy != self._policy_seen:
+            self._policy_seen = policy
+            doc = orjson.loads(policy)
+            if self.on_policy is not None:
+                self.on_policy(doc["name"], doc["params"])
         if epoch is None or epoch != self.epoch:
             commands += await self._republish()
         commands += len(self._replay)

@@ -53,6 +53,12 @@ class StateStore(Protocol):
         """The node, looked up in the shared state if this process has not seen it yet."""
         ...
 
+    async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
+        """Make every router process switch to this policy (a no-op for one process)."""
+        ...
+
+    on_policy: Callable[[str, dict[str, Any]], None] | None
+
 
 def adopt(registry: Registry, node: Node) -> None:
     """Put ``node`` in the registry, keeping what was measured about an earlier copy."""
@@ -84,6 +90,7 @@ class MemoryStore:
 
     backend = "memory"
     errors = 0
+    on_policy: Callable[[str, dict[str, Any]], None] | None = None
 
     def __init__(self, heartbeat_ttl_s: float = 30.0, wall: Callable[[], float] = time.time):
         self.ttl = heartbeat_ttl_s
@@ -120,6 +127,9 @@ class MemoryStore:
 
     async def fetch(self, node_id: str) -> Node | None:
         return self.registry.nodes.get(node_id)
+
+    async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
+        return None
 
     async def _expire_loop(self) -> None:
         while True:
