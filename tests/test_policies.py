@@ -109,3 +109,58 @@ def test_p2c_retries_a_slow_node_once_its_estimate_decays(rng: Random) -> None:
     assert policy.rank(REQ, cands, 1, rng, now=40.0)[0].id == "n0"
     cands[0].stats.record(Outcome.OK, 0.2, 40.0, 5.0)  # n0 got slower just now
     assert policy.rank(REQ, cands, 1, rng, now=40.0)[0].id == "n1"
+
+
+def test_score_prefers_reliable_nodes_at_equal_latency(rng: Random) -> None:
+    cands = measured([0.1, 0.1, 0.1])
+    for i in range(10):  # n2 failed half its recent requests
+        cands[2].stats.record(Outcome.HTTP_5XX if i % 2 else Outcome.OK, 0.1, 0.0, 0.1)
+    score = build_policy("score")
+    firsts = Counter(score.rank(REQ, cands, 2, rng, 0.0)[0].id for _ in range(300))
+    assert firsts["n2"] == 0
+
+
+def test_score_counts_stale_engine_metrics_as_saturated(rng: Random) -> None:
+    from router.nodes import EngineLoad
+
+    cands = measured([0.1, 0.1])
+    cands[0].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
+    cands[1].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
+    score = build_policy("score")
+    f = score.factors(cands[0], 5.0)
+    assert f["headroom"] == 1.1 and f["queue"] == 1.0
+    cands[0].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=4.0)  # stale
+    assert score.factors(cands[0], 5.0)["headroom"] == 2.0
+    assert all(score.rank(REQ, cands, 2, rng, 5.0)[0].id == "n1" for _ in range(20))
+
+
+def test_score_slow_start_ramps_a_returning_node(rng: Random) -> None:
+    cands = measured([0.1, 0.1])
+    st = cands[0].stats
+    st.returned_at, st.slow_start_s = 100.0, 30.0
+    score = build_policy("score")
+    assert score.factors(cands[0], 101.0)["slow_start"] == 0.1
+    assert score.factors(cands[0], 115.0)["slow_start"] == 0.5
+    assert score.factors(cands[0], 200.0)["slow_start"] == 1.0
+    early = Counter(score.rank(REQ, cands, 1, rng, 101.0)[0].id for _ in range(100))
+    assert early["n0"] == 0  # ten times the cost of its peer just after returning
+
+
+def test_score_tries_a_new_node_once_but_does_not_flood_it(rng: Random) -> None:
+    cands = measured([0.1, 0.1])
+    new = nodes(3)[2]
+    cands.append(new)
+    score = build_policy("score")
+    assert score.cost(new, 0.0) == 0.0  # idle and never measured: worth one try
+    new.stats.in_flight = 1
+    assert score.cost(new, 0.0) > score.cost(cands[0], 0.0)  # not more until it answers
+
+
+def test_score_price_weight_prefers_cheap_supply(rng: Random) -> None:
+    cands = measured([0.1, 0.1])
+    cands[0].labels["price_per_mtok"] = "2.0"
+    cands[1].labels["price_per_mtok"] = "0.2"
+    score = build_policy("score", {"price_weight": 1.0})
+    assert all(score.rank(REQ, cands, 1, rng, 0.0)[0].id == "n1" for _ in range(20))
+    with pytest.raises(PolicyError):
+        build_policy("score", {"price_weight": -1})

@@ -363,3 +363,35 @@ async def test_a_hung_redis_hangs_nothing(
             return ok and r.hget("ballast:{fleet}:node:steady", "state") == b"draining"
 
         await until(recovered, within=10.0)  # the drain was replayed into Redis
+
+
+async def test_policy_swap_reaches_every_replica_without_dropping_requests(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    sim = await fleet("p", profile="T4", time_scale=1.0)  # 25 tokens/s: a stream lasts a while
+    _, a = await replica(redis_server.url, [node_entry(sim)])
+    _, b = await replica(redis_server.url, [node_entry(sim)])
+    async with aiohttp.ClientSession() as http:
+
+        async def long_stream() -> bytes:
+            body = orjson.dumps(chat(stream=True, max_tokens=15))
+            async with http.post(a + "/v1/chat/completions", data=body) as resp:
+                return await resp.read()
+
+        in_flight = asyncio.create_task(long_stream())
+        await asyncio.wait_for(sim.arrived.wait(), 5)
+        bad = {"name": "fastest"}
+        async with http.put(a + "/admin/policy", json=bad, headers=ADMIN) as resp:
+            assert (
+                resp.status == 400 and "unknown policy" in (await resp.json())["error"]["message"]
+            )
+        swap = {"name": "round_robin", "params": {}}
+        async with http.put(a + "/admin/policy", json=swap, headers=ADMIN) as resp:
+            assert resp.status == 200
+
+        async def b_switched() -> bool:
+            async with http.get(b + "/admin/policy", headers=ADMIN) as resp:
+                return (await resp.json())["policy"] == "round_robin"
+
+        assert await until(b_switched, within=1.0) < 1.0
+        assert (await in_flight).endswith(b"data: [DONE]\n\n")  # not dropped by the swap
