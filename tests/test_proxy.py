@@ -262,7 +262,7 @@ async def test_no_routable_node_is_503_with_retry_after(
     from router.nodes import NodeState
 
     sim = await fleet("a")
-    r = await make_router([node_entry(sim)])
+    r = await make_router([node_entry(sim)], queue={"max_wait_s": 0.2})
     r.router.registry.set_state("a", NodeState.DRAINING, "test")
     async with await post(http, r.url, chat()) as resp:
         assert resp.status == 503

@@ -329,7 +329,7 @@ async def test_a_hung_redis_hangs_nothing(
     fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
 ) -> None:
     sim, joiner = await fleet("steady"), await fleet("late")
-    _, a = await replica(redis_server.url, [node_entry(sim)])
+    _, a = await replica(redis_server.url, [node_entry(sim)], queue={"max_wait_s": 0.2})
     assert redis_server.proc is not None
     redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
     try:
