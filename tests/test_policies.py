@@ -164,3 +164,13 @@ def test_score_price_weight_prefers_cheap_supply(rng: Random) -> None:
     assert all(score.rank(REQ, cands, 1, rng, 0.0)[0].id == "n1" for _ in range(20))
     with pytest.raises(PolicyError):
         build_policy("score", {"price_weight": -1})
+
+
+def test_score_stops_sending_to_a_node_that_went_silent(rng: Random) -> None:
+    cands = measured([0.2, 0.3])
+    st = cands[0].stats
+    st.in_flight, st.awaiting, st.awaiting_since = 1, 1, 10.0  # one request, no answer yet
+    score = build_policy("score")
+    assert score.factors(cands[0], 10.5)["suspect"] == 1.0  # not yet: within 1 s
+    assert score.factors(cands[0], 12.0)["suspect"] == 1000.0
+    assert all(score.rank(REQ, cands, 1, rng, 12.0)[0].id == "n1" for _ in range(20))
