@@ -44,6 +44,7 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"
     HTTP_5XX = "http_5xx"
     HTTP_429 = "http_429"
+    HTTP_404 = "http_404"  # the node does not know a model (or path) it claims
     STREAM_ERROR = "stream_error"  # failed after the first byte
     CANCELLED = "cancelled"  # the client went away; says nothing about the node
 
@@ -54,6 +55,7 @@ FAILURES = frozenset(
         Outcome.TIMEOUT,
         Outcome.HTTP_5XX,
         Outcome.HTTP_429,
+        Outcome.HTTP_404,
         Outcome.STREAM_ERROR,
     }
 )

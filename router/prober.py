@@ -52,7 +52,12 @@ KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:t
 
 
 class ProbeFailed(Exception):
-    pass
+    """A failed probe. ``definitive``: the node contradicts its claims (a model it
+    does not list or cannot serve), as opposed to a timeout or a 5xx that may pass."""
+
+    def __init__(self, message: str, definitive: bool = False) -> None:
+        super().__init__(message)
+        self.definitive = definitive
 
 
 def parse_engine_metrics(text: str) -> tuple[float, float, float | None]:
@@ -147,7 +152,7 @@ class Prober:
                     findings = await self.probe(node)
                 except ProbeFailed as e:
                     self.outcomes["failed"] += 1
-                    await self._failed(node, state_before, str(e))
+                    await self._failed(node, state_before, str(e), e.definitive)
                 else:
                     self.outcomes["ok"] += 1
                     await self._passed(node, state_before, findings)
@@ -168,14 +173,16 @@ class Prober:
             why = "answered a probe while its model had no supply; slow start"
             await self.store.set_state(node.id, NodeState.SERVING, why)
 
-    async def _failed(self, node: Node, before: NodeState, why: str) -> None:
+    async def _failed(self, node: Node, before: NodeState, why: str, definitive: bool) -> None:
         node.probe = {"ok": False, "at": time.time(), "error": why}
         node.probe_failures += 1
         if node.id not in self.registry.nodes or node.state is not before:
             return
         if before is NodeState.REGISTERED and node.state_reason != f"not verified: {why}":
             await self.store.set_state(node.id, NodeState.REGISTERED, f"not verified: {why}")
-        elif before in ROUTABLE and node.probe_failures >= self.cfg.probe_failures_to_unverify:
+        elif before in ROUTABLE and (
+            definitive or node.probe_failures >= self.cfg.probe_failures_to_unverify
+        ):
             reason = f"failed {node.probe_failures} probes in a row: {why}"
             log.warning("node %s is no longer verified: %s", node.id, reason)
             await self.store.set_state(node.id, NodeState.REGISTERED, reason)
@@ -196,7 +203,9 @@ class Prober:
             per_model = {}
             for model in node.models:
                 if listed is not None and model not in listed:
-                    raise ProbeFailed(f"claims {model!r} but its /v1/models does not list it")
+                    raise ProbeFailed(
+                        f"claims {model!r} but its /v1/models does not list it", definitive=True
+                    )
                 per_model[model] = await self._tiny_inference(node, model, headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ProbeFailed(f"{type(e).__name__} {e}".strip()) from None
@@ -260,7 +269,7 @@ class Prober:
             timeout=self.timeout,
         ) as resp:
             if resp.status != 200:
-                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}")
+                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}", True)
             await resp.read()
         return {"ttfb_ms": round((self.clock() - t0) * 1e3, 1)}
 

@@ -55,7 +55,10 @@ _HOP_BY_HOP = frozenset(
 )
 _DROP_REQUEST = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# 404 too: a node that claims the model but does not know it is broken for this
+# request, and another node may well serve it.
+_RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
+_OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
 HEDGE_BURST = 10.0  # hedges the budget may save up
 
 
@@ -517,7 +520,7 @@ class Proxy:
             att.upstream = upstream
             status = upstream.status
             if status in _RETRYABLE_STATUS:
-                outcome = Outcome.HTTP_429 if status == 429 else Outcome.HTTP_5XX
+                outcome = _OUTCOME_OF.get(status, Outcome.HTTP_5XX)
                 retry_after = upstream.headers.get("Retry-After")
                 if retry_after is not None and status == 429:
                     node.stats.paused_until = self.clock() + _seconds(retry_after)
@@ -667,6 +670,14 @@ class Proxy:
                 "deadline_exceeded",
             )
         summary = ", ".join(f.detail for f in failures)
+        if all(f.outcome is Outcome.HTTP_404 for f in failures):
+            return error_response(
+                404,
+                f"no node tried knows this model or endpoint ({summary})",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
         if all(f.outcome is Outcome.HTTP_429 for f in failures):
             retry_after = min((f.retry_after or "1" for f in failures), key=_seconds)
             return error_response(

@@ -204,12 +204,31 @@ async def test_all_nodes_failing_gives_502_and_429_is_kept(
 async def test_client_errors_pass_through_without_retry(
     fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
 ) -> None:
-    liar = await fleet("liar", models=("other",))
-    r = await make_router([{"id": "liar", "url": liar.url, "models": [MODEL]}])
+    sim = await fleet("a", fault=Fault(mode="error", status=400))
+    other = await fleet("b", fault=Fault(mode="error", status=400))
+    r = await make_router([node_entry(sim), node_entry(other)])
     async with await post(http, r.url, chat()) as resp:
-        assert resp.status == 404  # the node's own answer, passed through
-        assert resp.headers["x-ballast-node"] == "liar"
-    assert liar.requests == 1
+        assert resp.status == 400  # the node's own verdict on the request, passed through
+        assert resp.headers["x-ballast-node"] in ("a", "b")
+    assert sim.requests + other.requests == 1  # not retried elsewhere
+
+
+async def test_a_node_not_knowing_a_model_it_claims_is_retried_elsewhere(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    liar = await fleet("liar", models=("other",))
+    good = await fleet("good")
+    r = await make_router(
+        [{"id": "liar", "url": liar.url, "models": [MODEL]}, node_entry(good)],
+        policy={"name": "round_robin"},
+    )
+    for _ in range(4):
+        async with await post(http, r.url, chat()) as resp:
+            assert resp.status == 200 and resp.headers["x-ballast-node"] == "good"
+    r2 = await make_router([{"id": "liar", "url": liar.url, "models": [MODEL]}])
+    async with await post(http, r2.url, chat()) as resp:
+        assert resp.status == 404
+        assert_error(await resp.json(), "model_not_found")
 
 
 @pytest.mark.parametrize(
