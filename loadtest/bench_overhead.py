@@ -62,8 +62,9 @@ def free_port() -> int:
 # -- the processes -----------------------------------------------------------
 
 
-def run_node(port: int) -> None:
-    """A node that answers at once: fixed JSON, or 8 SSE chunks."""
+def run_node(port: int, chunks: int = STREAM_CHUNKS, interval: float = 0.0) -> None:
+    """A node that answers at once (fixed JSON), or streams ``chunks`` SSE chunks
+    ``interval`` seconds apart (at once by default)."""
     from aiohttp import web
 
     body = orjson.dumps(
@@ -83,7 +84,9 @@ def run_node(port: int) -> None:
             return web.Response(body=body, content_type="application/json")
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
-        for _ in range(STREAM_CHUNKS):
+        for i in range(chunks):
+            if i and interval:
+                await asyncio.sleep(interval)
             await out.write(chunk)
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
@@ -455,29 +458,6 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
 # -- many open streams ----------------------------------------------------------
 
 
-def run_slow_node(port: int, chunks: int, interval: float) -> None:
-    """A node whose streams send one token every ``interval`` seconds."""
-    from aiohttp import web
-
-    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        for i in range(chunks):
-            if i:
-                await asyncio.sleep(interval)
-            await out.write(chunk)
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-        return out
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    _run_app(app, port)
-
-
 def run_streams(url: str, n: int) -> None:
     """Open ``n`` streams at once, read them to the end; print TTFBs as JSON."""
     import uvloop
@@ -621,7 +601,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.5, help="seconds between slow tokens")
     args = p.parse_args()
     if args.role == "slownode":
-        run_slow_node(args.port, args.chunks, args.interval)
+        run_node(args.port, args.chunks, args.interval)
     elif args.role == "streams":
         run_streams(args.url, args.streams)
     elif args.streams:

@@ -72,6 +72,7 @@ async def test_a_black_hole_costs_one_first_byte_timeout(
     assert slow == 1
     hole_node = r.router.registry.nodes["hole"]
     assert hole_node.state is NodeState.EJECTED and "timeout" in hole_node.state_reason
+    await asyncio.wait_for(hole.cancel_seen.wait(), 5)  # its request was not left hanging
 
 
 async def test_a_node_failing_fast_loses_its_traffic(
