@@ -403,9 +403,12 @@ class Proxy:
                         opened = await self._open(request, node, body, headers, stream, deadline)
                         i += 1
                     else:
-                        opened, i = await self._hedged(
+                        found, i = await self._hedged(
                             request, ex, ranked, i, hedge_s, body, headers, deadline, failures
                         )
+                        if found is None:
+                            continue
+                        opened = found
                 except _Failed as f:
                     ex.outcomes.append(f.outcome)
                     failures.append(f)
@@ -445,9 +448,11 @@ class Proxy:
         headers: CIMultiDict[str],
         deadline: float,
         failures: list[_Failed],
-    ) -> tuple[_Opened, int]:
+    ) -> tuple[_Opened | None, int]:
         """Primary ``ranked[i]``; if it has no first byte after ``hedge_s``, a copy to
-        ``ranked[i + 1]``. The first to answer wins; the other is cancelled."""
+        ``ranked[i + 1]``. The first to answer wins; the other is cancelled. Returns
+        the winner (None when every copy failed, recorded in ``failures``) and the
+        index of the next untried node."""
         stream = ex.stream
         ex.attempts += 1
         tasks = {
@@ -470,21 +475,24 @@ class Proxy:
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner: _Opened | None = None
                 for task in done:
                     exc = task.exception()
                     if exc is None:
-                        winner = task.result()
-                        if ex.hedged and winner.node is ranked[i + 1]:
-                            self.hedges_won += 1
-                        return winner, next_i
-                    if not isinstance(exc, _Failed):
-                        raise exc
-                    if pending:  # the other copy may still answer
+                        if winner is None:
+                            winner = task.result()
+                        else:  # both answered in the same instant: one is enough
+                            task.result().finish(Outcome.CANCELLED)
+                    elif isinstance(exc, _Failed):
                         ex.outcomes.append(exc.outcome)
                         failures.append(exc)
                     else:
                         raise exc
-            raise AssertionError("unreachable")
+                if winner is not None:
+                    if ex.hedged and winner.node is ranked[i + 1]:
+                        self.hedges_won += 1
+                    return winner, next_i
+            return None, next_i
         finally:
             for task in pending:
                 task.cancel()

@@ -196,3 +196,19 @@ def test_engine_metrics_of_vllm_sglang_and_llamacpp() -> None:
     assert parse_engine_metrics(vllm) == (3, 5, 0.75)
     assert parse_engine_metrics(sglang) == (2, 4, 0.5)
     assert parse_engine_metrics(llamacpp) == (6, 1, None)
+
+
+async def test_hedging_with_a_primary_that_fails_at_once_is_plain_failover(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    broken = await fleet("broken", fault=Fault(mode="error", status=500))
+    fast = await fleet("fast")
+    r = await make_router(
+        [node_entry(broken), node_entry(fast)],
+        policy={"name": "round_robin"},
+        hedge={"after_ms": 500, "budget_percent": 100},
+    )
+    assert await send(http, r, chat()) == (200, "fast")
+    assert (broken.requests, fast.requests) == (1, 1)
+    assert r.router.proxy.hedges_sent == 0
+    assert all(n.stats.in_flight == 0 for n in r.router.registry.nodes.values())
