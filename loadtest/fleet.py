@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from loadtest.simnode import PROFILES, Fault, SimNode, sim_config
+from router.tasks import cancel_and_wait
 
 FAULT_MODES = ("crash", "hang", "error", "slow", "midstream", "flap")
 
@@ -173,10 +174,7 @@ class Fleet:
         self._task = asyncio.get_running_loop().create_task(self._play())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await asyncio.gather(*(sim.close() for sim in self.sims.values()))
 
     def router_nodes(self) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from router.config import HealthConfig
 from router.nodes import ROUTABLE, Node, NodeState, Outcome, Registry
 from router.store import StateStore
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.health")
 
@@ -63,10 +64,7 @@ class HealthMonitor:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         wake = self.registry.failure_seen

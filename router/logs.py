@@ -21,6 +21,7 @@ from typing import BinaryIO
 import orjson
 
 from router.proxy import Exchange
+from router.tasks import cancel_and_wait
 
 
 class AccessLog:
@@ -85,12 +86,7 @@ class AccessLog:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self.flush()
 
     async def _run(self) -> None:

@@ -24,7 +24,6 @@ use feed the ``score`` policy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.config import HealthConfig
 from router.nodes import ROUTABLE, EngineLoad, Node, NodeState, Registry
 from router.store import StateStore
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.prober")
 
@@ -106,11 +106,7 @@ class Prober:
             self._tasks.append(loop.create_task(self._scrape_loop()))
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._running]:
-            task.cancel()
-        for task in [*self._tasks, *self._running]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks, *self._running)
 
     # -- scheduling ----------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 from router.config import Scoring, StateConfig
 from router.nodes import Node, NodeState, Pending, Registry
 from router.store import REGISTERED, adopt, apply_heartbeat
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
 
@@ -229,11 +230,7 @@ class RedisStore:
         # asyncio.timeout() expires is turned into TimeoutError, which the loops
         # treat as a Redis error and survive.
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(self.cfg.timeout_s):
                 await self._flush_dirty()  # hand over what this process measured last

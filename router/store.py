@@ -13,13 +13,13 @@ registry *is* the state. :class:`router.redis_store.RedisStore` shares it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from router.nodes import Node, NodeState, Registry
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
 
@@ -107,10 +107,7 @@ class MemoryStore:
         self._task = asyncio.get_running_loop().create_task(self._expire_loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def register(self, node: Node) -> None:
         node.last_seen = self.wall()
