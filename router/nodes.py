@@ -78,6 +78,15 @@ class Pending:
         self.lat_sum = 0.0
         self.lat_n = 0
 
+    def merge(self, other: Pending) -> None:
+        self.attempts += other.attempts
+        self.successes += other.successes
+        self.requests += other.requests
+        self.failures += other.failures
+        self.lat_sum += other.lat_sum
+        self.lat_n += other.lat_n
+        self.lat_max = max(self.lat_max, other.lat_max)
+
     def add(self, ok: bool, latency_s: float) -> None:
         self.attempts += 1
         self.requests += 1

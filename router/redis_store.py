@@ -405,24 +405,26 @@ class RedisStore:
     async def _flush_dirty(self) -> int:
         dirty = self.registry.dirty
         self.registry.dirty = set()
-        todo = dirty | self._busy
-        if not todo:
+        # Take each node's pending outcomes before the first await: outcomes that
+        # arrive while the batch is in flight go to a fresh Pending, not lost.
+        batch: list[tuple[Node, Pending, int]] = []
+        for node in dirty | self._busy:
+            st = node.stats
+            if st.pending is not None and node.id in self.registry.nodes:
+                batch.append((node, st.pending, st.in_flight))
+                st.pending = Pending()
+        if not batch:
             return 0
         now = self.wall()
-        sent: list[tuple[Node, Any]] = []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for node in todo:
-                    st = node.stats
-                    p = st.pending
-                    if p is None or node.id not in self.registry.nodes:
-                        continue
+                for node, p, in_flight in batch:
                     mean = p.lat_sum / p.lat_n if p.lat_n else 0.0
                     args = [
                         node.id,
                         repr(now),
                         self.replica,
-                        st.in_flight,
+                        in_flight,
                         p.attempts,
                         p.successes,
                         repr(p.lat_max),
@@ -433,18 +435,19 @@ class RedisStore:
                         self.scoring.decay_s,
                     ]
                     await self._flush(keys=self._keys(node.id)[:3], args=args, client=pipe)
-                    sent.append((node, p))
                 await pipe.execute()
         except BaseException:
-            self.registry.dirty |= dirty  # keep it for the next round
+            for node, p, _ in batch:  # not sent: keep it for the next round
+                if node.stats.pending is not None:
+                    node.stats.pending.merge(p)
+            self.registry.dirty |= dirty
             raise
-        for node, p in sent:
-            p.clear()
+        for node, _, _ in batch:
             if node.stats.in_flight:
                 self._busy.add(node)
             else:
                 self._busy.discard(node)
-        return len(sent)
+        return len(batch)
 
     async def _pull(self) -> int:
         """Read the nodes changed since the last sequence seen, in bounded chunks.
