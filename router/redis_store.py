@@ -255,6 +255,17 @@ class RedisStore:
         args = [node.id, self.channel, int(only_if_missing), int(keep_state), *self._fields(node)]
         await self._put(keys=self._keys(node.id), args=args)
 
+    async def _run_scripts(self, calls: list[tuple[Any, list[str], list[Any]]]) -> None:
+        """Run (script, keys, args) calls in one round trip: a pipeline, or, on Redis
+        Cluster (whose pipelines refuse scripts), concurrently."""
+        if self.cfg.cluster:
+            await asyncio.gather(*(script(keys=k, args=a) for script, k, a in calls))
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            await pipe.execute()
+
     async def _guard(self, op: Callable[[], Awaitable[Any]]) -> None:
         """Run a membership write. If Redis is away the local change stands, and the
         write is replayed, in order, before the next successful sync."""
@@ -308,10 +319,8 @@ class RedisStore:
         self._policy_seen = doc  # this process has it already
 
         async def write() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(self.k_policy, doc)
-                pipe.publish(self.channel, "*policy")
-                await pipe.execute()
+            await self.client.set(self.k_policy, doc)
+            await self.client.publish(self.channel, "*policy")
 
         await self._guard(write)
 
@@ -393,12 +402,12 @@ class RedisStore:
         """Redis is new or lost its data: announce an epoch, re-publish what we know."""
         await self.client.set(self.k_epoch, secrets.token_hex(8), nx=True)
         self.epoch = await self.client.get(self.k_epoch)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for node in self.registry.nodes.values():
-                static = node.source != REGISTERED
-                args = [node.id, self.channel, int(not static), 1, *self._fields(node)]
-                await self._put(keys=self._keys(node.id), args=args, client=pipe)
-            await pipe.execute()
+        calls = []
+        for node in self.registry.nodes.values():
+            static = node.source != REGISTERED
+            args = [node.id, self.channel, int(not static), 1, *self._fields(node)]
+            calls.append((self._put, self._keys(node.id), args))
+        await self._run_scripts(calls)
         self.last_seq = 0.0  # read everything once
         return 2 + len(self.registry.nodes)
 
@@ -416,26 +425,26 @@ class RedisStore:
         if not batch:
             return 0
         now = self.wall()
+        calls = []
+        for node, p, in_flight in batch:
+            mean = p.lat_sum / p.lat_n if p.lat_n else 0.0
+            args = [
+                node.id,
+                repr(now),
+                self.replica,
+                in_flight,
+                p.attempts,
+                p.successes,
+                repr(p.lat_max),
+                repr(mean),
+                p.requests,
+                p.failures,
+                self.scoring.success_half_life_s,
+                self.scoring.decay_s,
+            ]
+            calls.append((self._flush, self._keys(node.id)[:3], args))
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for node, p, in_flight in batch:
-                    mean = p.lat_sum / p.lat_n if p.lat_n else 0.0
-                    args = [
-                        node.id,
-                        repr(now),
-                        self.replica,
-                        in_flight,
-                        p.attempts,
-                        p.successes,
-                        repr(p.lat_max),
-                        repr(mean),
-                        p.requests,
-                        p.failures,
-                        self.scoring.success_half_life_s,
-                        self.scoring.decay_s,
-                    ]
-                    await self._flush(keys=self._keys(node.id)[:3], args=args, client=pipe)
-                await pipe.execute()
+            await self._run_scripts(calls)
         except BaseException:
             for node, p, _ in batch:  # not sent: keep it for the next round
                 if node.stats.pending is not None:
@@ -485,12 +494,11 @@ class RedisStore:
         if not old:
             return 1
         reason = f"no heartbeat for {self.ttl:g}s"
-        async with self.client.pipeline(transaction=False) as pipe:
-            for member in old:
-                nid = member.decode()
-                args = [nid, self.channel, repr(limit), reason]
-                await self._expire(keys=self._keys(nid), args=args, client=pipe)
-            await pipe.execute()
+        calls = []
+        for member in old:
+            nid = member.decode()
+            calls.append((self._expire, self._keys(nid), [nid, self.channel, repr(limit), reason]))
+        await self._run_scripts(calls)
         return 1 + len(old)
 
     # -- applying shared state locally ---------------------------------------------

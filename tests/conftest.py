@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -26,6 +27,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cluster_ports(n: int) -> list[int]:
+    """``n`` ports whose Redis Cluster bus ports (port + 10000) are free too."""
+    chosen: list[int] = []
+    for port in range(21000 + os.getpid() % 4000, 30000):
+        pair = [socket.socket(), socket.socket()]
+        try:
+            for s, p in zip(pair, (port, port + 10000), strict=True):
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in pair:
+                s.close()
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError("no free port pairs for a Redis Cluster")
 
 
 def dead_url() -> str:

@@ -12,10 +12,20 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis
+import redis.asyncio
 import yaml
 
 from loadtest.simnode import SimNode
-from tests.conftest import MODEL, MakeSim, RedisServer, chat, free_port, node_entry
+from tests.conftest import (
+    MODEL,
+    MakeSim,
+    RedisServer,
+    chat,
+    cluster_ports,
+    free_port,
+    node_entry,
+)
 from tests.test_cli import spawn, wait_for_line
 
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -395,3 +405,115 @@ async def test_policy_swap_reaches_every_replica_without_dropping_requests(
 
         assert await until(b_switched, within=1.0) < 1.0
         assert (await in_flight).endswith(b"data: [DONE]\n\n")  # not dropped by the swap
+
+
+async def test_replicas_through_redis_sentinel(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica, tmp_path: Path
+) -> None:
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"  # sentinel rewrites its own config file
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\nsentinel monitor ballast 127.0.0.1 {redis_server.port} 1\n"
+    )
+    sentinel = await asyncio.create_subprocess_exec(
+        "redis-server", str(conf), "--sentinel", "--dir", str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        async def sentinel_knows_the_master() -> bool:
+            try:
+                async with redis.asyncio.Redis(port=port) as client:
+                    return bool(await client.sentinel_get_master_addr_by_name("ballast"))
+            except redis.ConnectionError:
+                return False
+
+        await until(sentinel_knows_the_master, within=10.0)
+        state = {"sentinel": {"hosts": [f"127.0.0.1:{port}"], "service": "ballast"}}
+        sim = await fleet("via-sentinel")
+        _, a = await replica(None, state=state)
+        _, b = await replica(None, state=state)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(a + "/readyz") as resp:
+                assert (await resp.json())["store"] == "redis:ok"
+            await register(http, a, sim)
+
+            async def b_routes_to_it() -> bool:
+                return await served_by(http, b) == "via-sentinel"
+
+            assert await until(b_routes_to_it, within=1.0) < 1.0
+        assert redis_server.client().hget("ballast:{fleet}:node:via-sentinel", "spec")
+    finally:
+        sentinel.terminate()
+        await sentinel.wait()
+
+
+async def test_replicas_through_redis_cluster(
+    fleet: MakeSim, replica: StartReplica, tmp_path: Path
+) -> None:
+    ports = cluster_ports(3)
+    servers = []
+    for port in ports:
+        d = tmp_path / str(port)
+        d.mkdir()
+        servers.append(
+            await asyncio.create_subprocess_exec(
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--save", "", "--appendonly", "no", "--dir", str(d),
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+    try:
+
+        async def all_up() -> bool:
+            try:
+                for port in ports:
+                    async with redis.asyncio.Redis(port=port) as client:
+                        await client.ping()
+            except (redis.ConnectionError, OSError):
+                return False
+            return True
+
+        await until(all_up, within=10.0)
+        create = await asyncio.create_subprocess_exec(
+            "redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+            "--cluster-replicas", "0", "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await create.wait() == 0
+
+        async def cluster_ok() -> bool:  # every node agrees the slots are served
+            for port in ports:
+                async with redis.asyncio.Redis(port=port) as client:
+                    info = (await client.execute_command("CLUSTER", "INFO")).decode()
+                if "cluster_state:ok" not in info:
+                    return False
+            return True
+
+        await until(cluster_ok, within=30.0)
+        url = f"redis://127.0.0.1:{ports[0]}/0"
+        sim = await fleet("via-cluster")
+        _, a = await replica(url, state={"redis_url": url, "cluster": True})
+        _, b = await replica(url, state={"redis_url": url, "cluster": True})
+        async with aiohttp.ClientSession() as http:
+
+            async def both_connected() -> bool:
+                for r in (a, b):
+                    async with http.get(r + "/readyz") as resp:
+                        if (await resp.json())["store"] != "redis:ok":
+                            return False
+                return True
+
+            await until(both_connected, within=10.0)
+            await register(http, a, sim)
+
+            async def b_routes_to_it() -> bool:
+                return await served_by(http, b) == "via-cluster"
+
+            assert await until(b_routes_to_it, within=1.0) < 1.0
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            await server.wait()
