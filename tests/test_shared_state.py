@@ -407,6 +407,31 @@ async def test_policy_swap_reaches_every_replica_without_dropping_requests(
         assert (await in_flight).endswith(b"data: [DONE]\n\n")  # not dropped by the swap
 
 
+async def redis_answers(url: str) -> bool:
+    try:
+        async with redis.asyncio.Redis.from_url(url) as client:
+            return bool(await client.ping())
+    except (redis.ConnectionError, OSError):
+        return False
+
+
+async def replicas_share_a_registration(
+    fleet: MakeSim, replica: StartReplica, url: str | None, node_id: str, **cfg: Any
+) -> None:
+    """Two replicas on one store: a node registered on one is routed by the other
+    within a second."""
+    sim = await fleet(node_id)
+    _, a = await replica(url, **cfg)
+    _, b = await replica(url, **cfg)
+    async with aiohttp.ClientSession() as http:
+        await register(http, a, sim)
+
+        async def b_routes_to_it() -> bool:
+            return await served_by(http, b) == node_id
+
+        assert await until(b_routes_to_it, within=1.0) < 1.0
+
+
 async def test_replicas_through_redis_sentinel(
     fleet: MakeSim, redis_server: RedisServer, replica: StartReplica, tmp_path: Path
 ) -> None:
@@ -430,18 +455,7 @@ async def test_replicas_through_redis_sentinel(
 
         await until(sentinel_knows_the_master, within=10.0)
         state = {"sentinel": {"hosts": [f"127.0.0.1:{port}"], "service": "ballast"}}
-        sim = await fleet("via-sentinel")
-        _, a = await replica(None, state=state)
-        _, b = await replica(None, state=state)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(a + "/readyz") as resp:
-                assert (await resp.json())["store"] == "redis:ok"
-            await register(http, a, sim)
-
-            async def b_routes_to_it() -> bool:
-                return await served_by(http, b) == "via-sentinel"
-
-            assert await until(b_routes_to_it, within=1.0) < 1.0
+        await replicas_share_a_registration(fleet, replica, None, "via-sentinel", state=state)
         assert redis_server.client().hget("ballast:{fleet}:node:via-sentinel", "spec")
     finally:
         sentinel.terminate()
@@ -517,3 +531,49 @@ async def test_replicas_through_redis_cluster(
             server.terminate()
         for server in servers:
             await server.wait()
+
+
+async def test_replicas_over_tls_rediss(
+    fleet: MakeSim, replica: StartReplica, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+        "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await made.wait() == 0
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    try:
+        await until(lambda: redis_answers(url), within=10.0)
+        await replicas_share_a_registration(fleet, replica, url, "via-tls")
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def test_replicas_over_a_unix_socket(
+    fleet: MakeSim, replica: StartReplica, tmp_path: Path
+) -> None:
+    path = tmp_path / "redis.sock"
+    server = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", "0", "--unixsocket", str(path), "--save", "",
+        "--appendonly", "no", "--dir", str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"unix://{path}?db=0"
+    try:
+        await until(lambda: redis_answers(url), within=10.0)
+        await replicas_share_a_registration(fleet, replica, url, "via-unix")
+    finally:
+        server.terminate()
+        await server.wait()
