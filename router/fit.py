@@ -76,7 +76,5 @@ class Fit:
             best = max(best, cap)
         return best
 
-    def filter(self, candidates: Sequence[Node], model: str, need: int | None) -> Sequence[Node]:
-        if need is None:
-            return candidates
+    def filter(self, candidates: Sequence[Node], model: str, need: int) -> Sequence[Node]:
         return [c for c in candidates if self.capacity(c, model) >= need]

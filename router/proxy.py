@@ -318,8 +318,9 @@ class Proxy:
         queue_until: float | None = None
         left = self.max_attempts
         while True:
-            routable = self.registry.candidates(info.model) or ()
-            candidates = self.fit.filter(routable, info.model, need)
+            candidates = self.registry.candidates(info.model) or ()
+            if need is not None:
+                candidates = self.fit.filter(candidates, info.model, need)
             if candidates and left > 0:
                 ranked = self.policy.rank(info, candidates, left, self.rng, self.clock())
                 before = ex.attempts
