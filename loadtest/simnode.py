@@ -20,7 +20,7 @@ import math
 import socket
 import struct
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
@@ -322,13 +322,3 @@ def sim_config(
     """Shorthand: a :class:`SimConfig` with a profile given by name from :data:`PROFILES`."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     return SimConfig(id=id, models=models, profile=prof, **kw)
-
-
-def scaled(profile: Profile, speed: float) -> Profile:
-    """The same card ``speed`` times faster (or slower, below 1)."""
-    return replace(
-        profile,
-        ttft_s=profile.ttft_s / speed,
-        tokens_per_s=profile.tokens_per_s * speed,
-        prefill_tok_per_s=profile.prefill_tok_per_s * speed,
-    )
