@@ -56,6 +56,13 @@ class PolicyError(ValueError):
     """Invalid policy name or parameters."""
 
 
+def node_cost(policy: object, node: Candidate, now: float) -> float:
+    """The node's routing cost under ``policy`` (lower is preferred); the peak-EWMA
+    cost for policies that do not define one."""
+    cost = getattr(policy, "cost", None)
+    return cost(node, now) if cost is not None else node.stats.cost(now)
+
+
 def p2c_rank(candidates: Sequence[C], k: int, rng: Random, cost: Callable[[C], float]) -> list[C]:
     """Power of two choices: the cheaper of two random candidates first, then the
     rest of a random sample of ``k + 1`` in order of cost (the failover nodes)."""

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import ClientSession, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from policies import Policy, PolicyError, build_policy
+from policies import Policy, PolicyError, build_policy, node_cost
 from router.config import Config, ConfigError, load_config
 from router.errors import error_response
 from router.health import HealthMonitor
@@ -291,12 +291,6 @@ def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResp
     return handler
 
 
-def score_of(policy: object, node: Node, now: float) -> float:
-    """The node's routing cost under ``policy`` (lower is preferred)."""
-    cost = getattr(policy, "cost", None)
-    return cost(node, now) if cost is not None else node.stats.cost(now)
-
-
 def fleet_view(router: Router) -> dict[str, object]:
     """Every node with its claims, state and measured scores, plus the supply summary."""
     now = router.clock()
@@ -321,7 +315,7 @@ def fleet_view(router: Router) -> dict[str, object]:
                 "latency_ms": round(st.latency.value(now) * 1e3, 3),
                 "ttfb_ms": round(st.ttfb.value(now) * 1e3, 3),
                 "success_ratio": round(st.success.value(now), 4),
-                "score": round(score_of(router.proxy.policy, n, now), 6),
+                "score": round(node_cost(router.proxy.policy, n, now), 6),
                 "requests": st.requests_total,
                 "failures": st.failures_total,
                 "consecutive_failures": st.consecutive_failures,

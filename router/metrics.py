@@ -29,6 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from policies import node_cost
 from router.health import HealthMonitor
 from router.nodes import Node, NodeState, Registry
 from router.prober import Prober
@@ -239,8 +240,7 @@ class Metrics:
         )
 
         def score(node: Node, now: float) -> float:
-            cost = getattr(proxy.policy, "cost", None) if proxy is not None else None
-            return cost(node, now) if cost is not None else node.stats.cost(now)
+            return node_cost(proxy.policy if proxy is not None else None, node, now)
 
         self.registry.register(FleetCollector(registry, clock, score))
         self.registry.register(StoreCollector(store))

@@ -206,6 +206,7 @@ class Proxy:
             m: mc.hedge_after_ms / 1e3 for m, mc in cfg.models.items() if mc.hedge_after_ms
         }
         self.hedge_p95 = h.use_p95_ttfb
+        self.hedging = bool(self.hedge_default or self.hedge_after or self.hedge_p95)
         # Hedge budget: a token bucket refilled by budget_percent of each request.
         self.hedge_rate = h.budget_percent / 100.0
         self.hedge_tokens = 1.0
@@ -217,7 +218,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(_request_id(request), self.clock())
         self.active += 1
-        if self.hedge_tokens < HEDGE_BURST:
+        if self.hedging and self.hedge_tokens < HEDGE_BURST:
             self.hedge_tokens += self.hedge_rate
         try:
             resp = await self._handle(request, ex)
@@ -397,7 +398,11 @@ class Proxy:
                 if deadline - loop.time() <= 0:
                     break
                 node = ranked[i]
-                hedge_s = self._hedge_delay(ex.model, node) if i + 1 < len(ranked) else None
+                hedge_s = (
+                    self._hedge_delay(ex.model, node)
+                    if self.hedging and i + 1 < len(ranked)
+                    else None
+                )
                 try:
                     if hedge_s is None:
                         ex.attempts += 1
