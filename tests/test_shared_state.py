@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -407,6 +408,20 @@ async def test_policy_swap_reaches_every_replica_without_dropping_requests(
         assert (await in_flight).endswith(b"data: [DONE]\n\n")  # not dropped by the swap
 
 
+@contextlib.asynccontextmanager
+async def redis_process(directory: Path, *args: str) -> AsyncIterator[None]:
+    """A private ``redis-server`` (no persistence) for the duration of the block."""
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server", *args, "--save", "", "--appendonly", "no", "--dir", str(directory),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 async def redis_answers(url: str) -> bool:
     try:
         async with redis.asyncio.Redis.from_url(url) as client:
@@ -440,11 +455,7 @@ async def test_replicas_through_redis_sentinel(
     conf.write_text(
         f"port {port}\nbind 127.0.0.1\nsentinel monitor ballast 127.0.0.1 {redis_server.port} 1\n"
     )
-    sentinel = await asyncio.create_subprocess_exec(
-        "redis-server", str(conf), "--sentinel", "--dir", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    async with redis_process(tmp_path, str(conf), "--sentinel"):
 
         async def sentinel_knows_the_master() -> bool:
             try:
@@ -457,28 +468,29 @@ async def test_replicas_through_redis_sentinel(
         state = {"sentinel": {"hosts": [f"127.0.0.1:{port}"], "service": "ballast"}}
         await replicas_share_a_registration(fleet, replica, None, "via-sentinel", state=state)
         assert redis_server.client().hget("ballast:{fleet}:node:via-sentinel", "spec")
-    finally:
-        sentinel.terminate()
-        await sentinel.wait()
 
 
 async def test_replicas_through_redis_cluster(
     fleet: MakeSim, replica: StartReplica, tmp_path: Path
 ) -> None:
     ports = cluster_ports(3)
-    servers = []
-    for port in ports:
-        d = tmp_path / str(port)
-        d.mkdir()
-        servers.append(
-            await asyncio.create_subprocess_exec(
-                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
-                "--save", "", "--appendonly", "no", "--dir", str(d),
-                stdout=asyncio.subprocess.DEVNULL,
+    async with contextlib.AsyncExitStack() as servers:
+        for port in ports:
+            d = tmp_path / str(port)
+            d.mkdir()
+            await servers.enter_async_context(
+                redis_process(
+                    d,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(d / "nodes.conf"),
+                )
             )
-        )  # fmt: skip
-    try:
 
         async def all_up() -> bool:
             try:
@@ -526,11 +538,6 @@ async def test_replicas_through_redis_cluster(
                 return await served_by(http, b) == "via-cluster"
 
             assert await until(b_routes_to_it, within=1.0) < 1.0
-    finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            await server.wait()
 
 
 async def test_replicas_over_tls_rediss(
@@ -545,35 +552,21 @@ async def test_replicas_over_tls_rediss(
     )  # fmt: skip
     assert await made.wait() == 0
     port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    async with redis_process(
+        tmp_path, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-        "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
-    try:
+    ):  # fmt: skip
         await until(lambda: redis_answers(url), within=10.0)
         await replicas_share_a_registration(fleet, replica, url, "via-tls")
-    finally:
-        server.terminate()
-        await server.wait()
 
 
 async def test_replicas_over_a_unix_socket(
     fleet: MakeSim, replica: StartReplica, tmp_path: Path
 ) -> None:
     path = tmp_path / "redis.sock"
-    server = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", "0", "--unixsocket", str(path), "--save", "",
-        "--appendonly", "no", "--dir", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
     url = f"unix://{path}?db=0"
-    try:
+    async with redis_process(tmp_path, "--port", "0", "--unixsocket", str(path)):
         await until(lambda: redis_answers(url), within=10.0)
         await replicas_share_a_registration(fleet, replica, url, "via-unix")
-    finally:
-        server.terminate()
-        await server.wait()
