@@ -2,7 +2,7 @@
 
 1. Writes ``--nodes`` self-registered nodes (default 25,000) into a private
    Redis (or ``--redis-url``), as router processes would.
-2. Starts a replica's store on an empty registry and times its first, full sync.
+2. Starts a replica's store on an empty fleet and times its first, full sync.
 3. For ``--seconds``, another writer changes ``--change-per-min`` percent of the
    fleet per minute (state flips), and the replica runs its sync tick every
    ``state.sync_interval_s``; it prints the tick time and Redis commands per
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -27,28 +26,18 @@ from random import Random
 
 import redis as sync_redis
 
-from policies import REGISTRY, RequestInfo, build_policy
+from loadtest.common import free_port, percentile
+from policies import POLICIES, RequestInfo, build_policy
 from router.config import Scoring, StateConfig
-from router.nodes import Node, NodeState, Outcome, Registry
-from router.redis_store import RedisStore
-from router.store import REGISTERED
+from router.fleet import Fleet, Node, NodeState, Source
+from router.measure import Outcome
+from router.store.redis import RedisStore
 
 MODEL = "bench-model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def make_fleet(n: int, scoring: Scoring, rng: Random) -> Registry:
-    reg = Registry()
+def make_fleet(n: int, scoring: Scoring, rng: Random) -> Fleet:
+    reg = Fleet()
     with reg.batch():
         for i in range(n):
             reg.add(_node(i, scoring, rng))
@@ -63,29 +52,29 @@ def _node(i: int, scoring: Scoring, rng: Random) -> Node:
         gpu=rng.choice(["RTX 4090", "RTX 3090", "A100", "H100", "L40S", "T4"]),
         vram_gb=rng.choice([16, 24, 48, 80]),
         scoring=scoring,
-        source=REGISTERED,
+        source=Source.JOINED,
     )
     node.last_seen = time.time() + 3600  # no expiry during the run
     return node
 
 
-async def sync_bench(url: str, args: argparse.Namespace) -> Registry:
+async def sync_bench(url: str, args: argparse.Namespace) -> Fleet:
     scoring = Scoring()
     state = StateConfig(redis_url=url, key_prefix="bench:", timeout_s=30)
     rng = Random(1)
 
     writer = RedisStore(state, scoring, heartbeat_ttl_s=3600)
-    writer.registry = make_fleet(args.nodes, scoring, rng)
+    writer.fleet = make_fleet(args.nodes, scoring, rng)
     t0 = time.perf_counter()
     await writer._republish()
     print(f"wrote {args.nodes} nodes in {time.perf_counter() - t0:.2f} s")
 
     replica = RedisStore(state, scoring, heartbeat_ttl_s=3600)
-    replica.registry = Registry()
+    replica.fleet = Fleet()
     t0 = time.perf_counter()
     ticks = commands_total = 0
     longest = 0.0
-    while len(replica.registry.nodes) < args.nodes:  # a full sync spreads over ticks
+    while len(replica.fleet.nodes) < args.nodes:  # a full sync spreads over ticks
         t1 = time.perf_counter()
         await replica._tick()
         longest = max(longest, time.perf_counter() - t1)
@@ -101,7 +90,7 @@ async def sync_bench(url: str, args: argparse.Namespace) -> Registry:
     idle = time.perf_counter() - t0
     print(f"tick with no changes: {idle * 1e3:.2f} ms, {replica.commands_last_tick} Redis commands")
 
-    ids = list(writer.registry.nodes)
+    ids = list(writer.fleet.nodes)
     interval = state.sync_interval_s
     per_tick = args.nodes * args.change_per_min / 100 / 60 * interval
     carry = 0.0
@@ -114,7 +103,7 @@ async def sync_bench(url: str, args: argparse.Namespace) -> Registry:
         carry += per_tick
         k, carry = int(carry), carry - int(carry)
         for nid in rng.sample(ids, k):
-            node = writer.registry.nodes[nid]
+            node = writer.fleet.nodes[nid]
             flip = NodeState.DRAINING if node.state is NodeState.SERVING else NodeState.SERVING
             await writer.set_state(nid, flip, "benchmark churn")
         t0 = time.perf_counter()
@@ -126,34 +115,35 @@ async def sync_bench(url: str, args: argparse.Namespace) -> Registry:
     print(
         f"churn {args.change_per_min}%/min of {args.nodes} nodes, {len(times)} ticks "
         f"of {interval}s: {statistics.mean(changed):.1f} changed nodes/tick, "
-        f"tick p50 {pct(times, 0.5) * 1e3:.2f} ms p99 {pct(times, 0.99) * 1e3:.2f} ms, "
+        f"tick p50 {percentile(times, 0.5) * 1e3:.2f} ms "
+        f"p99 {percentile(times, 0.99) * 1e3:.2f} ms, "
         f"{statistics.mean(commands):.1f} Redis commands/tick"
     )
     mismatched = sum(
         1
-        for nid, node in writer.registry.nodes.items()
-        if replica.registry.nodes[nid].state is not node.state
+        for nid, node in writer.fleet.nodes.items()
+        if replica.fleet.nodes[nid].state is not node.state
     )
     print(f"replica agrees with the writer on every node's state: {mismatched == 0}")
     await writer.client.aclose()
     await replica.client.aclose()
-    return replica.registry
+    return replica.fleet
 
 
-def decision_bench(registry: Registry, calls: int) -> None:
-    small = Registry()
-    for node in list(registry.nodes.values())[:10]:
+def decision_bench(fleet: Fleet, calls: int) -> None:
+    small = Fleet()
+    for node in list(fleet.nodes.values())[:10]:
         small.add(node)
     rng, now = Random(3), time.monotonic()
-    for node in registry.nodes.values():  # give the scoreboard realistic spread
+    for node in fleet.nodes.values():  # give the scoreboard realistic spread
         node.stats.record(Outcome.OK, rng.uniform(0.05, 2.0), now, 5.0)
         node.stats.in_flight = rng.randrange(0, 4)
     print(f"\nrouting decision (lookup + rank 3), {calls} calls each:")
     print("| policy | routable candidates | p50 µs | p99 µs |")
     print("|---|---|---|---|")
-    for name in sorted(REGISTRY):
+    for name in sorted(POLICIES):
         policy = build_policy(name)
-        for reg in (small, registry):
+        for reg in (small, fleet):
             samples = []
             clock = time.perf_counter_ns
             for _ in range(calls):
@@ -163,7 +153,8 @@ def decision_bench(registry: Registry, calls: int) -> None:
                 policy.rank(RequestInfo(model=MODEL), cands, 3, rng, now)
                 samples.append((clock() - t0) / 1e3)
             n = len(reg.candidates(MODEL) or ())
-            print(f"| {name} | {n} | {pct(samples, 0.5):.1f} | {pct(samples, 0.99):.1f} |")
+            p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+            print(f"| {name} | {n} | {p50:.1f} | {p99:.1f} |")
 
 
 def main() -> None:
@@ -193,8 +184,8 @@ def main() -> None:
             except sync_redis.ConnectionError:
                 time.sleep(0.05)
     try:
-        registry = asyncio.run(sync_bench(url, args))
-        decision_bench(registry, args.calls)
+        fleet = asyncio.run(sync_bench(url, args))
+        decision_bench(fleet, args.calls)
     finally:
         if proc is not None:
             proc.terminate()

@@ -45,18 +45,14 @@ from typing import Any
 
 import orjson
 
+from loadtest.common import free_port, percentile
+
 MODEL = "bench-model"
 CHAT = orjson.dumps(
     {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 8}
 )
 CHAT_STREAM = orjson.dumps({**orjson.loads(CHAT), "stream": True})
 STREAM_CHUNKS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the processes -----------------------------------------------------------
@@ -262,13 +258,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
                 return
         time.sleep(0.05)
     raise RuntimeError(f"port {port} did not open")
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def measure(

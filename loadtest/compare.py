@@ -21,7 +21,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -31,21 +30,14 @@ from typing import Any
 import orjson
 import yaml
 
+from loadtest.common import free_port, percentile
 from loadtest.fleet import Fleet
 from loadtest.loadgen import LoadSpec, Record, run_load
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 1)
+    """The ``q`` quantile of ``xs`` (seconds) in milliseconds; None when empty."""
+    return round(percentile(xs, q) * 1e3, 1) if xs else None
 
 
 async def start_redis(tmp: Path) -> tuple[asyncio.subprocess.Process, str]:

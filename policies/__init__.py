@@ -6,7 +6,7 @@ order of preference (first = primary, the rest = failover). Policies do no I/O
 and keep no clock of their own, so they are deterministic under a seeded
 ``random.Random`` and an injected ``now``.
 
-Each policy lives in its own module and is registered here by name.
+Each policy lives in its own module; :data:`POLICIES` maps names to them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def p2c_rank(candidates: Sequence[C], k: int, rng: Random, cost: Callable[[C], f
     return [sample[0], *sorted(sample[1:], key=cost)][:k]
 
 
-def _registry() -> dict[str, type]:
+def _by_name() -> dict[str, type]:
     from policies.least_outstanding import LeastOutstanding
     from policies.p2c_peak_ewma import P2CPeakEwma
     from policies.random_choice import RandomChoice
@@ -85,14 +85,14 @@ def _registry() -> dict[str, type]:
     return {p.name: p for p in (RoundRobin, RandomChoice, LeastOutstanding, P2CPeakEwma, Score)}
 
 
-REGISTRY: dict[str, type] = _registry()
+POLICIES: dict[str, type] = _by_name()
 
 
 def build_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
     """Instantiate a policy by name; unknown names and parameters are errors."""
-    cls = REGISTRY.get(name)
+    cls = POLICIES.get(name)
     if cls is None:
-        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(POLICIES))})")
     try:
         return cls(**(params or {}))
     except TypeError as e:

@@ -6,8 +6,8 @@
          x memory headroom       1 + headroom_weight x KV-cache use (engine metrics)
          x queue                 1 + queue_weight x requests waiting in the node's engine
          x price                 1 + price_weight x the node's price_per_mtok label
-         x suspect               1000 while attempts have waited for a first byte more
-                                 than 3x its latency estimate (and > 1 s): likely hung
+         x hung                  1000 while the node looks hung (NodeStats.hung: silent
+                                 far longer than its latency estimate while attempts wait)
          / slow start            share of traffic regained since an ejection ended
 
 Engine metrics older than three scrape intervals count as saturated (KV use 1,
@@ -29,9 +29,7 @@ from typing import Any
 from policies import C, RequestInfo, p2c_rank
 
 STALE_QUEUE = 10.0
-SUSPECT = 1000.0  # cost factor of a node that looks hung (see _suspect)
-SUSPECT_AFTER = 3.0  # ... silent for this many times its latency estimate
-SUSPECT_FLOOR_S = 1.0  # ... and at least this long
+HUNG = 1000.0  # cost factor of a node that looks hung
 
 
 class Score:
@@ -71,7 +69,7 @@ class Score:
             "queue": 1.0 + self.queue_weight * queue,
             "price": 1.0 + self.price_weight * _price(c),
             "slow_start": st.ramp(now),
-            "suspect": SUSPECT if _suspect(st, now) else 1.0,
+            "hung": HUNG if st.hung(now) else 1.0,
         }
         out["cost"] = (
             out["latency_load"]
@@ -79,7 +77,7 @@ class Score:
             * out["headroom"]
             * out["queue"]
             * out["price"]
-            * out["suspect"]
+            * out["hung"]
             / out["slow_start"]
         )
         return out
@@ -98,8 +96,8 @@ class Score:
             cost *= 1.0 + self.queue_weight * queue
         if self.price_weight:
             cost *= 1.0 + self.price_weight * _price(c)
-        if _suspect(st, now):
-            cost *= SUSPECT
+        if st.hung(now):
+            cost *= HUNG
         return cost / st.ramp(now)
 
     def rank(
@@ -123,12 +121,3 @@ def _price(c: Any) -> float:
         return float(c.labels.get("price_per_mtok", 0.0))
     except (AttributeError, ValueError):
         return 0.0
-
-
-def _suspect(st: Any, now: float) -> bool:
-    """Attempts wait for a first byte and the node has been silent far longer than
-    usual: probably hanging. It gets nothing new until it answers or times out."""
-    if not st.awaiting:
-        return False
-    silent = now - st.awaiting_since
-    return silent > SUSPECT_FLOOR_S and silent > SUSPECT_AFTER * st.latency.value(now)

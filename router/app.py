@@ -16,17 +16,19 @@ import orjson
 from aiohttp import ClientSession, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from policies import Policy, PolicyError, build_policy, node_cost
+from policies import Policy, PolicyError, build_policy
 from router.config import Config, ConfigError, load_config
 from router.errors import error_response
+from router.fleet import Fleet
 from router.health import HealthMonitor
 from router.logs import AccessLog
+from router.measure import Meter
 from router.metrics import Metrics
-from router.nodes import ROUTABLE, Node, NodeState, Registry
 from router.prober import Prober
 from router.proxy import Proxy
 from router.registration import Membership, admin_denied
-from router.store import MemoryStore, StateStore
+from router.store import MemoryStore, StateStore, codec
+from router.view import fleet_view
 
 log = logging.getLogger("ballast")
 
@@ -38,7 +40,8 @@ class Router:
     """Everything one router process holds, resolved from config once."""
 
     cfg: Config
-    registry: Registry
+    fleet: Fleet
+    meter: Meter
     proxy: Proxy
     metrics: Metrics
     store: StateStore
@@ -54,13 +57,13 @@ class Router:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def models_body(self) -> bytes:
-        if self._models_version != self.registry.version:
+        if self._models_version != self.fleet.version:
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "ballast"}
-                for m in self.registry.served_models()
+                for m in self.fleet.served_models()
             ]
             self._models_body = orjson.dumps({"object": "list", "data": data})
-            self._models_version = self.registry.version
+            self._models_version = self.fleet.version
         return self._models_body
 
     def swap_policy(self, name: str, params: dict[str, object]) -> Policy:
@@ -103,7 +106,7 @@ def make_store(cfg: Config, clock: Callable[[], float]) -> StateStore:
     """Redis when configured (URL or Sentinel), else the in-process store."""
     ttl = cfg.registry.heartbeat_ttl_s
     if cfg.state.redis_url or cfg.state.sentinel:
-        from router.redis_store import RedisStore
+        from router.store.redis import RedisStore
 
         return RedisStore(cfg.state, cfg.scoring, ttl, clock=clock)
     return MemoryStore(ttl)
@@ -117,20 +120,18 @@ def build_router(
     rng: Random | None = None,
     config_path: Path | None = None,
 ) -> Router:
-    registry = Registry(slow_start_s=cfg.health.slow_start_s)
-    with registry.batch():
+    fleet = Fleet(slow_start_s=cfg.health.slow_start_s, clock=clock)
+    verify = cfg.health.verify_static and cfg.health.probe
+    with fleet.batch():
         for nc in cfg.nodes:
-            node = Node.from_config(nc, cfg.scoring)
-            if cfg.health.verify_static and cfg.health.probe:
-                node.state = NodeState.REGISTERED
-                node.state_reason = "static node waiting for verification"
-            registry.add(node)
+            fleet.add(codec.from_config(nc, cfg.scoring, verify))
+    meter = Meter(clock, cfg.scoring.failure_penalty_s)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
-    proxy = Proxy(cfg, registry, policy, session, clock=clock, rng=rng)
+    proxy = Proxy(cfg, fleet, policy, session, meter, rng=rng)
     store = make_store(cfg, clock)
-    health = HealthMonitor(cfg.health, registry, store, clock)
-    prober = Prober(cfg.health, registry, store, session, clock) if cfg.health.probe else None
-    metrics = Metrics(registry, store, lambda: proxy.active, clock, proxy, health, prober)
+    health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
+    prober = Prober(cfg.health, fleet, store, session, clock) if cfg.health.probe else None
+    metrics = Metrics(fleet, store, lambda: proxy.active, clock, proxy, health, prober)
     if cfg.metrics.enabled:
         proxy.observers.append(metrics.observe)
     access_log = None
@@ -143,7 +144,8 @@ def build_router(
     )
     router = Router(
         cfg=cfg,
-        registry=registry,
+        fleet=fleet,
+        meter=meter,
         proxy=proxy,
         metrics=metrics,
         store=store,
@@ -182,7 +184,7 @@ def create_app(
             router = app[ROUTER] = build_router(
                 cfg, session=session, clock=clock, rng=rng, config_path=config_path
             )
-            await router.store.start(router.registry)
+            await router.store.start(router.fleet, router.meter.signals)
             router.health.start()
             if router.prober is not None:
                 router.prober.start()
@@ -210,7 +212,7 @@ def create_app(
 
     async def readyz(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
-        n = router.registry.routable_count()
+        n = router.fleet.routable_count()
         store = f"{router.store.backend}:{'ok' if router.store.healthy else 'degraded'}"
         body = {"status": "ready" if n else "not_ready", "routable_nodes": n, "store": store}
         return web.json_response(body, status=200 if n else 503)
@@ -223,7 +225,8 @@ def create_app(
         router = request.app[ROUTER]
         if (denied := admin_denied(request, router.admin_token)) is not None:
             return denied
-        return web.Response(body=orjson.dumps(fleet_view(router)), content_type="application/json")
+        view = fleet_view(router.fleet.nodes.values(), router.proxy.policy, router.clock())
+        return web.Response(body=orjson.dumps(view), content_type="application/json")
 
     async def put_policy(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
@@ -289,70 +292,6 @@ def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResp
         return await getattr(request.app[ROUTER].membership, name)(request)
 
     return handler
-
-
-def fleet_view(router: Router) -> dict[str, object]:
-    """Every node with its claims, state and measured scores, plus the supply summary."""
-    now = router.clock()
-    nodes = list(router.registry.nodes.values())
-    total = sum(n.stats.requests_total for n in nodes) or 1
-    factors = getattr(router.proxy.policy, "factors", None)
-    rows = []
-    for n in nodes:
-        st = n.stats
-        rows.append(
-            {
-                "id": n.id,
-                "gpu": n.gpu,
-                "gpus": n.gpus,
-                "vram_gb": n.vram_gb,
-                "models": n.models,
-                "labels": n.labels,
-                "source": n.source,
-                "state": n.state.value,
-                "reason": n.state_reason,
-                "in_flight": st.in_flight,
-                "latency_ms": round(st.latency.value(now) * 1e3, 3),
-                "ttfb_ms": round(st.ttfb.value(now) * 1e3, 3),
-                "success_ratio": round(st.success.value(now), 4),
-                "score": round(node_cost(router.proxy.policy, n, now), 6),
-                "requests": st.requests_total,
-                "failures": st.failures_total,
-                "consecutive_failures": st.consecutive_failures,
-                "last_error": st.last_error or None,
-                "share": round(st.requests_total / total, 4),
-                "ejections": n.ejections,
-                "telemetry": n.telemetry,
-                "engine": None
-                if n.engine is None
-                else {
-                    "queue": n.engine.queue,
-                    "running": n.engine.running,
-                    "kv_usage": n.engine.kv_usage,
-                    "stale": now > n.engine.fresh_until,
-                },
-                "probe": n.probe,
-                "factors": factors(n, now) if factors else None,
-            }
-        )
-    return {"nodes": rows, "summary": supply_summary(nodes)}
-
-
-def supply_summary(nodes: list[Node]) -> dict[str, dict[str, float]]:
-    """Claimed (every known node) vs verified vs serving: nodes, GPUs, VRAM."""
-    groups = {
-        "claimed": nodes,
-        "verified": [n for n in nodes if n.state in ROUTABLE],
-        "serving": [n for n in nodes if n.state is NodeState.SERVING],
-    }
-    return {
-        name: {
-            "nodes": len(ns),
-            "gpus": sum(n.gpus for n in ns),
-            "vram_gb": sum(n.vram_gb or 0 for n in ns),
-        }
-        for name, ns in groups.items()
-    }
 
 
 async def serve(

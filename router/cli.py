@@ -83,11 +83,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_policies(args: argparse.Namespace) -> None:
-    from policies import REGISTRY
+    from policies import POLICIES
 
-    width = max(len(n) for n in REGISTRY)
-    for name in sorted(REGISTRY):
-        print(f"{name:<{width}}  {REGISTRY[name].description}")
+    width = max(len(n) for n in POLICIES)
+    for name in sorted(POLICIES):
+        print(f"{name:<{width}}  {POLICIES[name].description}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -125,7 +125,7 @@ def render_fleet(doc: dict[str, Any]) -> str:
         ("INFL", "in_flight"),
         ("LAT_MS", "latency_ms"),
         ("SUCCESS", "success_ratio"),
-        ("SCORE", "score"),
+        ("COST", "cost"),
         ("SHARE", "share"),
     ]
 
@@ -137,7 +137,7 @@ def render_fleet(doc: dict[str, Any]) -> str:
             return f"{v * 100:.1f}%"
         if key == "success_ratio":
             return f"{v:.3f}"
-        if key == "score":
+        if key == "cost":
             return f"{v:.4g}"
         if key == "latency_ms":
             return f"{v:.1f}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -36,8 +36,25 @@ class PolicyConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a node's base URL, or None (its address is checked apart)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "must not carry credentials, a query string or a fragment"
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "has an invalid port"
+    return None
+
+
 class NodeConfig(_Strict):
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    id: NodeId
     url: str
     models: list[str] = Field(min_length=1)
     gpu: str | None = None
@@ -49,11 +66,8 @@ class NodeConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query string or fragment")
+        if (problem := url_problem(v)) is not None:
+            raise ValueError(problem)
         return v.rstrip("/")
 
 
@@ -106,7 +120,9 @@ class StateConfig(_Strict):
         return v
 
 
-class RegistryConfig(_Strict):
+class JoinConfig(_Strict):
+    """Self-registration of nodes (the ``registry`` section)."""
+
     join_token_env: str | None = None
     heartbeat_ttl_s: float = Field(30.0, gt=0)
     allowed_networks: list[str] = Field(default_factory=list)
@@ -188,7 +204,7 @@ class Config(_Strict):
     state: StateConfig = Field(default_factory=StateConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    registry: JoinConfig = Field(default_factory=JoinConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
@@ -202,10 +218,10 @@ class Config(_Strict):
             if node.id in seen:
                 raise ValueError(f"nodes[{i}].id: duplicate node id {node.id!r}")
             seen.add(node.id)
-        from policies import REGISTRY
+        from policies import POLICIES
 
-        if self.policy.name not in REGISTRY:
-            known = ", ".join(sorted(REGISTRY))
+        if self.policy.name not in POLICIES:
+            known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy.name: unknown policy {self.policy.name!r} (known: {known})")
         return self
 

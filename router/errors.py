@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import orjson
 from aiohttp import web
+
+from router.measure import Outcome
+
+if TYPE_CHECKING:
+    from router.call import Failed
 
 
 def error_body(
@@ -33,3 +41,43 @@ def error_response(
 def sse_error_event(message: str, code: str) -> bytes:
     """A terminal SSE event for a stream that failed after its first byte."""
     return b"data: " + error_body(message, "upstream_error", code) + b"\n\n"
+
+
+def exhausted(failures: Sequence[Failed], deadline_passed: bool) -> web.Response:
+    """The answer when every attempt failed before a byte reached the client."""
+    if not failures or deadline_passed or all(f.outcome is Outcome.TIMEOUT for f in failures):
+        return error_response(
+            504, "no node answered within the request deadline", "timeout_error",
+            "deadline_exceeded",
+        )  # fmt: skip
+    summary = ", ".join(f.detail for f in failures)
+    if all(f.outcome is Outcome.HTTP_404 for f in failures):
+        return error_response(
+            404, f"no node tried knows this model or endpoint ({summary})",
+            "invalid_request_error", "model_not_found", "model",
+        )  # fmt: skip
+    if all(f.outcome is Outcome.HTTP_429 for f in failures):
+        retry_after = min((f.retry_after or "1" for f in failures), key=retry_after_s)
+        return error_response(
+            429, f"every node tried is rate limited ({summary})", "rate_limit_error",
+            "upstream_rate_limited", headers={"Retry-After": retry_after},
+        )  # fmt: skip
+    return error_response(
+        502, f"{len(failures)} attempt(s) failed: {summary}", "upstream_error",
+        "upstream_failed", headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+def no_capacity(model: str) -> web.Response:
+    return error_response(
+        503, f"no node can serve model {model!r} right now", "service_unavailable",
+        "no_capacity", headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+def retry_after_s(value: str) -> float:
+    """Seconds in a Retry-After header (HTTP dates count as one second)."""
+    try:
+        return float(value)
+    except ValueError:
+        return 1.0

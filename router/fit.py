@@ -20,15 +20,15 @@ from collections.abc import Sequence
 
 from policies import RequestInfo
 from router.config import Config, ModelConfig
-from router.nodes import Node, Registry
+from router.fleet import Fleet, Node
 
 GB = 1e9
 DEFAULT_MAX_TOKENS = 256
 
 
 class Fit:
-    def __init__(self, cfg: Config, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, cfg: Config, fleet: Fleet) -> None:
+        self.fleet = fleet
         self.models: dict[str, ModelConfig] = {
             m: mc for m, mc in cfg.models.items() if mc.kv_bytes_per_token or mc.context_length
         }
@@ -58,15 +58,15 @@ class Fit:
 
     def possible(self, model: str, need: int) -> bool:
         """Could any node claiming ``model`` ever hold ``need`` tokens (ignoring load)?"""
-        if self._version != self.registry.version:
+        if self._version != self.fleet.version:
             self._largest = {m: self._largest_for(m) for m in self.models}
-            self._version = self.registry.version
+            self._version = self.fleet.version
         return self._largest.get(model, float("inf")) >= need
 
     def _largest_for(self, model: str) -> float:
         mc = self.models[model]
         best = 0.0
-        for node in self.registry.nodes.values():
+        for node in self.fleet.nodes.values():
             if model not in node.models:
                 continue
             cap = float(node.labels.get("context_length", mc.context_length or float("inf")))

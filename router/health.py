@@ -1,8 +1,9 @@
 """Passive health: ejecting outliers from real traffic, and bringing them back.
 
 Runs in the background every ``health.check_interval_s``, looking only at the
-nodes that had outcomes since its last look (the request path just adds them to
-a set). Modelled on Envoy's outlier detection:
+nodes that had outcomes since its last look (the measurement layer's
+:class:`~router.measure.Signals` name them, and wake it at once on a failure).
+Modelled on Envoy's outlier detection:
 
 * **consecutive failures**: ``health.consecutive_failures`` failures in a row
   (connection errors, 5xx, 429, broken streams), or ``consecutive_timeouts``
@@ -32,7 +33,8 @@ import time
 from collections.abc import Callable
 
 from router.config import HealthConfig
-from router.nodes import ROUTABLE, Node, NodeState, Outcome, Registry
+from router.fleet import ROUTABLE, Fleet, Node, NodeState
+from router.measure import Outcome, Signals
 from router.store import StateStore
 from router.tasks import cancel_and_wait
 
@@ -45,13 +47,15 @@ class HealthMonitor:
     def __init__(
         self,
         cfg: HealthConfig,
-        registry: Registry,
+        fleet: Fleet,
+        signals: Signals,
         store: StateStore,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.registry = registry
+        self.fleet = fleet
+        self.signals = signals
         self.store = store
         self.clock = clock
         self.wall = wall
@@ -67,7 +71,7 @@ class HealthMonitor:
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
-        wake = self.registry.failure_seen
+        wake = self.signals.failure
         while True:
             # A failure wakes the check at once, so an ejection lands before the
             # next request; otherwise look every check_interval_s.
@@ -82,11 +86,10 @@ class HealthMonitor:
 
     async def check(self) -> None:
         now, wall = self.clock(), self.wall()
-        touched, self.registry.touched = self.registry.touched, set()
-        for node in touched:
-            if node.id in self.registry.nodes:
+        for node in self.signals.take_for_health():
+            if node.id in self.fleet.nodes:
                 await self._passive(node, now)
-        for node in self.registry.ejected():
+        for node in self.fleet.ejected():
             if wall >= node.ejected_until:
                 await self._return(node)
         if now >= self._next_sweep:
@@ -121,7 +124,7 @@ class HealthMonitor:
         """Envoy-style success-rate outliers and nodes failing most of their requests."""
         c = self.cfg
         by_model: dict[str, list[tuple[Node, float]]] = {}
-        for node in self.registry.nodes.values():
+        for node in self.fleet.nodes.values():
             st = node.stats
             if node.state in ROUTABLE and st.success.attempts >= c.success_rate_min_requests:
                 ratio = st.success.value(now)
@@ -148,7 +151,7 @@ class HealthMonitor:
         cap = self.cfg.max_ejection_percent / 100.0
         for model in node.models:
             total = ejected = 0
-            for other in self.registry.nodes.values():
+            for other in self.fleet.nodes.values():
                 if model in other.models and other.state not in (
                     NodeState.GONE,
                     NodeState.DRAINING,
@@ -170,8 +173,7 @@ class HealthMonitor:
         else:
             why = reason
         node.ejected_until = self.wall() + for_s
-        st = node.stats
-        st.consecutive_failures = st.consecutive_timeouts = 0
+        node.stats.forget_failures()
         self.ejections_total += 1
         await self.store.set_state(node.id, NodeState.EJECTED, why)
 

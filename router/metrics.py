@@ -4,7 +4,7 @@ Per-request work is a few dict lookups and two histogram observations: label
 children are cached per (model, code), and model labels are bounded to models
 some node claims (anything else is counted as ``model="unknown"``). Everything
 per node (scoreboard, attempts by outcome, state) and the supply picture are
-read from the registry at scrape time by :class:`FleetCollector`, so they cost
+read from the fleet at scrape time by :class:`FleetCollector`, so they cost
 nothing per request however large the fleet.
 """
 
@@ -29,12 +29,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from policies import node_cost
+from policies import Policy
+from router.call import Exchange
+from router.fleet import Fleet, NodeState
 from router.health import HealthMonitor
-from router.nodes import Node, NodeState, Registry
 from router.prober import Prober
-from router.proxy import Exchange, Proxy
+from router.proxy import Proxy
 from router.store import StateStore
+from router.view import node_rows
 
 # LLM latencies: tens of milliseconds (a cached embedding) to minutes (long generations).
 LATENCY_BUCKETS = (
@@ -46,56 +48,49 @@ disable_created_metrics()  # no *_created series: they double the series count f
 
 
 class FleetCollector:
-    """Per-node scoreboard and supply, computed from the registry at scrape time."""
+    """Per-node scoreboard and supply: the fleet view's rows, read at scrape time."""
 
     def __init__(
-        self, registry: Registry, clock: Callable[[], float], score: Callable[[Node, float], float]
+        self, fleet: Fleet, clock: Callable[[], float], policy: Callable[[], Policy | None]
     ) -> None:
-        self.registry = registry
+        self.fleet = fleet
         self.clock = clock
-        self.score = score
+        self.policy = policy
 
     def collect(self) -> Iterator[Metric]:
-        now = self.clock()
-        nodes = list(self.registry.nodes.values())
+        nodes = list(self.fleet.nodes.values())
+        rows = node_rows(nodes, self.policy(), self.clock())
         attempts = CounterMetricFamily(
             "ballast_upstream_attempts",
             "Attempts sent to nodes, by outcome",
             labels=["node", "outcome"],
         )
-        latency = GaugeMetricFamily(
-            "ballast_node_latency_seconds", "Peak-EWMA latency estimate", labels=["node"]
-        )
-        ttfb = GaugeMetricFamily(
-            "ballast_node_ttfb_seconds", "Peak-EWMA time to first byte (streams)", labels=["node"]
-        )
-        success = GaugeMetricFamily(
-            "ballast_node_success_ratio", "Decayed success ratio", labels=["node"]
-        )
-        in_flight = GaugeMetricFamily(
-            "ballast_node_in_flight", "Requests in flight to the node", labels=["node"]
-        )
-        score = GaugeMetricFamily(
-            "ballast_node_score",
-            "Routing cost (latency x (in-flight + 1)); lower is preferred",
-            labels=["node"],
-        )
+        gauges = [
+            (GaugeMetricFamily(name, doc, labels=["node"]), key, scale)
+            for name, doc, key, scale in (
+                ("ballast_node_latency_seconds", "Peak-EWMA latency estimate", "latency_ms", 1e-3),
+                ("ballast_node_ttfb_seconds", "Peak-EWMA time to first byte (streams)", "ttfb_ms",
+                 1e-3),
+                ("ballast_node_success_ratio", "Decayed success ratio", "success_ratio", 1.0),
+                ("ballast_node_in_flight", "Requests in flight to the node", "in_flight", 1.0),
+                ("ballast_node_cost", "Routing cost under the current policy; lower is preferred",
+                 "cost", 1.0),
+            )
+        ]  # fmt: skip
         state = GaugeMetricFamily(
             "ballast_node_state", "1 for the node's current state", labels=["node", "state"]
         )
-        for node in nodes:
-            st, nid = node.stats, node.id
-            for outcome, n in st.outcomes.items():
-                if n:
-                    attempts.add_metric([nid, outcome.value], n)
-            latency.add_metric([nid], st.latency.value(now))
-            ttfb.add_metric([nid], st.ttfb.value(now))
-            success.add_metric([nid], st.success.value(now))
-            in_flight.add_metric([nid], st.in_flight)
-            score.add_metric([nid], self.score(node, now))
+        for row in rows:
+            nid = row["id"]
+            for outcome, n in row["outcomes"].items():
+                attempts.add_metric([nid, outcome], n)
+            for fam, key, scale in gauges:
+                fam.add_metric([nid], row[key] * scale)
             for s in NodeState:
-                state.add_metric([nid, s.value], 1.0 if node.state is s else 0.0)
-        yield from (attempts, latency, ttfb, success, in_flight, score, state)
+                state.add_metric([nid, s.value], 1.0 if row["state"] == s.value else 0.0)
+        yield attempts
+        yield from (fam for fam, _, _ in gauges)
+        yield state
         yield from self._supply(nodes)
 
     @staticmethod
@@ -143,10 +138,10 @@ class RouterCollector:
             probes.add_metric([outcome], self.prober.outcomes[outcome] if self.prober else 0)
         yield probes
         sent = CounterMetricFamily("ballast_hedges", "Hedged copies sent to a second node")
-        sent.add_metric([], self.proxy.hedges_sent)
+        sent.add_metric([], self.proxy.hedging.sent)
         yield sent
         won = CounterMetricFamily("ballast_hedges_won", "Hedged copies that answered first")
-        won.add_metric([], self.proxy.hedges_won)
+        won.add_metric([], self.proxy.hedging.won)
         yield won
         queue = GaugeMetricFamily("ballast_queue_length", "Requests waiting for supply")
         queue.add_metric([], self.proxy.queued)
@@ -177,7 +172,7 @@ class Metrics:
 
     def __init__(
         self,
-        registry: Registry,
+        fleet: Fleet,
         store: StateStore,
         active: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
@@ -185,19 +180,19 @@ class Metrics:
         health: HealthMonitor | None = None,
         prober: Prober | None = None,
     ) -> None:
-        self.nodes = registry
+        self.fleet = fleet
         self.active = active
         # With `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set before the fork),
         # counters and histograms live in files shared by all workers and any
         # worker's /metrics reports their sum; fleet and store series are that
         # worker's view (shared through Redis), process series are left out.
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.collectors = CollectorRegistry(auto_describe=True)
         if self.multiprocess:
-            MultiProcessCollector(self.registry)
+            MultiProcessCollector(self.collectors)
             reg = CollectorRegistry()  # the metric objects below write to the shared files
         else:
-            reg = self.registry
+            reg = self.collectors
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
             GCCollector(registry=reg)
@@ -239,19 +234,19 @@ class Metrics:
             registry=reg,
         )
 
-        def score(node: Node, now: float) -> float:
-            return node_cost(proxy.policy if proxy is not None else None, node, now)
+        def policy() -> Policy | None:
+            return proxy.policy if proxy is not None else None
 
-        self.registry.register(FleetCollector(registry, clock, score))
-        self.registry.register(StoreCollector(store))
+        self.collectors.register(FleetCollector(fleet, clock, policy))
+        self.collectors.register(StoreCollector(store))
         if proxy is not None and health is not None:
-            self.registry.register(RouterCollector(proxy, health, prober))
+            self.collectors.register(RouterCollector(proxy, health, prober))
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
     def observe(self, ex: Exchange) -> None:
         model = ex.model
-        if not self.nodes.knows(model):
+        if not self.fleet.knows(model):
             model = "unknown" if model else "none"
         child = self._requests.get((model, ex.status))
         if child is None:
@@ -271,4 +266,4 @@ class Metrics:
             self.in_flight.set(self.active())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.collectors)

@@ -24,6 +24,7 @@ use feed the ``score`` policy.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import Counter
@@ -32,23 +33,17 @@ from random import Random
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import HealthConfig
-from router.nodes import ROUTABLE, EngineLoad, Node, NodeState, Registry
+from router.fleet import ROUTABLE, Fleet, Node, NodeState
+from router.measure import EngineLoad, parse_engine_metrics
 from router.store import StateStore
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.prober")
 
 DIP_PROBE_INTERVAL_S = 0.5
-QUEUE_METRICS = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "llamacpp:requests_deferred")
-RUNNING_METRICS = (
-    "vllm:num_requests_running",
-    "sglang:num_running_reqs",
-    "llamacpp:requests_processing",
-)
-KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+IDLE_TICK_S = 0.25  # longest sleep of the scheduler
 
 
 class ProbeFailed(Exception):
@@ -60,34 +55,20 @@ class ProbeFailed(Exception):
         self.definitive = definitive
 
 
-def parse_engine_metrics(text: str) -> tuple[float, float, float | None]:
-    """(waiting, running, KV-cache use 0..1 or None) from an engine's /metrics."""
-    queue = running = 0.0
-    kv: float | None = None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if name in QUEUE_METRICS:
-                queue += sample.value
-            elif name in RUNNING_METRICS:
-                running += sample.value
-            elif name in KV_METRICS:
-                kv = max(kv or 0.0, sample.value)
-    return queue, running, kv
-
-
 class Prober:
     def __init__(
         self,
         cfg: HealthConfig,
-        registry: Registry,
+        fleet: Fleet,
         store: StateStore,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
         rng: Random | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.registry = registry
+        self.fleet = fleet
+        self.wall = wall
         self.store = store
         self.session = session
         self.clock = clock
@@ -96,6 +77,8 @@ class Prober:
         self.outcomes: Counter[str] = Counter()  # probes by outcome (ok, failed)
         self._slots = asyncio.Semaphore(cfg.probe_concurrency)
         self._busy: set[str] = set()
+        self._due: list[tuple[float, str]] = []  # (when, node id): a heap
+        self._fleet_version = -1
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
 
@@ -113,32 +96,72 @@ class Prober:
     def _interval(self, base: float) -> float:
         return base * self.rng.uniform(0.8, 1.2)
 
+    def _pace(self, node: Node, dip: set[str]) -> float | None:
+        """Seconds between probes of ``node`` in its current state; None: not probed."""
+        if node.state is NodeState.REGISTERED:
+            return self.cfg.probe_interval_s
+        if node.state in ROUTABLE:
+            return self.cfg.verified_probe_interval_s
+        if node.state is NodeState.EJECTED and not dip.isdisjoint(node.models):
+            return DIP_PROBE_INTERVAL_S
+        return None
+
+    def _reschedule(self, now: float) -> None:
+        """The fleet changed: put every node on the heap at its current pace (its
+        earlier entry, if later, is then skipped when it comes up)."""
+        self._fleet_version = self.fleet.version
+        dip = self._dip()
+        for node in self.fleet.nodes.values():
+            pace = self._pace(node, dip)
+            if pace is None:
+                continue
+            # Due, or scheduled further out than its current pace allows.
+            if not (now < node.next_probe <= now + pace):
+                node.next_probe = now
+            heapq.heappush(self._due, (node.next_probe, node.id))
+
+    def _dip(self) -> set[str]:
+        """Models with ejected nodes and no routable one."""
+        ejected = {m for n in self.fleet.ejected() for m in n.models}
+        return ejected - set(self.fleet.served_models()) if ejected else set()
+
+    def due(self, now: float) -> list[Node]:
+        """Nodes to probe now; each gets its next time. Costs O(due nodes) unless
+        the fleet changed since the last call."""
+        if self.fleet.version != self._fleet_version:
+            self._reschedule(now)
+        out: list[Node] = []
+        due = self._due
+        dip: set[str] | None = None
+        while due and due[0][0] <= now:
+            when, node_id = heapq.heappop(due)
+            node = self.fleet.nodes.get(node_id)
+            if node is None or when != node.next_probe:
+                continue  # removed, or a stale entry
+            if node_id in self._busy:  # still being probed: look again shortly
+                node.next_probe = now + IDLE_TICK_S
+                heapq.heappush(due, (node.next_probe, node_id))
+                continue
+            if dip is None:
+                dip = self._dip()
+            pace = self._pace(node, dip)
+            if pace is None:
+                continue
+            node.next_probe = now + self._interval(pace)
+            heapq.heappush(due, (node.next_probe, node_id))
+            out.append(node)
+        return out
+
     async def _schedule(self) -> None:
         while True:
             now = self.clock()
-            dip = {
-                m for n in self.registry.ejected() for m in n.models
-            } - set(self.registry.served_models())  # fmt: skip
-            for node in list(self.registry.nodes.values()):
-                if node.id in self._busy:
-                    continue
-                if node.state is NodeState.REGISTERED:
-                    interval = self.cfg.probe_interval_s
-                elif node.state in ROUTABLE:
-                    interval = self.cfg.verified_probe_interval_s
-                elif node.state is NodeState.EJECTED and dip & set(node.models):
-                    interval = DIP_PROBE_INTERVAL_S
-                else:
-                    continue
-                # Due, or scheduled further out than its current pace allows.
-                if now < node.next_probe <= now + interval:
-                    continue
-                node.next_probe = now + self._interval(interval)
+            for node in self.due(now):
                 self._busy.add(node.id)
                 task = asyncio.get_running_loop().create_task(self._probe_one(node))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-            await asyncio.sleep(0.25)
+            wait = self._due[0][0] - self.clock() if self._due else IDLE_TICK_S
+            await asyncio.sleep(min(max(wait, 0.0), IDLE_TICK_S))
 
     async def _probe_one(self, node: Node) -> None:
         try:
@@ -158,9 +181,9 @@ class Prober:
             self._busy.discard(node.id)
 
     async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
-        node.probe = {"ok": True, "at": time.time(), **findings}
+        node.probe = {"ok": True, "at": self.wall(), **findings}
         node.probe_failures = 0
-        if node.id not in self.registry.nodes or node.state is not before:
+        if node.id not in self.fleet.nodes or node.state is not before:
             return  # changed meanwhile (drained, removed, ejected): leave it
         if before is NodeState.REGISTERED:
             why = "answered a real inference for every claimed model"
@@ -170,9 +193,9 @@ class Prober:
             await self.store.set_state(node.id, NodeState.SERVING, why)
 
     async def _failed(self, node: Node, before: NodeState, why: str, definitive: bool) -> None:
-        node.probe = {"ok": False, "at": time.time(), "error": why}
+        node.probe = {"ok": False, "at": self.wall(), "error": why}
         node.probe_failures += 1
-        if node.id not in self.registry.nodes or node.state is not before:
+        if node.id not in self.fleet.nodes or node.state is not before:
             return
         if before is NodeState.REGISTERED and node.state_reason != f"not verified: {why}":
             await self.store.set_state(node.id, NodeState.REGISTERED, f"not verified: {why}")
@@ -274,7 +297,7 @@ class Prober:
     async def _scrape_loop(self) -> None:
         interval = self.cfg.engine_metrics_interval_s
         while True:
-            nodes = [n for n in self.registry.nodes.values() if n.state in ROUTABLE]
+            nodes = [n for n in self.fleet.nodes.values() if n.state in ROUTABLE]
             await asyncio.gather(*(self._scrape(n, interval) for n in nodes))
             await asyncio.sleep(self._interval(interval))
 

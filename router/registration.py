@@ -30,12 +30,12 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from router.config import Config
+from router.config import Config, NodeId, url_problem
 from router.errors import error_response
-from router.nodes import Node, NodeState
-from router.store import REGISTERED, StateStore
+from router.fleet import Node, NodeState, Source
+from router.store import StateStore, codec
 
-log = logging.getLogger("ballast.registry")
+log = logging.getLogger("ballast.membership")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,7 +43,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class RegisterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    id: NodeId
     url: str = Field(max_length=2048)
     models: list[str] = Field(min_length=1, max_length=256)
     gpu: str | None = Field(None, max_length=128)
@@ -99,15 +99,11 @@ def address_allowed(
 
 async def check_url(url: str, allowed: list[IPNetwork]) -> str | None:
     """Why ``url`` may not be registered, or None when it may."""
+    if (problem := url_problem(url)) is not None:
+        return f"url {problem}"
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "url must be an http:// or https:// URL with a host"
-    if parts.query or parts.fragment or parts.username or parts.password:
-        return "url must not carry credentials, a query string or a fragment"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return "url has an invalid port"
+    assert parts.hostname is not None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
             parts.hostname, port, type=socket.SOCK_STREAM
@@ -180,7 +176,7 @@ class Membership:
         given = request.headers.get("X-Node-Secret", "")
         secret = None
         if existing is not None:
-            if existing.source != REGISTERED:
+            if existing.source is not Source.JOINED:
                 return _bad(f"node id {body.id!r} belongs to a static node", "id_taken", 409)
             if not given or not _same(hash_secret(given), existing.secret_hash):
                 return _bad(
@@ -192,25 +188,8 @@ class Membership:
         else:
             secret = secrets.token_urlsafe(32)
             secret_hash = hash_secret(secret)
-        labels = dict(body.labels)
-        if body.price_per_mtok is not None:
-            labels["price_per_mtok"] = repr(body.price_per_mtok)
-        node = Node(
-            id=body.id,
-            url=url,
-            models=body.models,
-            gpu=body.gpu,
-            gpus=body.gpus,
-            vram_gb=body.vram_gb,
-            labels=labels,
-            scoring=self.cfg.scoring,
-            source=REGISTERED,
-            state=NodeState.REGISTERED if self.cfg.health.probe else NodeState.SERVING,
-            state_reason="waiting for verification"
-            if self.cfg.health.probe
-            else "self-registered (verification is off)",
-        )
-        node.secret_hash = secret_hash
+        claims = {**body.model_dump(), "url": url}
+        node = codec.from_registration(claims, self.cfg.scoring, self.cfg.health.probe, secret_hash)
         await self.store.register(node)
         log.info("node %s registered (%s, %s)", node.id, node.gpu or "gpu unknown", node.url)
         out = {
@@ -227,7 +206,7 @@ class Membership:
     async def heartbeat(self, request: web.Request) -> web.Response:
         node = await self.store.fetch(request.match_info["id"])
         given = _bearer(request)
-        if node is None or node.source != REGISTERED or not node.secret_hash:
+        if node is None or node.source is not Source.JOINED or not node.secret_hash:
             return _bad("no such registered node; register first", "unknown_node", 404)
         if not given or not _same(hash_secret(given), node.secret_hash):
             return _bad("missing or wrong node secret", "invalid_node_secret", 401)

@@ -16,17 +16,12 @@ import pytest
 import redis
 from aiohttp import web
 
+from loadtest.common import free_port
 from loadtest.simnode import Fault, Profile, SimNode, sim_config
 from router.app import ROUTER, Router, create_app
 from router.config import parse_config
 
 MODEL = "tiny-llama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_ports(n: int) -> list[int]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from router.config import Scoring
-from router.nodes import NodeStats, Outcome
-from router.peak_ewma import PeakEwma
-from router.success_ratio import DecayedRatio
+from router.measure import NodeStats, Outcome
+from router.measure.decayed_ratio import DecayedRatio
+from router.measure.peak_ewma import PeakEwma
 
 
 def test_peak_ewma_defaults_until_measured() -> None:

@@ -7,9 +7,10 @@ from random import Random
 
 import pytest
 
-from policies import REGISTRY, PolicyError, RequestInfo, build_policy
+from policies import POLICIES, PolicyError, RequestInfo, build_policy
 from router.config import Scoring
-from router.nodes import Node, Outcome
+from router.fleet import Node
+from router.measure import Outcome
 
 REQ = RequestInfo(model="m")
 
@@ -26,8 +27,8 @@ def measured(latencies: list[float], now: float = 0.0) -> list[Node]:
 
 
 def test_registry_names() -> None:
-    assert {"round_robin", "random", "least_outstanding", "p2c_peak_ewma", "score"} <= set(REGISTRY)
-    for cls in REGISTRY.values():
+    assert {"round_robin", "random", "least_outstanding", "p2c_peak_ewma", "score"} <= set(POLICIES)
+    for cls in POLICIES.values():
         assert cls.description
 
 
@@ -38,7 +39,7 @@ def test_unknown_policy_and_bad_params() -> None:
         build_policy("round_robin", {"bogus": 1})
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_returns_k_distinct_candidates(name: str, rng: Random) -> None:
     policy = build_policy(name)
     cands = nodes(5)
@@ -52,7 +53,7 @@ def test_every_policy_returns_k_distinct_candidates(name: str, rng: Random) -> N
     assert policy.rank(REQ, [], 3, rng, 0.0) == []
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(POLICIES))
 def test_policies_are_deterministic_under_seed(name: str) -> None:
     cands = measured([0.1, 0.2, 0.3, 0.4])
 
@@ -121,7 +122,7 @@ def test_score_prefers_reliable_nodes_at_equal_latency(rng: Random) -> None:
 
 
 def test_score_counts_stale_engine_metrics_as_saturated(rng: Random) -> None:
-    from router.nodes import EngineLoad
+    from router.measure import EngineLoad
 
     cands = measured([0.1, 0.1])
     cands[0].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
@@ -171,6 +172,6 @@ def test_score_stops_sending_to_a_node_that_went_silent(rng: Random) -> None:
     st = cands[0].stats
     st.in_flight, st.awaiting, st.awaiting_since = 1, 1, 10.0  # one request, no answer yet
     score = build_policy("score")
-    assert score.factors(cands[0], 10.5)["suspect"] == 1.0  # not yet: within 1 s
-    assert score.factors(cands[0], 12.0)["suspect"] == 1000.0
+    assert score.factors(cands[0], 10.5)["hung"] == 1.0  # not yet: within 1 s
+    assert score.factors(cands[0], 12.0)["hung"] == 1000.0
     assert all(score.rank(REQ, cands, 1, rng, 12.0)[0].id == "n1" for _ in range(20))

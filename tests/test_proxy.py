@@ -125,7 +125,7 @@ async def test_failover_300_sequential_requests_all_succeed(
                 served.get(resp.headers["x-ballast-node"], 0) + 1
             )
     assert "refusing" not in served
-    stats = r.router.registry.nodes["refusing"].stats
+    stats = r.router.fleet.nodes["refusing"].stats
     assert stats.failures_total == stats.requests_total >= 1
     assert served["good"] > served["flaky"]
 
@@ -155,7 +155,7 @@ async def test_mid_stream_failure_ends_with_sse_error(
     assert len(events) == 3
     last = orjson.loads(events[-1].removeprefix(b"data: "))
     assert last["error"]["code"] == "upstream_error"
-    assert r.router.registry.nodes["dies"].stats.failures_total == 1
+    assert r.router.fleet.nodes["dies"].stats.failures_total == 1
 
 
 async def test_deadline_gives_504(
@@ -260,11 +260,11 @@ async def test_chunked_oversize_body_is_refused(
 async def test_no_routable_node_is_503_with_retry_after(
     fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
 ) -> None:
-    from router.nodes import NodeState
+    from router.fleet import NodeState
 
     sim = await fleet("a")
     r = await make_router([node_entry(sim)], queue={"max_wait_s": 0.2})
-    r.router.registry.set_state("a", NodeState.DRAINING, "test")
+    r.router.fleet.set_state("a", NodeState.DRAINING, "test")
     async with await post(http, r.url, chat()) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
@@ -307,7 +307,7 @@ async def test_client_disconnect_while_waiting_cancels_upstream(
         await asyncio.wait_for(hole.arrived.wait(), 5)  # the node holds the request
         task.cancel()
     await asyncio.wait_for(hole.cancel_seen.wait(), 5)
-    stats = r.router.registry.nodes["hole"].stats
+    stats = r.router.fleet.nodes["hole"].stats
     assert stats.in_flight == 0 and stats.failures_total == 0
 
 

@@ -318,7 +318,7 @@ async def test_agent_registers_and_keeps_the_node_alive(
     )  # fmt: skip
     try:
         await wait_for_line(agent, "registered gpu-box")
-        node = r.router.registry.nodes["gpu-box"]
+        node = r.router.fleet.nodes["gpu-box"]
         assert node.models == (MODEL,)  # discovered from the node's /v1/models
         assert node.gpu == "RTX 4090" and node.vram_gb == 24
         assert secret_file.read_text() and node.secret_hash

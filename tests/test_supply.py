@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 
 from loadtest.simnode import Fault
-from router.nodes import NodeState
-from router.prober import parse_engine_metrics
+from router.fleet import NodeState
+from router.measure import parse_engine_metrics
 from tests.conftest import MODEL, MakeRouter, MakeSim, RouterHandle, chat, node_entry
 
 PROBING = {"probe": True, "verify_static": True, "probe_interval_s": 0.2, "probe_timeout_s": 2}
@@ -42,7 +42,7 @@ async def test_a_node_lying_about_its_model_is_never_verified(
     r = await make_router(
         [node_entry(honest), {"id": "liar", "url": liar.url, "models": [MODEL]}], health=PROBING
     )
-    nodes = r.router.registry.nodes
+    nodes = r.router.fleet.nodes
     assert nodes["liar"].state is NodeState.REGISTERED  # claims only, at first
     await until(lambda: nodes["honest"].state is NodeState.VERIFIED, 5)
     await until(lambda: "does not list" in nodes["liar"].state_reason, 5)
@@ -70,7 +70,7 @@ async def test_a_black_hole_costs_one_first_byte_timeout(
         assert (status, node) == (200, "good")
         slow += time.monotonic() - t0 >= 0.5
     assert slow == 1
-    hole_node = r.router.registry.nodes["hole"]
+    hole_node = r.router.fleet.nodes["hole"]
     assert hole_node.state is NodeState.EJECTED and "timeout" in hole_node.state_reason
     await asyncio.wait_for(hole.cancel_seen.wait(), 5)  # its request was not left hanging
 
@@ -97,7 +97,7 @@ async def test_a_flapping_node_backs_off_longer_each_time_and_ramps_back(
         health={"probe": False, "consecutive_failures": 2, "base_ejection_s": 0.3,
                 "max_ejection_s": 5, "slow_start_s": 2},
     )  # fmt: skip
-    node = r.router.registry.nodes["flappy"]
+    node = r.router.fleet.nodes["flappy"]
     durations = []
     for n in (1, 2):
         while node.state is not NodeState.EJECTED:
@@ -182,7 +182,7 @@ async def test_hedging_takes_the_first_answer_and_cancels_the_other(
     assert time.monotonic() - t0 < 5  # did not wait for the hung primary
     await asyncio.wait_for(slow.cancel_seen.wait(), 5)  # the loser was cancelled
     proxy = r.router.proxy
-    assert (proxy.hedges_sent, proxy.hedges_won) == (1, 1)
+    assert (proxy.hedging.sent, proxy.hedging.won) == (1, 1)
 
 
 def test_engine_metrics_of_vllm_sglang_and_llamacpp() -> None:
@@ -210,5 +210,5 @@ async def test_hedging_with_a_primary_that_fails_at_once_is_plain_failover(
     )
     assert await send(http, r, chat()) == (200, "fast")
     assert (broken.requests, fast.requests) == (1, 1)
-    assert r.router.proxy.hedges_sent == 0
-    assert all(n.stats.in_flight == 0 for n in r.router.registry.nodes.values())
+    assert r.router.proxy.hedging.sent == 0
+    assert all(n.stats.in_flight == 0 for n in r.router.fleet.nodes.values())

@@ -44,99 +44,13 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from router.config import Scoring, StateConfig
-from router.nodes import Node, NodeState, Pending, Registry
-from router.store import REGISTERED, adopt, apply_heartbeat
+from router.fleet import Fleet, Node, NodeState, Source
+from router.measure import Pending, Signals
+from router.measure.merge import MERGE_LUA
+from router.store import apply_heartbeat, codec, scripts
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
-
-_FLUSH = """
-local node, changes, seq = KEYS[1], KEYS[2], KEYS[3]
-if redis.call('EXISTS', node) == 0 then return 0 end
-local now = tonumber(ARGV[2])
-local n = tonumber(ARGV[5])
-if n > 0 then
-  local h = redis.call('HMGET', node, 'ok', 'n', 'sr_t', 'lat', 'lat_t')
-  local ok, att = tonumber(h[1]) or 0, tonumber(h[2]) or 0
-  local w = 1
-  if att > 0 then
-    local age = now - (tonumber(h[3]) or now)
-    w = math.exp(-age * 0.6931471805599453 / tonumber(ARGV[11]))
-  end
-  ok = ok * w + tonumber(ARGV[6])
-  att = att * w + n
-  local lat, lmax, lmean = tonumber(h[4]), tonumber(ARGV[7]), tonumber(ARGV[8])
-  if lat == nil or lmax > lat then
-    lat = lmax
-  else
-    local w2 = math.exp(-(now - (tonumber(h[5]) or now)) / tonumber(ARGV[12]))
-    lat = lat * w2 + lmean * (1 - w2)
-  end
-  redis.call('HSET', node, 'ok', ok, 'n', att, 'sr_t', now, 'lat', lat, 'lat_t', now)
-  redis.call('HINCRBY', node, 'req', ARGV[9])
-  redis.call('HINCRBY', node, 'fail', ARGV[10])
-end
-redis.call('HSET', node, 'if:' .. ARGV[3], ARGV[4], 'ift:' .. ARGV[3], now)
-redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
-return 1
-"""
-
-# Write a node's fields and announce the change. ARGV: id, channel, only_if_missing,
-# keep_state, then field/value pairs.
-_PUT = """
-local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local exists = redis.call('EXISTS', node) == 1
-if ARGV[3] == '1' and exists then return 0 end
-local fields = {}
-for i = 5, #ARGV, 2 do
-  local k = ARGV[i]
-  if not (ARGV[4] == '1' and exists and (k == 'state' or k == 'reason')) then
-    table.insert(fields, k)
-    table.insert(fields, ARGV[i + 1])
-    if k == 'seen' then redis.call('ZADD', seen, ARGV[i + 1], ARGV[1]) end
-  end
-end
-if #fields > 0 then redis.call('HSET', node, unpack(fields)) end
-redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return 1
-"""
-
-# A heartbeat: last seen and telemetry; revives a node that had expired.
-_BEAT = """
-local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if redis.call('EXISTS', node) == 0 then return 0 end
-redis.call('HSET', node, 'seen', ARGV[3], 'tel', ARGV[4])
-redis.call('ZADD', seen, ARGV[3], ARGV[1])
-if redis.call('HGET', node, 'state') == 'gone' then
-  redis.call('HSET', node, 'state', 'serving', 'reason', 'heartbeats resumed')
-  redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
-end
-return 1
-"""
-
-# Expire one node whose last heartbeat is older than ARGV[3].
-_EXPIRE = """
-local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-redis.call('ZREM', seen, ARGV[1])
-local last = tonumber(redis.call('HGET', node, 'seen'))
-if last == nil or last >= tonumber(ARGV[3]) or redis.call('HGET', node, 'state') == 'gone' then
-  return 0
-end
-redis.call('HSET', node, 'state', 'gone', 'reason', ARGV[4])
-redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return 1
-"""
-
-_REMOVE = """
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
-return 1
-"""
 
 _ERRORS = (RedisError, OSError, TimeoutError)
 PULL_CHUNK = 1000  # changed nodes read per round trip
@@ -155,14 +69,6 @@ def make_client(cfg: StateConfig) -> Any:
     if cfg.cluster:
         return RedisCluster.from_url(cfg.redis_url, socket_timeout=t, socket_connect_timeout=t)
     return aioredis.from_url(cfg.redis_url, socket_timeout=t, socket_connect_timeout=t)
-
-
-def _s(v: bytes | None, default: str = "") -> str:
-    return v.decode() if v is not None else default
-
-
-def _f(v: bytes | None, default: float) -> float:
-    return float(v) if v is not None else default
 
 
 class RedisStore:
@@ -191,12 +97,13 @@ class RedisStore:
         self.k_policy = p + "policy"
         self.on_policy: Callable[[str, dict[str, Any]], None] | None = None
         self._policy_seen: bytes | None = None
-        self._flush = self.client.register_script(_FLUSH)
-        self._put = self.client.register_script(_PUT)
-        self._beat = self.client.register_script(_BEAT)
-        self._expire = self.client.register_script(_EXPIRE)
-        self._remove = self.client.register_script(_REMOVE)
-        self.registry = Registry()
+        self._merge = self.client.register_script(MERGE_LUA)
+        self._put = self.client.register_script(scripts.PUT)
+        self._beat = self.client.register_script(scripts.BEAT)
+        self._expire = self.client.register_script(scripts.EXPIRE)
+        self._remove = self.client.register_script(scripts.REMOVE)
+        self.fleet = Fleet()
+        self.signals = Signals()
         self.last_seq = 0.0
         self.epoch: bytes | None = None
         self._ok = False
@@ -215,9 +122,10 @@ class RedisStore:
     def healthy(self) -> bool:
         return self._ok
 
-    async def start(self, registry: Registry) -> None:
-        self.registry = registry
-        for node in registry.nodes.values():
+    async def start(self, fleet: Fleet, signals: Signals) -> None:
+        self.fleet = fleet
+        self.signals = signals
+        for node in fleet.nodes.values():
             node.stats.pending = node.stats.pending or Pending()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(*_ERRORS):
@@ -242,17 +150,8 @@ class RedisStore:
     def _keys(self, node_id: str) -> list[str]:
         return [self.k_node + node_id, self.k_changes, self.k_seq, self.k_seen]
 
-    def _fields(self, node: Node) -> list[Any]:
-        out: list[Any] = ["spec", orjson.dumps(node.spec()), "state", node.state.value]
-        out += ["reason", node.state_reason]
-        if node.secret_hash:
-            out += ["secret", node.secret_hash]
-        if node.source == REGISTERED:
-            out += ["seen", repr(node.last_seen), "tel", orjson.dumps(node.telemetry)]
-        return out
-
     async def _write(self, node: Node, only_if_missing: bool, keep_state: bool) -> None:
-        args = [node.id, self.channel, int(only_if_missing), int(keep_state), *self._fields(node)]
+        args = [node.id, self.channel, int(only_if_missing), int(keep_state), *codec.fields(node)]
         await self._put(keys=self._keys(node.id), args=args)
 
     async def _run_scripts(self, calls: list[tuple[Any, list[str], list[Any]]]) -> None:
@@ -293,24 +192,24 @@ class RedisStore:
     async def register(self, node: Node) -> None:
         node.last_seen = self.wall()
         node.stats.pending = Pending()
-        adopt(self.registry, node)
+        self.fleet.adopt(node)
         await self._guard(lambda: self._write(node, only_if_missing=False, keep_state=False))
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
         now = self.wall()
-        apply_heartbeat(self.registry, self.registry.nodes[node_id], telemetry, now)
+        apply_heartbeat(self.fleet, self.fleet.nodes[node_id], telemetry, now)
         args = [node_id, self.channel, repr(now), orjson.dumps(telemetry)]
         await self._guard(lambda: self._beat(keys=self._keys(node_id), args=args))
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
-        self.registry.set_state(node_id, state, reason)
-        node = self.registry.nodes[node_id]
+        self.fleet.set_state(node_id, state, reason)
+        node = self.fleet.nodes[node_id]
         args = [node_id, self.channel, 0, 0, "state", state.value, "reason", reason]
         args += ["until", repr(node.ejected_until), "ejections", node.ejections]
         await self._guard(lambda: self._put(keys=self._keys(node_id), args=args))
 
     async def remove(self, node_id: str) -> None:
-        self.registry.remove(node_id)
+        self.fleet.remove(node_id)
         args = [node_id, self.channel]
         await self._guard(lambda: self._remove(keys=self._keys(node_id), args=args))
 
@@ -325,7 +224,7 @@ class RedisStore:
         await self._guard(write)
 
     async def fetch(self, node_id: str) -> Node | None:
-        node = self.registry.nodes.get(node_id)
+        node = self.fleet.nodes.get(node_id)
         if node is not None:
             return node
         try:
@@ -335,7 +234,7 @@ class RedisStore:
             self._failed(e)
             return None
         self._apply(node_id, h, self.wall(), self.clock())
-        return self.registry.nodes.get(node_id)
+        return self.fleet.nodes.get(node_id)
 
     # -- background sync --------------------------------------------------------
 
@@ -403,53 +302,41 @@ class RedisStore:
         await self.client.set(self.k_epoch, secrets.token_hex(8), nx=True)
         self.epoch = await self.client.get(self.k_epoch)
         calls = []
-        for node in self.registry.nodes.values():
-            static = node.source != REGISTERED
-            args = [node.id, self.channel, int(not static), 1, *self._fields(node)]
+        for node in self.fleet.nodes.values():
+            static = node.source is Source.CONFIG
+            args = [node.id, self.channel, int(not static), 1, *codec.fields(node)]
             calls.append((self._put, self._keys(node.id), args))
         await self._run_scripts(calls)
         self.last_seq = 0.0  # read everything once
-        return 2 + len(self.registry.nodes)
+        return 2 + len(self.fleet.nodes)
 
     async def _flush_dirty(self) -> int:
-        dirty = self.registry.dirty
-        self.registry.dirty = set()
+        dirty = self.signals.take_for_store()
         # Take each node's pending outcomes before the first await: outcomes that
         # arrive while the batch is in flight go to a fresh Pending, not lost.
         batch: list[tuple[Node, Pending, int]] = []
         for node in dirty | self._busy:
             st = node.stats
-            if st.pending is not None and node.id in self.registry.nodes:
+            if st.pending is not None and node.id in self.fleet.nodes:
                 batch.append((node, st.pending, st.in_flight))
                 st.pending = Pending()
         if not batch:
             return 0
-        now = self.wall()
+        now = repr(self.wall())
+        half_life, tau = self.scoring.success_half_life_s, self.scoring.decay_s
         calls = []
         for node, p, in_flight in batch:
             mean = p.lat_sum / p.lat_n if p.lat_n else 0.0
-            args = [
-                node.id,
-                repr(now),
-                self.replica,
-                in_flight,
-                p.attempts,
-                p.successes,
-                repr(p.lat_max),
-                repr(mean),
-                p.requests,
-                p.failures,
-                self.scoring.success_half_life_s,
-                self.scoring.decay_s,
-            ]
-            calls.append((self._flush, self._keys(node.id)[:3], args))
+            args = [node.id, now, self.replica, in_flight, p.attempts, p.successes]
+            args += [repr(p.lat_max), repr(mean), half_life, tau]
+            calls.append((self._merge, self._keys(node.id)[:3], args))
         try:
             await self._run_scripts(calls)
         except BaseException:
             for node, p, _ in batch:  # not sent: keep it for the next round
                 if node.stats.pending is not None:
                     node.stats.pending.merge(p)
-            self.registry.dirty |= dirty
+            self.signals.for_store |= dirty
             raise
         for node, _, _ in batch:
             if node.stats.in_flight:
@@ -479,7 +366,7 @@ class RedisStore:
                 hashes = await pipe.execute()
             commands += len(changed)
             now_w, now_m = self.wall(), self.clock()
-            with self.registry.batch():
+            with self.fleet.batch():
                 for (member, _), h in zip(changed, hashes, strict=True):
                     self._apply(member.decode(), h, now_w, now_m)
             self.last_seq = changed[-1][1]
@@ -504,62 +391,50 @@ class RedisStore:
     # -- applying shared state locally ---------------------------------------------
 
     def _apply(self, node_id: str, h: dict[bytes, bytes], now_w: float, now_m: float) -> None:
-        reg = self.registry
-        node = reg.nodes.get(node_id)
+        fleet = self.fleet
+        node = fleet.nodes.get(node_id)
         if not h:
             if node is not None:
-                reg.remove(node_id)
+                fleet.remove(node_id)
             return
-        if b"spec" not in h:
-            return  # only statistics reached Redis for a node it no longer describes
-        spec = orjson.loads(h[b"spec"])
-        if node is None or node.url != spec["url"] or list(node.models) != spec["models"]:
-            fresh = Node(
-                id=node_id,
-                url=spec["url"],
-                models=spec["models"],
-                gpu=spec.get("gpu"),
-                gpus=spec.get("gpus", 1),
-                vram_gb=spec.get("vram_gb"),
-                labels=spec.get("labels") or {},
-                source=spec.get("source", REGISTERED),
-                scoring=self.scoring,
-                state=NodeState(_s(h.get(b"state"), "serving")),
-                state_reason=_s(h.get(b"reason")),
-            )
+        if node is None or not codec.same_claims(node, h):
+            fresh = codec.from_hash(node_id, h, self.scoring)
+            if fresh is None:
+                return  # only statistics reached Redis for a node it no longer describes
             if node is not None:
                 fresh.auth_header = node.auth_header  # a static node's key stays local
             fresh.stats.pending = Pending()
-            adopt(reg, fresh)
+            fleet.adopt(fresh)
             node = fresh
-        state = NodeState(_s(h.get(b"state"), node.state.value))
-        reason = _s(h.get(b"reason"), node.state_reason)
+        state = NodeState(codec.text(h.get(b"state"), node.state.value))
+        reason = codec.text(h.get(b"reason"), node.state_reason)
         if state is not node.state or reason != node.state_reason:
-            reg.set_state(node_id, state, reason)
-        node.ejected_until = _f(h.get(b"until"), node.ejected_until)
+            fleet.set_state(node_id, state, reason)
+        node.ejected_until = codec.number(h.get(b"until"), node.ejected_until)
         node.ejections = int(h.get(b"ejections", node.ejections))
-        node.secret_hash = _s(h.get(b"secret"))
-        node.last_seen = _f(h.get(b"seen"), 0.0)
+        node.secret_hash = codec.text(h.get(b"secret"))
+        node.last_seen = codec.number(h.get(b"seen"), 0.0)
         if b"tel" in h:
             node.telemetry = orjson.loads(h[b"tel"])
         self._apply_stats(node, h, now_w, now_m)
 
     def _apply_stats(self, node: Node, h: dict[bytes, bytes], now_w: float, now_m: float) -> None:
-        st = node.stats
-        if b"lat" in h:
-            st.latency.estimate = float(h[b"lat"])
-            st.latency.stamp = now_m - (now_w - _f(h.get(b"lat_t"), now_w))
-        if b"n" in h:
-            st.success.successes = float(h[b"ok"])
-            st.success.attempts = float(h[b"n"])
-            st.success.stamp = now_m - (now_w - _f(h.get(b"sr_t"), now_w))
-            st.requests_total = int(h.get(b"req", b"0"))
-            st.failures_total = int(h.get(b"fail", b"0"))
+        num = codec.number
         fresh_after = now_w - 3 * self.cfg.flush_interval_s - 1.0
         remote = 0
         mine = ("if:" + self.replica).encode()
         for key, value in h.items():
             if key.startswith(b"if:") and key != mine:
-                if _f(h.get(b"ift:" + key[3:]), 0.0) >= fresh_after:
+                if num(h.get(b"ift:" + key[3:]), 0.0) >= fresh_after:
                     remote += int(value)
-        st.remote_in_flight = remote
+        node.stats.adopt_shared(
+            now_m,
+            latency=(float(h[b"lat"]), now_w - num(h.get(b"lat_t"), now_w))
+            if b"lat" in h
+            else None,
+            success=(float(h[b"ok"]), float(h[b"n"]), now_w - num(h.get(b"sr_t"), now_w))
+            if b"n" in h
+            else None,
+            totals=(int(h.get(b"req", b"0")), int(h.get(b"fail", b"0"))) if b"n" in h else None,
+            remote_in_flight=remote,
+        )

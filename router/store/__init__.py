@@ -1,13 +1,17 @@
-"""Where fleet state lives: the seam between the scoreboard and a store.
+"""Where fleet state lives: the seam between the fleet, the scoreboard and a store.
 
 The request path never talks to a store. It updates each node's
-:class:`~router.nodes.NodeStats` in memory, synchronously; a store runs beside it
-in the background. Membership changes (a node registers, heartbeats, is drained
-or removed) go through the store, which applies them to the local registry and,
-when shared, to every other router process.
+:class:`~router.measure.NodeStats` in memory, synchronously; a store runs beside
+it in the background. Membership changes (a node joins, heartbeats, is drained
+or removed) go through the store, which applies them to the local
+:class:`~router.fleet.Fleet` and, when shared, to every other router process.
 
-:class:`MemoryStore` is the embedded default for a single process: the in-memory
-registry *is* the state. :class:`router.redis_store.RedisStore` shares it.
+* :class:`MemoryStore` (here) is the embedded default for a single process: the
+  in-memory fleet *is* the state;
+* :class:`router.store.redis.RedisStore` shares it through Redis, with its Lua
+  scripts in :mod:`router.store.scripts`;
+* :mod:`router.store.codec` is the only place a node is built, whatever its
+  source (config, registration, a Redis hash).
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from router.nodes import Node, NodeState, Registry
+from router.fleet import Fleet, Node, NodeState, Source
+from router.measure import Signals
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
-
-REGISTERED = "registered"  # Node.source of a node that joined through the API
 
 
 class StateStore(Protocol):
@@ -35,12 +38,12 @@ class StateStore(Protocol):
         """False while the store cannot be reached (requests still flow)."""
         ...
 
-    async def start(self, registry: Registry) -> None: ...
+    async def start(self, fleet: Fleet, signals: Signals) -> None: ...
 
     async def close(self) -> None: ...
 
     async def register(self, node: Node) -> None:
-        """Add or replace a self-registered node (its ``secret_hash`` set)."""
+        """Add or replace a joined node (its ``secret_hash`` set)."""
         ...
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None: ...
@@ -60,28 +63,20 @@ class StateStore(Protocol):
     on_policy: Callable[[str, dict[str, Any]], None] | None
 
 
-def adopt(registry: Registry, node: Node) -> None:
-    """Put ``node`` in the registry, keeping what was measured about an earlier copy."""
-    old = registry.nodes.get(node.id)
-    if old is not None:
-        node.stats = old.stats
-    registry.add(node)
-
-
-def apply_heartbeat(registry: Registry, node: Node, telemetry: dict[str, Any], now: float) -> None:
+def apply_heartbeat(fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float) -> None:
     node.last_seen = now
     node.telemetry = telemetry
     if node.state is NodeState.GONE:
-        registry.set_state(node.id, NodeState.SERVING, "heartbeats resumed")
+        fleet.set_state(node.id, NodeState.SERVING, "heartbeats resumed")
 
 
-def expired(registry: Registry, ttl_s: float, now: float) -> list[Node]:
-    """Self-registered nodes whose heartbeats stopped more than ``ttl_s`` ago."""
+def expired(fleet: Fleet, ttl_s: float, now: float) -> list[Node]:
+    """Joined nodes whose heartbeats stopped more than ``ttl_s`` ago."""
     limit = now - ttl_s
     return [
         n
-        for n in registry.nodes.values()
-        if n.source == REGISTERED and n.state is not NodeState.GONE and n.last_seen < limit
+        for n in fleet.nodes.values()
+        if n.source is Source.JOINED and n.state is not NodeState.GONE and n.last_seen < limit
     ]
 
 
@@ -95,15 +90,15 @@ class MemoryStore:
     def __init__(self, heartbeat_ttl_s: float = 30.0, wall: Callable[[], float] = time.time):
         self.ttl = heartbeat_ttl_s
         self.wall = wall
-        self.registry = Registry()
+        self.fleet = Fleet()
         self._task: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
         return True
 
-    async def start(self, registry: Registry) -> None:
-        self.registry = registry
+    async def start(self, fleet: Fleet, signals: Signals) -> None:
+        self.fleet = fleet
         self._task = asyncio.get_running_loop().create_task(self._expire_loop())
 
     async def close(self) -> None:
@@ -111,19 +106,19 @@ class MemoryStore:
 
     async def register(self, node: Node) -> None:
         node.last_seen = self.wall()
-        adopt(self.registry, node)
+        self.fleet.adopt(node)
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
-        apply_heartbeat(self.registry, self.registry.nodes[node_id], telemetry, self.wall())
+        apply_heartbeat(self.fleet, self.fleet.nodes[node_id], telemetry, self.wall())
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
-        self.registry.set_state(node_id, state, reason)
+        self.fleet.set_state(node_id, state, reason)
 
     async def remove(self, node_id: str) -> None:
-        self.registry.remove(node_id)
+        self.fleet.remove(node_id)
 
     async def fetch(self, node_id: str) -> Node | None:
-        return self.registry.nodes.get(node_id)
+        return self.fleet.nodes.get(node_id)
 
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         return None
@@ -131,5 +126,5 @@ class MemoryStore:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.ttl / 4))
-            for node in expired(self.registry, self.ttl, self.wall()):
-                self.registry.set_state(node.id, NodeState.GONE, f"no heartbeat for {self.ttl:g}s")
+            for node in expired(self.fleet, self.ttl, self.wall()):
+                self.fleet.set_state(node.id, NodeState.GONE, f"no heartbeat for {self.ttl:g}s")

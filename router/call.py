@@ -1,0 +1,76 @@
+"""One client request on its way through the router.
+
+:class:`Call` is what the request path carries from step to step instead of a
+list of arguments: the client's request, the facts parsed from its body once,
+the headers to send upstream, the deadline, the failures so far and the
+:class:`Exchange` that observers (metrics, access log) receive at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from policies import RequestInfo
+from router.measure import Outcome
+
+
+class Exchange:
+    """What happened to one client request; handed to observers when it ends."""
+
+    __slots__ = (
+        "attempts",
+        "duration",
+        "hedged",
+        "model",
+        "node",
+        "outcomes",
+        "queued_s",
+        "request_id",
+        "start",
+        "status",
+        "stream",
+        "ttfb",
+    )
+
+    def __init__(self, request_id: str, start: float) -> None:
+        self.request_id = request_id
+        self.start = start
+        self.model = ""
+        self.stream = False
+        self.node = ""
+        self.attempts = 0
+        self.status = 0
+        self.ttfb = -1.0  # request arrival to the node's first byte; < 0: none
+        self.duration = 0.0
+        self.queued_s = 0.0  # time spent waiting for supply
+        self.hedged = False
+        self.outcomes: list[Outcome] = []
+
+
+class Failed(Exception):
+    """An attempt failed before anything reached the client: try another node."""
+
+    def __init__(self, outcome: Outcome, detail: str, retry_after: str | None = None) -> None:
+        self.outcome = outcome
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    request: web.Request
+    ex: Exchange
+    info: RequestInfo
+    body: bytes
+    headers: CIMultiDict[str]  # what every attempt sends upstream (before the node's key)
+    deadline: float  # clock() after which the request has failed
+    need: int | None = None  # tokens of context and KV cache the request needs, if known
+    failures: list[Failed] = field(default_factory=list)
+    retrying: bool = False  # counted among the retries in progress
+
+    def failed(self, f: Failed) -> None:
+        self.ex.outcomes.append(f.outcome)
+        self.failures.append(f)

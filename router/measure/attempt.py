@@ -1,0 +1,112 @@
+"""An attempt's lifecycle on a node, and the channel that reports it.
+
+The request path opens an :class:`Attempt` for every try on a node
+(``Meter.begin``), marks its first byte, and ends it once with an outcome. That
+is the only way traffic writes a node's :class:`~router.measure.stats.NodeStats`:
+
+* begin: the node has one more request in flight and one more awaiting a first
+  byte (the hung-node rule counts silence from here);
+* first byte: no longer awaiting; the node made progress;
+* end: the outcome and the time to first byte (or to the failure) enter the
+  scoreboard, and :class:`Signals` tell the health monitor (which nodes have
+  news, and whether any failed, to wake it at once) and the state store (which
+  nodes have measurements to share).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from router.measure.outcome import FAILURES, Outcome
+
+if TYPE_CHECKING:
+    from router.fleet import Node
+
+
+class Signals:
+    """What the measurement layer tells the background tasks; read and reset by them."""
+
+    __slots__ = ("failure", "for_health", "for_store")
+
+    def __init__(self) -> None:
+        self.for_store: set[Node] = set()  # nodes with measurements a shared store has not seen
+        self.for_health: set[Node] = set()  # nodes with outcomes since health last looked
+        self.failure = asyncio.Event()  # an attempt failed: health should look now
+
+    def take_for_health(self) -> set[Node]:
+        nodes, self.for_health = self.for_health, set()
+        return nodes
+
+    def take_for_store(self) -> set[Node]:
+        nodes, self.for_store = self.for_store, set()
+        return nodes
+
+
+class Meter:
+    """Opens attempts; holds the clock and the failure penalty they are measured with."""
+
+    __slots__ = ("clock", "penalty_s", "signals")
+
+    def __init__(self, clock: Callable[[], float], penalty_s: float) -> None:
+        self.clock = clock
+        self.penalty_s = penalty_s
+        self.signals = Signals()
+
+    def begin(self, node: Node) -> Attempt:
+        return Attempt(self, node)
+
+
+class Attempt:
+    """One try on one node: counted in flight from creation, recorded exactly once."""
+
+    __slots__ = ("awaiting", "done", "meter", "node", "t0", "t_first")
+
+    def __init__(self, meter: Meter, node: Node) -> None:
+        self.meter = meter
+        self.node = node
+        self.t_first = -1.0  # clock() at the first byte; < 0: none yet
+        self.done = False
+        st = node.stats
+        self.t0 = meter.clock()
+        if st.awaiting == 0:
+            st.awaiting_since = self.t0
+        st.awaiting += 1
+        self.awaiting = True
+        st.in_flight += 1
+        if st.pending is not None:  # a shared store will report the in-flight count
+            meter.signals.for_store.add(node)
+
+    def first_byte(self) -> float:
+        """The node answered; returns the time of it."""
+        now = self.meter.clock()
+        if self.t_first < 0:
+            self.t_first = now
+        self._progress(now)
+        return now
+
+    def _progress(self, now: float) -> None:
+        if self.awaiting:
+            self.awaiting = False
+            st = self.node.stats
+            st.awaiting -= 1
+            st.awaiting_since = now
+
+    def end(self, outcome: Outcome) -> None:
+        if self.done:
+            return
+        self.done = True
+        meter = self.meter
+        now = meter.clock()
+        self._progress(now)
+        st = self.node.stats
+        st.in_flight -= 1
+        elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
+        st.record(outcome, elapsed, now, meter.penalty_s)
+        signals = meter.signals
+        signals.for_health.add(self.node)
+        if st.pending is not None:
+            signals.for_store.add(self.node)
+        if outcome in FAILURES:
+            signals.failure.set()

@@ -1,0 +1,139 @@
+"""The one place a :class:`~router.fleet.Node` is built, and how it is stored.
+
+A node comes from the config file, from a registration, or from another router
+process through Redis; each source has one function here, and all of them end
+in ``Node(...)`` with claims already validated (config and registration bodies
+are pydantic models; a Redis hash was written by :func:`fields`).
+
+In Redis a node is one hash: ``spec`` (its claims as JSON, no secrets),
+``state`` / ``reason``, ``until`` / ``ejections`` (ejection back-off),
+``secret`` (SHA-256 of a joined node's secret), ``seen`` / ``tel`` (last
+heartbeat, telemetry), the merged counters of :mod:`router.measure.merge`, and
+``if:<replica>`` / ``ift:<replica>`` (each replica's in-flight count and when
+it reported it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from router.config import NodeConfig, Scoring
+from router.fleet import Node, NodeState, Source
+
+
+def from_config(
+    nc: NodeConfig, scoring: Scoring, verify: bool, env: Mapping[str, str] | None = None
+) -> Node:
+    """A static node; ``verify``: it takes traffic only once a probe has passed."""
+    env = os.environ if env is None else env
+    return Node(
+        id=nc.id,
+        url=nc.url,
+        models=nc.models,
+        gpu=nc.gpu,
+        vram_gb=nc.vram_gb,
+        gpus=nc.gpus,
+        labels=nc.labels,
+        api_key=env.get(nc.api_key_env) if nc.api_key_env else None,
+        scoring=scoring,
+        source=Source.CONFIG,
+        state=NodeState.REGISTERED if verify else NodeState.SERVING,
+        state_reason="static node waiting for verification" if verify else "static node",
+    )
+
+
+def from_registration(
+    claims: Mapping[str, Any], scoring: Scoring, verify: bool, secret_hash: str
+) -> Node:
+    """A node that joined through the API (``claims``: a validated registration body)."""
+    labels = dict(claims.get("labels") or {})
+    if claims.get("price_per_mtok") is not None:
+        labels["price_per_mtok"] = repr(claims["price_per_mtok"])
+    node = Node(
+        id=claims["id"],
+        url=claims["url"],
+        models=claims["models"],
+        gpu=claims.get("gpu"),
+        gpus=claims.get("gpus", 1),
+        vram_gb=claims.get("vram_gb"),
+        labels=labels,
+        scoring=scoring,
+        source=Source.JOINED,
+        state=NodeState.REGISTERED if verify else NodeState.SERVING,
+        state_reason="waiting for verification"
+        if verify
+        else "self-registered (verification is off)",
+    )
+    node.secret_hash = secret_hash
+    return node
+
+
+def spec(node: Node) -> dict[str, object]:
+    """The node's claims, as shared between router processes (no secrets)."""
+    return {
+        "url": node.url,
+        "models": list(node.models),
+        "gpu": node.gpu,
+        "gpus": node.gpus,
+        "vram_gb": node.vram_gb,
+        "labels": node.labels,
+        "source": node.source.value,
+    }
+
+
+def fields(node: Node) -> list[Any]:
+    """The hash fields describing ``node`` (claims, state, membership), flat."""
+    out: list[Any] = ["spec", orjson.dumps(spec(node)), "state", node.state.value]
+    out += ["reason", node.state_reason]
+    if node.secret_hash:
+        out += ["secret", node.secret_hash]
+    if node.source is Source.JOINED:
+        out += ["seen", repr(node.last_seen), "tel", orjson.dumps(node.telemetry)]
+    return out
+
+
+def _source(value: object) -> Source:
+    # "registered" was the joined source's name in earlier versions of the hash.
+    return Source.CONFIG if value == "config" else Source.JOINED
+
+
+def from_hash(node_id: str, h: Mapping[bytes, bytes], scoring: Scoring) -> Node | None:
+    """A node from its Redis hash; None when the hash holds no claims."""
+    raw = h.get(b"spec")
+    if raw is None:
+        return None
+    s = orjson.loads(raw)
+    return Node(
+        id=node_id,
+        url=s["url"],
+        models=s["models"],
+        gpu=s.get("gpu"),
+        gpus=s.get("gpus", 1),
+        vram_gb=s.get("vram_gb"),
+        labels=s.get("labels") or {},
+        source=_source(s.get("source")),
+        scoring=scoring,
+        state=NodeState(text(h.get(b"state"), NodeState.SERVING.value)),
+        state_reason=text(h.get(b"reason")),
+    )
+
+
+def same_claims(node: Node, h: Mapping[bytes, bytes]) -> bool:
+    """Whether the hash describes the node as this process knows it (URL and models)."""
+    raw = h.get(b"spec")
+    if raw is None:
+        return True
+    s = orjson.loads(raw)
+    return node.url == s["url"] and list(node.models) == s["models"]
+
+
+def text(v: bytes | None, default: str = "") -> str:
+    return v.decode() if v is not None else default
+
+
+def number(v: bytes | None, default: float) -> float:
+    return float(v) if v is not None else default

@@ -1,0 +1,76 @@
+"""The Lua scripts the Redis store runs, each with its arguments spelled out.
+
+Every script that changes a node bumps the sequence counter and records
+``node id -> sequence`` in the *changes* sorted set, so other processes pull
+just the nodes changed since the last sequence they saw; urgent changes are
+also published on the *events* channel. All keys share one hash tag, so the
+scripts run on Redis Cluster too. The merge of measured outcomes is
+:data:`router.measure.merge.MERGE_LUA`, beside its Python twin.
+
+KEYS, for every script: 1 node hash, 2 changes, 3 sequence, 4 *seen* (sorted
+set of joined nodes by last heartbeat).
+"""
+
+from __future__ import annotations
+
+# Write a node's fields and announce the change.
+# ARGV: 1 node id, 2 events channel, 3 only_if_missing (1: leave an existing node
+#       alone), 4 keep_state (1: an existing node keeps its state and reason),
+#       5.. field, value pairs.
+PUT = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local exists = redis.call('EXISTS', node) == 1
+if ARGV[3] == '1' and exists then return 0 end
+local fields = {}
+for i = 5, #ARGV, 2 do
+  local k = ARGV[i]
+  if not (ARGV[4] == '1' and exists and (k == 'state' or k == 'reason')) then
+    table.insert(fields, k)
+    table.insert(fields, ARGV[i + 1])
+    if k == 'seen' then redis.call('ZADD', seen, ARGV[i + 1], ARGV[1]) end
+  end
+end
+if #fields > 0 then redis.call('HSET', node, unpack(fields)) end
+redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""
+
+# A heartbeat: last seen and telemetry; revives a node that had expired.
+# ARGV: 1 node id, 2 events channel, 3 now (wall seconds), 4 telemetry JSON.
+BEAT = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('EXISTS', node) == 0 then return 0 end
+redis.call('HSET', node, 'seen', ARGV[3], 'tel', ARGV[4])
+redis.call('ZADD', seen, ARGV[3], ARGV[1])
+if redis.call('HGET', node, 'state') == 'gone' then
+  redis.call('HSET', node, 'state', 'serving', 'reason', 'heartbeats resumed')
+  redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[1])
+end
+return 1
+"""
+
+# Expire one joined node whose last heartbeat is older than a limit.
+# ARGV: 1 node id, 2 events channel, 3 limit (wall seconds), 4 reason.
+EXPIRE = """
+local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+redis.call('ZREM', seen, ARGV[1])
+local last = tonumber(redis.call('HGET', node, 'seen'))
+if last == nil or last >= tonumber(ARGV[3]) or redis.call('HGET', node, 'state') == 'gone' then
+  return 0
+end
+redis.call('HSET', node, 'state', 'gone', 'reason', ARGV[4])
+redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""
+
+# Remove a node. ARGV: 1 node id, 2 events channel.
+REMOVE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
+"""

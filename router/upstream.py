@@ -1,0 +1,170 @@
+"""Attempts on nodes: send the request, wait for the first byte, classify failures.
+
+:meth:`Upstream.open` is the retryable half of an attempt: everything that can
+go wrong before a byte reaches the client raises :class:`~router.call.Failed`,
+and the request path moves on to another node. What it returns, an
+:class:`Opened`, is an attempt whose answer has started; delivering it is
+:mod:`router.deliver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout
+from multidict import CIMultiDict
+
+from router.call import Call, Failed
+from router.config import Config
+from router.errors import retry_after_s
+from router.fleet import Node
+from router.measure import Attempt, Meter, Outcome
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those
+# Ballast sets itself or must not leak to a node.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# 404 too: a node that claims the model but does not know it is broken for this
+# request, and another node may well serve it.
+RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
+_OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
+
+
+class Opened:
+    """An attempt whose node has answered: status known, first bytes read."""
+
+    __slots__ = ("attempt", "first", "response")
+
+    def __init__(self, attempt: Attempt, response: ClientResponse, first: bytes) -> None:
+        self.attempt = attempt
+        self.response = response
+        self.first = first
+
+    @property
+    def node(self) -> Node:
+        return self.attempt.node
+
+    def close(self, outcome: Outcome) -> None:
+        """End the attempt: keep the connection for reuse only after a clean answer."""
+        if outcome is Outcome.OK or outcome is Outcome.CLIENT_ERROR:
+            self.response.release()
+        else:
+            self.response.close()
+        self.attempt.end(outcome)
+
+
+class Upstream:
+    """The pooled client session and the rules for one attempt on one node."""
+
+    def __init__(
+        self, cfg: Config, session: ClientSession, meter: Meter, clock: Callable[[], float]
+    ) -> None:
+        self.session = session
+        self.meter = meter
+        self.clock = clock
+        t = cfg.timeouts
+        self.connect_s = t.connect_s
+        self.first_byte_s = t.first_byte_s
+        self.max_response = cfg.limits.max_response_bytes
+        # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
+        self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
+
+    def headers(self, request_headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
+        """What every attempt of a request sends: the client's end-to-end headers."""
+        headers = CIMultiDict(
+            (k, v) for k, v in request_headers.items() if k.lower() not in DROP_REQUEST
+        )
+        headers["x-request-id"] = request_id
+        return headers
+
+    def _timeout(self, deadline: float) -> ClientTimeout:
+        """First byte within min(first_byte_s, time left)."""
+        remaining = deadline - self.clock()
+        if remaining >= self.first_byte_s:
+            return self.timeout
+        return ClientTimeout(
+            total=None,
+            sock_connect=min(self.connect_s, max(remaining, 0.001)),
+            sock_read=max(remaining, 0.001),
+        )
+
+    async def open(self, call: Call, node: Node) -> Opened:
+        """Send ``call`` to ``node`` and wait for its first byte (or, without
+        streaming, its whole body). Every failure here raises Failed."""
+        attempt = self.meter.begin(node)
+        headers = call.headers
+        if node.auth_header is not None:
+            headers = CIMultiDict(headers)
+            headers["Authorization"] = node.auth_header
+        response: ClientResponse | None = None
+        try:
+            response = await self.session.post(
+                node.url + call.request.path,
+                data=call.body,
+                headers=headers,
+                timeout=self._timeout(call.deadline),
+                allow_redirects=False,
+            )
+            status = response.status
+            if status in RETRYABLE_STATUS:
+                retry_after = response.headers.get("Retry-After")
+                if retry_after is not None and status == 429:
+                    node.stats.paused_until = self.clock() + retry_after_s(retry_after)
+                outcome = _OUTCOME_OF.get(status, Outcome.HTTP_5XX)
+                raise Failed(outcome, f"HTTP {status}", retry_after)
+            if call.info.stream:
+                first = await response.content.readany()
+                attempt.first_byte()
+            else:
+                attempt.first_byte()
+                first = await self._read_body(response, call.deadline)
+            return Opened(attempt, response, first)
+        except Failed as f:
+            self._abandon(attempt, response, f.outcome)
+            raise
+        except TimeoutError:
+            self._abandon(attempt, response, Outcome.TIMEOUT)
+            late = attempt.t_first >= 0
+            raise Failed(
+                Outcome.TIMEOUT, "body not complete in time" if late else "no first byte in time"
+            ) from None
+        except (ClientError, OSError) as e:
+            outcome = Outcome.STREAM_ERROR if attempt.t_first >= 0 else Outcome.CONNECT_ERROR
+            self._abandon(attempt, response, outcome)
+            raise Failed(outcome, type(e).__name__) from None
+        except BaseException:
+            self._abandon(attempt, response, Outcome.CANCELLED)
+            raise
+
+    @staticmethod
+    def _abandon(attempt: Attempt, response: ClientResponse | None, outcome: Outcome) -> None:
+        if response is not None:
+            response.close()
+        attempt.end(outcome)
+
+    async def _read_body(self, response: ClientResponse, deadline: float) -> bytes:
+        clock = self.clock
+        content = response.content
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            if clock() > deadline:
+                raise TimeoutError
+            size += len(chunk)
+            if size > self.max_response:
+                raise ClientError("response larger than limits.max_response_bytes")
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
