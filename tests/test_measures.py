@@ -1,13 +1,17 @@
-"""Peak-EWMA and decayed success ratio on an injected clock."""
+"""Peak-EWMA, decayed success ratio and the shared merge, on an injected clock."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
+
 from router.config import Scoring
-from router.measure import NodeStats, Outcome
+from router.measure import NodeStats, Outcome, Pending
 from router.measure.decayed_ratio import DecayedRatio
+from router.measure.merge import MERGE_LUA, Batch, Shared, merge
 from router.measure.peak_ewma import PeakEwma
+from tests.conftest import RedisServer
 
 
 def test_peak_ewma_defaults_until_measured() -> None:
@@ -79,3 +83,61 @@ def test_new_node_gets_one_request_then_waits_for_its_answer() -> None:
     assert stats.cost(0) == 0.0  # idle and never measured: try it
     stats.in_flight = 1
     assert stats.cost(0) == 2.0  # its first request is out: not flooded meanwhile
+
+
+MERGE_CASES = [
+    # (shared fields before, batch, seconds since the shared update)
+    ({}, Batch(attempts=3, successes=2, lat_max=0.4, lat_mean=0.2), 0.0),
+    (
+        {"ok": 10.0, "n": 12.0, "lat": 0.5},
+        Batch(attempts=4, successes=4, lat_max=0.3, lat_mean=0.1),
+        7.5,
+    ),
+    (
+        {"ok": 3.0, "n": 9.0, "lat": 0.2},
+        Batch(attempts=2, successes=0, lat_max=5.0, lat_mean=5.0),
+        45.0,
+    ),
+    ({"ok": 1.0, "n": 1.0, "lat": 1.0}, Batch(attempts=0, successes=0, lat_max=0, lat_mean=0), 3),
+]
+
+
+@pytest.mark.parametrize(("before", "batch", "age"), MERGE_CASES)
+def test_lua_merge_agrees_with_its_python_twin(
+    redis_server: RedisServer, before: dict[str, float], batch: Batch, age: float
+) -> None:
+    client = redis_server.client()
+    script = client.register_script(MERGE_LUA)
+    now, half_life, tau = 1_700_000_000.0, 30.0, 10.0
+    shared = Shared(req=5, fail=1)
+    fields: dict[str, float] = {"req": 5, "fail": 1, "spec": 1}
+    if before:
+        shared = Shared(
+            before["ok"], before["n"], now - age, before["lat"], now - age, req=5, fail=1
+        )
+        fields.update(before, sr_t=now - age, lat_t=now - age)
+    client.hset("n", mapping=fields)
+    args = ["n", repr(now), "r1", 2, batch.attempts, batch.successes]
+    args += [repr(batch.lat_max), repr(batch.lat_mean), half_life, tau]
+    assert script(keys=["n", "changes", "seq"], args=args) == 1
+    got = {k.decode(): float(v) for k, v in client.hgetall("n").items()}
+    want = merge(shared, batch, now, half_life, tau)
+    for name in ("ok", "n", "lat", "req", "fail"):
+        if getattr(want, name) is not None and (name in got or batch.attempts):
+            assert got[name] == pytest.approx(getattr(want, name), rel=1e-12), name
+    assert got["if:r1"] == 2
+    client.close()
+
+
+def test_merge_of_one_replica_matches_its_local_estimators() -> None:
+    stats = NodeStats(Scoring(success_half_life_s=30, decay_s=10))
+    stats.pending = Pending()
+    for i, (ok, lat) in enumerate([(True, 0.2), (False, 5.0), (True, 0.1)]):
+        stats.record(Outcome.OK if ok else Outcome.HTTP_5XX, lat, float(i), 5.0)
+    p = stats.pending
+    merged = merge(Shared(), Batch(p.attempts, p.successes, p.lat_max, p.lat_sum / p.lat_n), 2.0,
+                   30, 10)  # fmt: skip
+    assert (merged.ok, merged.n, merged.req, merged.fail) == (2, 3, 3, 1)
+    # A batch keeps no order, so its slowest sample is the shared peak: never more
+    # optimistic than the local estimate, which had begun to decay after it.
+    assert merged.lat == 5.0 >= stats.latency.estimate > 4.5
