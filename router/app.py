@@ -26,6 +26,7 @@ from router.measure import Meter
 from router.metrics import Metrics
 from router.prober import Prober
 from router.proxy import Proxy
+from router.recorder import Recorder
 from router.registration import Membership, admin_denied
 from router.store import MemoryStore, StateStore, codec
 from router.view import fleet_view
@@ -45,7 +46,7 @@ class Router:
     proxy: Proxy
     metrics: Metrics
     store: StateStore
-    access_log: AccessLog | None
+    recorder: Recorder
     admin_token: str | None
     membership: Membership
     health: HealthMonitor
@@ -127,17 +128,16 @@ def build_router(
             fleet.add(codec.from_config(nc, cfg.scoring, verify))
     meter = Meter(clock, cfg.scoring.failure_penalty_s)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
-    proxy = Proxy(cfg, fleet, policy, session, meter, rng=rng)
+    recorder = Recorder()
+    proxy = Proxy(cfg, fleet, policy, session, meter, rng=rng, record=recorder)
     store = make_store(cfg, clock)
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, session, clock) if cfg.health.probe else None
     metrics = Metrics(fleet, store, lambda: proxy.active, clock, proxy, health, prober)
     if cfg.metrics.enabled:
-        proxy.observers.append(metrics.observe)
-    access_log = None
+        recorder.observers.append(metrics.observe)
     if cfg.logging.access_log:
-        access_log = AccessLog(fmt=cfg.logging.format)
-        proxy.observers.append(access_log)
+        recorder.observers.append(AccessLog(fmt=cfg.logging.format))
     admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None
     join_token = (
         os.environ.get(cfg.registry.join_token_env) if cfg.registry.join_token_env else None
@@ -149,7 +149,7 @@ def build_router(
         proxy=proxy,
         metrics=metrics,
         store=store,
-        access_log=access_log,
+        recorder=recorder,
         admin_token=admin_token,
         membership=Membership(cfg, store, join_token, admin_token),
         health=health,
@@ -188,11 +188,9 @@ def create_app(
             router.health.start()
             if router.prober is not None:
                 router.prober.start()
-            if router.access_log is not None:
-                router.access_log.start()
+            router.recorder.start()
             yield
-            if router.access_log is not None:
-                await router.access_log.stop()
+            await router.recorder.stop()
             if router.prober is not None:
                 await router.prober.stop()
             await router.health.stop()
@@ -218,7 +216,9 @@ def create_app(
         return web.json_response(body, status=200 if n else 503)
 
     async def metrics(request: web.Request) -> web.Response:
-        body = request.app[ROUTER].metrics.render()
+        router = request.app[ROUTER]
+        router.recorder.flush()
+        body = router.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def admin_nodes(request: web.Request) -> web.Response:

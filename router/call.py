@@ -23,6 +23,7 @@ class Exchange:
     __slots__ = (
         "attempts",
         "duration",
+        "finished_at",
         "hedged",
         "model",
         "node",
@@ -33,10 +34,12 @@ class Exchange:
         "status",
         "stream",
         "ttfb",
+        "upstream_id",
     )
 
-    def __init__(self, request_id: str, start: float) -> None:
-        self.request_id = request_id
+    def __init__(self, request_id: str, upstream_id: str, start: float) -> None:
+        self.request_id = request_id  # as the client sees it
+        self.upstream_id = upstream_id  # the UUID nodes see (the same when the client's is one)
         self.start = start
         self.model = ""
         self.stream = False
@@ -45,6 +48,7 @@ class Exchange:
         self.status = 0
         self.ttfb = -1.0  # request arrival to the node's first byte; < 0: none
         self.duration = 0.0
+        self.finished_at = 0.0  # wall-clock time the answer ended
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
         self.outcomes: list[Outcome] = []

@@ -1,10 +1,9 @@
 """Logging: the access log (one line per request) and the process log.
 
-The access log is on the request path, so it skips stdlib ``logging``
-entirely: each finished request is serialized once with orjson into a buffer,
-and a background task writes the buffer out every ``flush_interval`` seconds
-(or sooner once it passes ``max_buffer`` bytes) in one call. Prompt text,
-headers and secrets are never part of a line.
+The access log skips stdlib ``logging`` entirely: it receives finished requests
+in batches from the :class:`~router.recorder.Recorder`, serializes each batch
+with orjson and writes it out in one call. Prompt text, headers and secrets are
+never part of a line.
 
 The process log (start-up, warnings such as state changes, errors) goes through
 stdlib ``logging`` to stderr, as JSON or text per ``logging.format``.
@@ -12,7 +11,6 @@ stdlib ``logging`` to stderr, as JSON or text per ``logging.format``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from datetime import UTC, datetime
@@ -20,33 +18,30 @@ from typing import BinaryIO
 
 import orjson
 
-from router.proxy import Exchange
-from router.tasks import cancel_and_wait
+from router.call import Exchange
 
 
 class AccessLog:
-    def __init__(
-        self,
-        out: BinaryIO | None = None,
-        fmt: str = "json",
-        flush_interval: float = 0.2,
-        max_buffer: int = 256 * 1024,
-    ) -> None:
+    def __init__(self, out: BinaryIO | None = None, fmt: str = "json") -> None:
         self.out = out if out is not None else sys.stdout.buffer
         self.json = fmt == "json"
-        self.flush_interval = flush_interval
-        self.max_buffer = max_buffer
-        self._buf: list[bytes] = []
-        self._size = 0
-        self._task: asyncio.Task[None] | None = None
 
-    def __call__(self, ex: Exchange) -> None:
-        now = datetime.now(UTC)
+    def __call__(self, batch: list[Exchange]) -> None:
+        lines = [self._line(ex) for ex in batch]
+        try:
+            self.out.write(b"".join(lines))
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken log sink must never break request handling
+
+    def _line(self, ex: Exchange) -> bytes:
+        when = datetime.fromtimestamp(ex.finished_at, UTC)
         if self.json:
-            line = orjson.dumps(
+            return orjson.dumps(
                 {
-                    "time": now,
+                    "time": when,
                     "request_id": ex.request_id,
+                    "upstream_id": ex.upstream_id,
                     "model": ex.model,
                     "stream": ex.stream,
                     "status": ex.status,
@@ -58,41 +53,12 @@ class AccessLog:
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
             )
-        else:
-            ttfb = f"{ex.ttfb * 1e3:.1f}" if ex.ttfb >= 0 else "-"
-            line = (
-                f"{now.isoformat(timespec='milliseconds')} {ex.request_id} {ex.model or '-'} "
-                f"{ex.status} {ex.node or '-'} attempts={ex.attempts} "
-                f"duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
-            ).encode()
-        self._buf.append(line)
-        self._size += len(line)
-        if self._size >= self.max_buffer:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        data = b"".join(self._buf)
-        self._buf.clear()
-        self._size = 0
-        try:
-            self.out.write(data)
-            self.out.flush()
-        except (OSError, ValueError):
-            pass  # a closed or broken log sink must never break request handling
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self.flush()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            self.flush()
+        ttfb = f"{ex.ttfb * 1e3:.1f}" if ex.ttfb >= 0 else "-"
+        return (
+            f"{when.isoformat(timespec='milliseconds')} {ex.request_id} {ex.model or '-'} "
+            f"{ex.status} {ex.node or '-'} attempts={ex.attempts} "
+            f"duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
+        ).encode()
 
 
 class JsonFormatter(logging.Formatter):

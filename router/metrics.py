@@ -168,7 +168,7 @@ class StoreCollector:
 
 
 class Metrics:
-    """The process's metrics; ``observe`` is called once per finished request."""
+    """The process's metrics; ``observe`` takes finished requests in batches."""
 
     def __init__(
         self,
@@ -244,24 +244,29 @@ class Metrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
-    def observe(self, ex: Exchange) -> None:
-        model = ex.model
-        if not self.fleet.knows(model):
-            model = "unknown" if model else "none"
-        child = self._requests.get((model, ex.status))
-        if child is None:
-            child = self._requests[(model, ex.status)] = self.requests.labels(model, str(ex.status))
-        child.inc()
-        hists = self._by_model.get(model)
-        if hists is None:
-            hists = self._by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
-        hists[0].observe(ex.duration)
-        if ex.ttfb >= 0:
-            hists[1].observe(ex.ttfb)
-        if ex.attempts > 1:
-            self.retries.inc(ex.attempts - 1)
-        if ex.queued_s:
-            self.queue_wait.observe(ex.queued_s)
+    def observe(self, batch: list[Exchange]) -> None:
+        """Count a batch of finished requests (from the Recorder)."""
+        fleet, requests, by_model = self.fleet, self._requests, self._by_model
+        retries = 0
+        for ex in batch:
+            model = ex.model
+            if not fleet.knows(model):
+                model = "unknown" if model else "none"
+            child = requests.get((model, ex.status))
+            if child is None:
+                child = requests[(model, ex.status)] = self.requests.labels(model, str(ex.status))
+            child.inc()
+            hists = by_model.get(model)
+            if hists is None:
+                hists = by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
+            hists[0].observe(ex.duration)
+            if ex.ttfb >= 0:
+                hists[1].observe(ex.ttfb)
+            retries += max(0, ex.attempts - 1)
+            if ex.queued_s:
+                self.queue_wait.observe(ex.queued_s)
+        if retries:
+            self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers
             self.in_flight.set(self.active())
 

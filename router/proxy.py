@@ -19,8 +19,9 @@
    through; streams chunk by chunk;
 5. **record**: each attempt ends once with its outcome on the node's scoreboard
    (:class:`~router.measure.Attempt`), which signals health and the store; the
-   finished :class:`~router.call.Exchange` goes to the observers (metrics,
-   access log).
+   finished :class:`~router.call.Exchange` goes to the
+   :class:`~router.recorder.Recorder`, which hands batches to the metrics and
+   the access log.
 
 Nothing here awaits a shared store, and every time is read from one clock.
 """
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from random import Random
@@ -52,12 +55,32 @@ from router.upstream import Upstream
 log = logging.getLogger("ballast.proxy")
 
 
-def request_id(request: web.Request) -> str:
-    """The client's ``x-request-id`` when it is sane, else a new one."""
-    rid = request.headers.get("x-request-id")
-    if rid and len(rid) <= 128 and rid.isprintable() and rid.isascii():
-        return rid
-    return secrets.token_hex(12)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+class RequestIds:
+    """Request ids shaped as UUIDs (version 4), which every engine accepts (some
+    refuse anything else): a random prefix per process and a counter, so making
+    one costs a string format, not a call for random bytes."""
+
+    def __init__(self) -> None:
+        h = secrets.token_hex(8)
+        variant = "89ab"[int(h[15], 16) % 4]
+        self.prefix = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{variant}{secrets.token_hex(2)[:3]}-"
+        self.counter = int.from_bytes(secrets.token_bytes(6), "big")
+
+    def new(self) -> str:
+        self.counter = (self.counter + 1) & 0xFFFFFFFFFFFF
+        return f"{self.prefix}{self.counter:012x}"
+
+    def of(self, request: web.Request) -> tuple[str, str]:
+        """(the id the client sees, the UUID sent upstream): the client's
+        ``x-request-id`` when it is sane, and that same id upstream when it is a UUID."""
+        rid = request.headers.get("x-request-id")
+        if rid and len(rid) <= 128 and rid.isprintable() and rid.isascii():
+            return rid, rid if _UUID.fullmatch(rid) else self.new()
+        rid = self.new()
+        return rid, rid
 
 
 def _bad_request(message: str, code: str, param: str | None = None) -> web.Response:
@@ -74,13 +97,14 @@ class Proxy:
         meter: Meter,
         *,
         rng: Random | None = None,
-        observers: list[Callable[[Exchange], None]] | None = None,
+        record: Callable[[Exchange], None] = lambda ex: None,
     ) -> None:
         self.fleet = fleet
         self.policy = policy
         self.clock = meter.clock
         self.rng = rng or Random()
-        self.observers = observers if observers is not None else []
+        self.record = record  # where finished requests go (the Recorder)
+        self.ids = RequestIds()
         self.upstream = Upstream(cfg, session, meter, self.clock)
         self.deliver = Deliver(cfg.timeouts.stream_idle_s, self.clock)
         self.hedging = Hedging(cfg)
@@ -99,7 +123,7 @@ class Proxy:
         return self.retries.active
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ex = Exchange(request_id(request), self.clock())
+        ex = Exchange(*self.ids.of(request), self.clock())
         self.retries.active += 1
         if self.hedging.enabled:
             self.hedging.budget.earn()
@@ -122,8 +146,8 @@ class Proxy:
         finally:
             self.retries.active -= 1
             ex.duration = self.clock() - ex.start
-            for observe in self.observers:
-                observe(ex)
+            ex.finished_at = time.time()
+            self.record(ex)
 
     async def _serve(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         call = await self._admit(request, ex)
@@ -171,7 +195,7 @@ class Proxy:
                 "context_length_exceeded",
                 "messages",
             )
-        headers = self.upstream.headers(request.headers, ex.request_id)
+        headers = self.upstream.headers(request.headers, ex.upstream_id)
         return Call(request, ex, info, body, headers, self.clock() + self.total_s, need)
 
     # -- 2. candidates ----------------------------------------------------------------

@@ -124,7 +124,7 @@ def _call(now: float) -> Call:
     """A call with no client request behind it: these steps never read it."""
     info = RequestInfo(model="m", stream=True)
     return Call(
-        cast(web.Request, None), Exchange("rid", now), info, b"{}", CIMultiDict(), now + 600
+        cast(web.Request, None), Exchange("rid", "rid", now), info, b"{}", CIMultiDict(), now + 600
     )
 
 
