@@ -488,8 +488,8 @@ def main_streams(args: argparse.Namespace) -> str:
         f"{args.interval} s",
         "",
         "| target | streams ok | TTFB p50 ms | TTFB p99 ms | peak RSS MB | RSS idle MB "
-        "| CPU s | CPU ms/stream |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU s | CPU ms/stream | CPU µs/chunk | CPU vs bare |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     try:
         node_port = free_port()
@@ -501,12 +501,18 @@ def main_streams(args: argparse.Namespace) -> str:
         wait_port(node_port, node)
         node_url = f"http://127.0.0.1:{node_port}"
         targets: list[tuple[str, str, int | None]] = [("direct", node_url, None)]
+        bare_port = free_port()
+        bare = spawn([*me, "--role", "bare", "--port", str(bare_port), "--url", node_url])
+        procs.append(bare)
+        wait_port(bare_port, bare)
+        targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
         for name, workers in (("ballast", 1), ("ballast-w2", 2)):
             port = free_port()
             proc = spawn_ballast(tmp, port, node_url, workers=workers)
             procs.append(proc)
             wait_port(port, proc)
             targets.append((name, f"http://127.0.0.1:{port}", proc.pid))
+        bare_chunk = float("nan")
         for name, url, pid in targets:
             idle = rss_mb(pid) if pid else float("nan")
             cpu0 = cpu_seconds(pid) if pid else 0.0
@@ -522,10 +528,14 @@ def main_streams(args: argparse.Namespace) -> str:
             cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
             doc = orjson.loads(load.stdout.read() if load.stdout else b"{}")
             ok = len(doc["ttfb"])
+            per_chunk = cpu / max(ok * args.chunks, 1) * 1e6
+            if name == "bare":
+                bare_chunk = per_chunk
             lines.append(
                 f"| {name} | {ok}/{args.streams} | {(percentile(doc['ttfb'], 0.5)) * 1e3:.1f} "
                 f"| {percentile(doc['ttfb'], 0.99) * 1e3:.1f} | {peak:.0f} | {idle:.0f} "
-                f"| {cpu:.2f} | {cpu / max(ok, 1) * 1e3:.2f} |"
+                f"| {cpu:.2f} | {cpu / max(ok, 1) * 1e3:.2f} | {per_chunk:.1f} "
+                f"| {per_chunk / bare_chunk:.2f}x |"
             )
             print(f"  measured {name}", file=sys.stderr)
         return "\n".join(lines)
