@@ -108,7 +108,7 @@ class Score:
 
 def _load(c: Any, now: float) -> tuple[float, float]:
     """(KV-cache use, engine queue); stale engine metrics count as saturated."""
-    engine = getattr(c, "engine", None)
+    engine = getattr(c, "load", None)
     if engine is None:
         return 0.0, 0.0
     if now > engine.fresh_until:

@@ -9,12 +9,16 @@ the headers to send upstream, the deadline, the failures so far and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from policies import RequestInfo
 from router.measure import Outcome
+
+if TYPE_CHECKING:
+    from router.upstream import Opened
 
 
 class Exchange:
@@ -74,6 +78,9 @@ class Call:
     need: int | None = None  # tokens of context and KV cache the request needs, if known
     failures: list[Failed] = field(default_factory=list)
     retrying: bool = False  # counted among the retries in progress
+    tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
+    # A 4xx held back while a node of another kind tries the request: whose fault?
+    rejected: Opened | None = None
 
     def failed(self, f: Failed) -> None:
         self.ex.outcomes.append(f.outcome)

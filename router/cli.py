@@ -122,6 +122,7 @@ def render_fleet(doc: dict[str, Any]) -> str:
         ("STATE", "state"),
         ("REASON", "reason"),
         ("MODELS", "models"),
+        ("ENGINE", "engine"),
         ("INFL", "in_flight"),
         ("LAT_MS", "latency_ms"),
         ("SUCCESS", "success_ratio"),

@@ -62,6 +62,16 @@ class NodeConfig(_Strict):
     gpus: int = Field(1, ge=0)
     api_key_env: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    engine: str | None = None  # vllm, sglang, llamacpp, llama-cpp-python, tgi, ollama, openai
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        from router.engines import ENGINES
+
+        if v is not None and v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r} (known: {', '.join(sorted(ENGINES))})")
+        return v
 
     @field_validator("url")
     @classmethod

@@ -39,7 +39,7 @@ class Deliver:
                 (k, v) for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE
             )
             headers["x-ballast-node"] = attempt.node.id
-            if not call.info.stream:
+            if opened.whole:
                 outcome = ok
                 return web.Response(status=status, body=opened.first, headers=headers)
             attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)

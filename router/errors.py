@@ -81,3 +81,12 @@ def retry_after_s(value: str) -> float:
         return float(value)
     except ValueError:
         return 1.0
+
+
+def is_error_envelope(body: bytes) -> bool:
+    """Whether ``body`` is already an OpenAI-style ``{"error": {...}}`` document."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("error"), dict)

@@ -51,7 +51,7 @@ class Fit:
             if node.vram_gb is None:
                 return context  # nothing claimed, nothing reported: do not guess
             free_gb = max(0.0, node.vram_gb - mc.weights_gb)
-            usage = node.engine.kv_usage if node.engine is not None else None
+            usage = node.load.kv_usage if node.load is not None else None
             if usage is not None:
                 free_gb *= max(0.0, 1.0 - usage)
         return min(context, free_gb * GB / mc.kv_bytes_per_token)

@@ -47,6 +47,7 @@ class Source(StrEnum):
 class Node:
     __slots__ = (
         "auth_header",
+        "context_length",
         "ejected_until",
         "ejections",
         "engine",
@@ -55,6 +56,7 @@ class Node:
         "id",
         "labels",
         "last_seen",
+        "load",
         "models",
         "next_probe",
         "probe",
@@ -82,6 +84,7 @@ class Node:
         labels: dict[str, str] | None = None,
         api_key: str | None = None,
         source: Source = Source.CONFIG,
+        engine: str = "unknown",
         state: NodeState = NodeState.SERVING,
         state_reason: str = "static node from config",
     ) -> None:
@@ -100,7 +103,9 @@ class Node:
         self.secret_hash = ""  # sha256 of a joined node's own secret
         self.last_seen = 0.0  # wall-clock time of the last heartbeat
         self.telemetry: dict[str, object] = {}
-        self.engine: EngineLoad | None = None  # from the node's own /metrics
+        self.engine = engine  # what the node runs (router.engines), configured or detected
+        self.context_length: int | None = None  # tokens, as the node stated it
+        self.load: EngineLoad | None = None  # from the node's own /metrics
         self.probe: dict[str, object] = {}  # the last active probe's findings
         self.probe_failures = 0
         self.next_probe = 0.0

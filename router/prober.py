@@ -313,4 +313,4 @@ class Prober:
                 queue, running, kv = parse_engine_metrics(text)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 return  # stale metrics count as saturated once fresh_until passes
-            node.engine = EngineLoad(queue, running, kv, self.clock() + 3 * interval)
+            node.load = EngineLoad(queue, running, kv, self.clock() + 3 * interval)

@@ -45,12 +45,13 @@ from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import Config
 from router.deliver import Deliver
-from router.errors import error_response, exhausted, no_capacity
+from router.engines import context_error
+from router.errors import error_response, exhausted, is_error_envelope, no_capacity
 from router.fit import Fit
 from router.fleet import Fleet, Node
 from router.hedge import Hedging
 from router.measure import Meter, Outcome
-from router.upstream import Upstream
+from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
 
@@ -258,6 +259,7 @@ class Proxy:
             if call.deadline - self.clock() <= 0:
                 break
             ex.attempts += 1
+            call.tried.add(node.id)
             delay = self.hedging.delay(ex.model, node) if left and self.hedging.enabled else None
             if delay is None:
                 try:
@@ -270,12 +272,88 @@ class Proxy:
                     call, self.upstream.open, node, left[0], delay
                 )
                 if hedged:
-                    left.popleft()
+                    call.tried.add(left.popleft().id)
                 if found is None:
                     continue
                 opened = found
-            return await self.deliver(call, opened)
+            if opened.status < 400:
+                if call.rejected is not None:  # another node served what it refused
+                    call.rejected.close(Outcome.REJECTED)
+                    call.rejected = None
+                return await self.deliver(call, opened)
+            after = self._after_rejection(call, opened)
+            if after is None:
+                return self._rejection(call, opened)
+            left = deque(after)
+            first = True
+        if call.rejected is not None:
+            return self._rejection(call, call.rejected)
         return None
+
+    def _after_rejection(self, call: Call, opened: Opened) -> list[Node] | None:
+        """A node answered 4xx: the nodes to try next, or None to answer the caller.
+
+        A context-length error goes to a node with a longer context, if any. A
+        400/422 that no other node has given is tried once on a node of another
+        kind (engine or context length): if that node serves it, the first node
+        was at fault (``rejected``); if it refuses too, the caller was.
+        """
+        node = opened.node
+        candidates = self._candidates(call)
+        n_ctx = context_error(opened.status, opened.first)
+        if n_ctx is not None:
+            if n_ctx:
+                node.context_length = n_ctx
+            limit = node.context_length or 0
+            longer = [
+                c for c in candidates
+                if c.id not in call.tried and (c.context_length is None or c.context_length > limit)
+            ]  # fmt: skip
+            if not longer or not self.retries.allows():
+                return None
+            self._settle(call, opened)
+            return self.policy.rank(call.info, longer, len(longer), self.rng, self.clock())
+        if opened.status not in (400, 422) or call.rejected is not None:
+            return None
+        kind = (node.engine, node.context_length)
+        others = [
+            c for c in candidates if c.id not in call.tried and (c.engine, c.context_length) != kind
+        ]
+        if not others or not self.retries.allows():
+            return None
+        call.rejected = opened
+        return self.policy.rank(call.info, others, 1, self.rng, self.clock())
+
+    def _settle(self, call: Call, opened: Opened) -> None:
+        """The 4xx was the caller's (or the request's) doing: close it as such."""
+        if call.rejected is not None and call.rejected is not opened:
+            call.rejected.close(Outcome.CLIENT_ERROR)
+            call.rejected = None
+        opened.close(Outcome.CLIENT_ERROR)
+
+    def _rejection(self, call: Call, opened: Opened) -> web.Response:
+        """Answer the caller with a node's 4xx, in OpenAI's error envelope."""
+        status, body, node = opened.status, opened.first, opened.node
+        self._settle(call, opened)
+        if call.rejected is opened:
+            call.rejected = None
+        call.ex.node = node.id
+        headers = {"x-ballast-node": node.id}
+        if context_error(status, body) is not None:
+            return error_response(
+                400,
+                f"the request is longer than the context of every node serving "
+                f"{call.info.model!r} that was tried",
+                "invalid_request_error", "context_length_exceeded", "messages", headers=headers,
+            )  # fmt: skip
+        if is_error_envelope(body):
+            return web.Response(
+                status=status, body=body, content_type="application/json", headers=headers
+            )
+        return error_response(
+            status, f"the node rejected the request (HTTP {status})", "invalid_request_error",
+            "upstream_rejected", headers=headers,
+        )  # fmt: skip
 
     async def _wait_for_supply(self, call: Call, until: float) -> bool:
         """Wait for the fleet to change, until ``until``; False: give up."""

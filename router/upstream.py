@@ -9,9 +9,18 @@ and the request path moves on to another node. What it returns, an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout
+from aiohttp import (
+    ClientConnectionResetError,
+    ClientConnectorError,
+    ClientError,
+    ClientOSError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    ServerDisconnectedError,
+)
 from multidict import CIMultiDict
 
 from router.call import Call, Failed
@@ -44,18 +53,27 @@ _OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
 
 
 class Opened:
-    """An attempt whose node has answered: status known, first bytes read."""
+    """An attempt whose node has answered: status known, and either the whole body
+    read (``whole``: every non-streamed answer, and every error answer) or, for a
+    stream, its first chunk."""
 
-    __slots__ = ("attempt", "first", "response")
+    __slots__ = ("attempt", "first", "response", "whole")
 
-    def __init__(self, attempt: Attempt, response: ClientResponse, first: bytes) -> None:
+    def __init__(
+        self, attempt: Attempt, response: ClientResponse, first: bytes, whole: bool
+    ) -> None:
         self.attempt = attempt
         self.response = response
         self.first = first
+        self.whole = whole
 
     @property
     def node(self) -> Node:
         return self.attempt.node
+
+    @property
+    def status(self) -> int:
+        return self.response.status
 
     def close(self, outcome: Outcome) -> None:
         """End the attempt: keep the connection for reuse only after a clean answer."""
@@ -66,13 +84,33 @@ class Opened:
         self.attempt.end(outcome)
 
 
+def stale_connection(e: BaseException) -> bool:
+    """The node closed a pooled connection we then reused: it never saw the request,
+    or closed before answering. Refused connections are not this."""
+    if isinstance(e, ServerDisconnectedError | ClientConnectionResetError):
+        return True
+    return isinstance(e, ClientOSError) and not isinstance(e, ClientConnectorError)
+
+
 class Upstream:
-    """The pooled client session and the rules for one attempt on one node."""
+    """The pooled client sessions and the rules for one attempt on one node.
+
+    ``fresh`` opens a new connection for every request: a request that failed on
+    a pooled connection the node had closed (llama.cpp's server closes after
+    streamed answers while advertising keep-alive) is sent again at once on a
+    new one, and that first failure is not the node's.
+    """
 
     def __init__(
-        self, cfg: Config, session: ClientSession, meter: Meter, clock: Callable[[], float]
+        self,
+        cfg: Config,
+        session: ClientSession,
+        meter: Meter,
+        clock: Callable[[], float],
+        fresh: ClientSession | None = None,
     ) -> None:
         self.session = session
+        self.fresh = fresh if fresh is not None else session
         self.meter = meter
         self.clock = clock
         t = cfg.timeouts
@@ -81,8 +119,9 @@ class Upstream:
         self.max_response = cfg.limits.max_response_bytes
         # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
         self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
+        self.stale_retries = 0  # requests sent again after a node closed a pooled connection
 
-    def headers(self, request_headers: CIMultiDict[str], request_id: str) -> CIMultiDict[str]:
+    def headers(self, request_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
         """What every attempt of a request sends: the client's end-to-end headers."""
         headers = CIMultiDict(
             (k, v) for k, v in request_headers.items() if k.lower() not in DROP_REQUEST
@@ -101,22 +140,36 @@ class Upstream:
             sock_read=max(remaining, 0.001),
         )
 
+    async def send(
+        self, node: Node, path: str, body: bytes, headers: CIMultiDict[str], deadline: float
+    ) -> ClientResponse:
+        """POST to the node (with its own key); a stale pooled connection is retried
+        once at once on a new one."""
+        if node.auth_header is not None:
+            headers = CIMultiDict(headers)
+            headers["Authorization"] = node.auth_header
+        url = node.url + path
+        try:
+            return await self.session.post(
+                url, data=body, headers=headers, timeout=self._timeout(deadline),
+                allow_redirects=False,
+            )  # fmt: skip
+        except (ClientError, OSError) as e:
+            if not stale_connection(e):
+                raise
+        self.stale_retries += 1
+        return await self.fresh.post(
+            url, data=body, headers=headers, timeout=self._timeout(deadline), allow_redirects=False
+        )
+
     async def open(self, call: Call, node: Node) -> Opened:
         """Send ``call`` to ``node`` and wait for its first byte (or, without
         streaming, its whole body). Every failure here raises Failed."""
         attempt = self.meter.begin(node)
-        headers = call.headers
-        if node.auth_header is not None:
-            headers = CIMultiDict(headers)
-            headers["Authorization"] = node.auth_header
         response: ClientResponse | None = None
         try:
-            response = await self.session.post(
-                node.url + call.request.path,
-                data=call.body,
-                headers=headers,
-                timeout=self._timeout(call.deadline),
-                allow_redirects=False,
+            response = await self.send(
+                node, call.request.path, call.body, call.headers, call.deadline
             )
             status = response.status
             if status in RETRYABLE_STATUS:
@@ -125,13 +178,13 @@ class Upstream:
                     node.stats.paused_until = self.clock() + retry_after_s(retry_after)
                 outcome = _OUTCOME_OF.get(status, Outcome.HTTP_5XX)
                 raise Failed(outcome, f"HTTP {status}", retry_after)
-            if call.info.stream:
+            if call.info.stream and status < 400:
                 first = await response.content.readany()
                 attempt.first_byte()
-            else:
-                attempt.first_byte()
-                first = await self._read_body(response, call.deadline)
-            return Opened(attempt, response, first)
+                return Opened(attempt, response, first, whole=False)
+            attempt.first_byte()
+            body = await self._read_body(response, call.deadline)
+            return Opened(attempt, response, body, whole=True)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)
             raise

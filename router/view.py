@@ -15,7 +15,7 @@ from router.fleet import ROUTABLE, Node, NodeState
 
 def node_row(node: Node, policy: Policy | None, now: float, total_requests: int) -> dict[str, Any]:
     st = node.stats
-    engine = node.engine
+    load = node.load
     factors = getattr(policy, "factors", None)
     return {
         "id": node.id,
@@ -40,13 +40,15 @@ def node_row(node: Node, policy: Policy | None, now: float, total_requests: int)
         "share": round(st.requests_total / (total_requests or 1), 4),
         "ejections": node.ejections,
         "telemetry": node.telemetry,
-        "engine": None
-        if engine is None
+        "engine": node.engine,
+        "context_length": node.context_length,
+        "load": None
+        if load is None
         else {
-            "queue": engine.queue,
-            "running": engine.running,
-            "kv_usage": engine.kv_usage,
-            "stale": now > engine.fresh_until,
+            "queue": load.queue,
+            "running": load.running,
+            "kv_usage": load.kv_usage,
+            "stale": now > load.fresh_until,
         },
         "probe": node.probe,
         "factors": factors(node, now) if factors else None,

@@ -125,12 +125,12 @@ def test_score_counts_stale_engine_metrics_as_saturated(rng: Random) -> None:
     from router.measure import EngineLoad
 
     cands = measured([0.1, 0.1])
-    cands[0].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
-    cands[1].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
+    cands[0].load = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
+    cands[1].load = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=10.0)
     score = build_policy("score")
     f = score.factors(cands[0], 5.0)
     assert f["headroom"] == 1.1 and f["queue"] == 1.0
-    cands[0].engine = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=4.0)  # stale
+    cands[0].load = EngineLoad(queue=0, running=1, kv_usage=0.1, fresh_until=4.0)  # stale
     assert score.factors(cands[0], 5.0)["headroom"] == 2.0
     assert all(score.rank(REQ, cands, 2, rng, 5.0)[0].id == "n1" for _ in range(20))
 

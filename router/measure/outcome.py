@@ -14,6 +14,8 @@ class Outcome(StrEnum):
     HTTP_429 = "http_429"
     HTTP_404 = "http_404"  # the node does not know a model (or path) it claims
     STREAM_ERROR = "stream_error"  # failed after the first byte
+    # 4xx for a request that a node of another kind then served: the node's fault
+    REJECTED = "rejected"
     CANCELLED = "cancelled"  # the client went away; says nothing about the node
 
 
@@ -25,5 +27,6 @@ FAILURES = frozenset(
         Outcome.HTTP_429,
         Outcome.HTTP_404,
         Outcome.STREAM_ERROR,
+        Outcome.REJECTED,
     }
 )

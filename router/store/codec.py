@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from router.config import NodeConfig, Scoring
+from router.engines import ENGINES, UNKNOWN
 from router.fleet import Node, NodeState, Source
 
 
@@ -41,6 +42,7 @@ def from_config(
         api_key=env.get(nc.api_key_env) if nc.api_key_env else None,
         scoring=scoring,
         source=Source.CONFIG,
+        engine=nc.engine or UNKNOWN,
         state=NodeState.REGISTERED if verify else NodeState.SERVING,
         state_reason="static node waiting for verification" if verify else "static node",
     )
@@ -82,6 +84,7 @@ def spec(node: Node) -> dict[str, object]:
         "vram_gb": node.vram_gb,
         "labels": node.labels,
         "source": node.source.value,
+        "engine": node.engine,
     }
 
 
@@ -116,6 +119,7 @@ def from_hash(node_id: str, h: Mapping[bytes, bytes], scoring: Scoring) -> Node 
         vram_gb=s.get("vram_gb"),
         labels=s.get("labels") or {},
         source=_source(s.get("source")),
+        engine=s["engine"] if s.get("engine") in ENGINES else UNKNOWN,
         scoring=scoring,
         state=NodeState(text(h.get(b"state"), NodeState.SERVING.value)),
         state_reason=text(h.get(b"reason")),
