@@ -10,6 +10,8 @@ decentralized supply does (hang, error bursts, mid-stream disconnects, slowness,
 lying about models); ``stop()``/``start()`` model a crash (connection refused).
 
 Engine-style ``/metrics`` use vLLM's metric names so a router can scrape it.
+``engine`` and ``quirks`` make a node behave like a real engine where engines
+differ (see :data:`QUIRKS` and :func:`context_error_body`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import re
 import socket
 import struct
 import time
@@ -66,6 +69,74 @@ class Fault:
     after_tokens: int = 2  # midstream: tokens sent before the connection drops
 
 
+QUIRKS = frozenset(
+    {
+        "uuid_request_ids",  # 400 with an empty body for a non-UUID x-request-id (llama-cpp-python)
+        "reject_all",  # 400 with an empty body for every inference request
+        "close_after_stream",  # closes the connection after each stream, advertising keep-alive
+    }
+)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+def context_error_body(engine: str, prompt: int, n_out: int, n_ctx: int) -> tuple[int, bytes]:
+    """(status, body) of a context-length error as ``engine`` words it."""
+    need = prompt + n_out
+    if engine == "llamacpp":
+        doc: dict[str, Any] = {
+            "error": {
+                "code": 400,
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": prompt,
+                "n_ctx": n_ctx,
+                "message": f"request ({need} tokens) exceeds the available "
+                f"context size ({n_ctx} tokens), try increasing it",
+            }
+        }
+        return 400, orjson.dumps(doc)
+    if engine == "sglang":
+        doc = {
+            "object": "error",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+            "message": f"The input ({prompt} tokens) is longer than the model's context "
+            f"length ({n_ctx} tokens).",
+        }
+        return 400, orjson.dumps(doc)
+    if engine == "tgi":
+        doc = {
+            "error_type": "validation",
+            "error": "Input validation error: `inputs` tokens + "
+            f"`max_new_tokens` must be <= {n_ctx}. Given: {prompt} `inputs` tokens and "
+            f"{n_out} `max_new_tokens`",
+        }
+        return 422, orjson.dumps(doc)
+    message = (
+        f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+        f"{need} tokens ({prompt} in the messages, {n_out} in the completion). Please "
+        "reduce the length of the messages or completion."
+    )
+    if engine == "vllm":
+        doc = {
+            "object": "error",
+            "message": message,
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    else:  # llama-cpp-python, OpenAI
+        doc = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    return 400, orjson.dumps(doc)  # fmt: skip
+
+
 @dataclass
 class SimConfig:
     id: str
@@ -76,6 +147,9 @@ class SimConfig:
     time_scale: float = 1.0  # multiply every delay (tests run faster with < 1)
     default_max_tokens: int = 16
     seed: int = 0
+    engine: str = "sim"  # owned_by in /v1/models, and the wording of context-length errors
+    quirks: tuple[str, ...] = ()  # from QUIRKS
+    context_length: int | None = None  # prompt + max_tokens beyond this: a context error
 
 
 def _prompt_tokens(doc: dict[str, Any]) -> int:
@@ -153,6 +227,13 @@ class SimNode:
     async def _preamble(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
         self.requests += 1
         self.arrived.set()
+        quirks = self.cfg.quirks
+        rid = request.headers.get("x-request-id", "")
+        if "reject_all" in quirks or (
+            "uuid_request_ids" in quirks and rid and not _UUID.fullmatch(rid)
+        ):
+            await request.read()
+            return {}, web.Response(status=400)
         try:
             doc = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -184,6 +265,10 @@ class SimNode:
         prompt = _prompt_tokens(doc)
         n_out = doc.get("max_tokens") or doc.get("max_completion_tokens")
         n_out = int(n_out) if isinstance(n_out, int) and n_out > 0 else self.cfg.default_max_tokens
+        n_ctx = self.cfg.context_length
+        if n_ctx is not None and prompt + n_out > n_ctx:
+            status, body = context_error_body(self.cfg.engine, prompt, n_out, n_ctx)
+            return web.Response(status=status, body=body, content_type="application/json")
         if prompt + n_out > p.kv_tokens:
             return _error(
                 500, f"CUDA out of memory: {prompt + n_out} tokens do not fit the KV cache"
@@ -263,6 +348,9 @@ class SimNode:
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
+        if "close_after_stream" in self.cfg.quirks and request.transport is not None:
+            # llama.cpp's server: the response said keep-alive, the socket closes anyway.
+            asyncio.get_running_loop().call_later(0.0005, request.transport.close)
         return out
 
     async def _embeddings(self, request: web.Request) -> web.Response:
@@ -289,7 +377,7 @@ class SimNode:
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": self.cfg.id}
+            {"id": m, "object": "model", "created": 0, "owned_by": self.cfg.engine}
             for m in self.cfg.models
         ]
         return web.json_response({"object": "list", "data": data})

@@ -63,14 +63,18 @@ def node_cost(policy: object, node: Candidate, now: float) -> float:
     return cost(node, now) if cost is not None else node.stats.cost(now)
 
 
+TIE = 0.05  # costs within 5% of each other are equal: the random pick stands
+
+
 def p2c_rank(candidates: Sequence[C], k: int, rng: Random, cost: Callable[[C], float]) -> list[C]:
-    """Power of two choices: the cheaper of two random candidates first, then the
-    rest of a random sample of ``k + 1`` in order of cost (the failover nodes)."""
+    """Power of two choices: the cheaper of two random candidates first (of two
+    within ``TIE`` of each other, the first drawn), then the rest of a random sample
+    of ``k + 1`` in order of cost (the failover nodes)."""
     n = len(candidates)
     if n <= 1:
         return list(candidates[:k])
     sample = [candidates[i] for i in rng.sample(range(n), min(n, k + 1))]
-    if cost(sample[1]) < cost(sample[0]):
+    if cost(sample[1]) < cost(sample[0]) * (1.0 - TIE):
         sample[0], sample[1] = sample[1], sample[0]
     return [sample[0], *sorted(sample[1:], key=cost)][:k]
 

@@ -2,7 +2,10 @@
 
     cost = latency x load        peak-EWMA latency x (in flight here and elsewhere + 1),
                                  or the current silence of a node that stopped answering
-         x reliability           (decayed success ratio, floored at 0.05) ^ -reliability_weight
+         x reliability           (decayed success ratio / its prior, capped at 1 and floored
+                                 at 0.05) ^ -reliability_weight: only evidence of failures
+                                 costs, so a node with fewer requests is not penalised for
+                                 having less evidence
          x memory headroom       1 + headroom_weight x KV-cache use (engine metrics)
          x queue                 1 + queue_weight x requests waiting in the node's engine
          x price                 1 + price_weight x the node's price_per_mtok label
@@ -64,7 +67,7 @@ class Score:
         kv, queue = _load(c, now)
         out = {
             "latency_load": st.cost(now),
-            "reliability": max(st.success.value(now), 0.05) ** -self.reliability_weight,
+            "reliability": _reliability(st, now) ** -self.reliability_weight,
             "headroom": 1.0 + self.headroom_weight * kv,
             "queue": 1.0 + self.queue_weight * queue,
             "price": 1.0 + self.price_weight * _price(c),
@@ -88,7 +91,9 @@ class Score:
         cost = st.cost(now)
         if cost == 0.0:
             return 0.0
-        cost *= max(st.success.value(now), 0.05) ** -self.reliability_weight
+        ratio = _reliability(st, now)
+        if ratio < 1.0:
+            cost *= ratio**-self.reliability_weight
         kv, queue = _load(c, now)
         if kv:
             cost *= 1.0 + self.headroom_weight * kv
@@ -121,3 +126,9 @@ def _price(c: Any) -> float:
         return float(c.labels.get("price_per_mtok", 0.0))
     except (AttributeError, ValueError):
         return 0.0
+
+
+def _reliability(st: Any, now: float) -> float:
+    """The success ratio relative to the prior a new node starts with, in [0.05, 1]."""
+    success = st.success
+    return min(1.0, max(success.value(now) / success.prior_ratio, 0.05))

@@ -29,6 +29,7 @@ from router.proxy import Proxy
 from router.recorder import Recorder
 from router.registration import Membership, admin_denied
 from router.store import MemoryStore, StateStore, codec
+from router.upstream import Upstream
 from router.view import fleet_view
 
 log = logging.getLogger("ballast")
@@ -117,6 +118,7 @@ def build_router(
     cfg: Config,
     *,
     session: ClientSession,
+    fresh: ClientSession | None = None,
     clock: Callable[[], float] = time.monotonic,
     rng: Random | None = None,
     config_path: Path | None = None,
@@ -129,10 +131,11 @@ def build_router(
     meter = Meter(clock, cfg.scoring.failure_penalty_s)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     recorder = Recorder()
-    proxy = Proxy(cfg, fleet, policy, session, meter, rng=rng, record=recorder)
+    upstream = Upstream(cfg, session, meter, clock, fresh)
+    proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder)
     store = make_store(cfg, clock)
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
-    prober = Prober(cfg.health, fleet, store, session, clock) if cfg.health.probe else None
+    prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
     metrics = Metrics(fleet, store, lambda: proxy.active, clock, proxy, health, prober)
     if cfg.metrics.enabled:
         recorder.observers.append(metrics.observe)
@@ -161,9 +164,13 @@ def build_router(
     return router
 
 
-def new_session() -> ClientSession:
-    """One pooled client for every node: keep-alive, no total connection cap."""
-    connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+def new_session(pooled: bool = True) -> ClientSession:
+    """One pooled client for every node: keep-alive, no total connection cap. With
+    ``pooled`` false, a new connection for every request (see ``Upstream``)."""
+    if pooled:
+        connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+    else:
+        connector = TCPConnector(limit=0, ttl_dns_cache=60, force_close=True)
     return ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
     )
@@ -180,9 +187,9 @@ def create_app(
     app = web.Application(client_max_size=cfg.limits.max_body_bytes)
 
     async def pool(app: web.Application) -> AsyncIterator[None]:
-        async with new_session() as session:
+        async with new_session() as session, new_session(pooled=False) as fresh:
             router = app[ROUTER] = build_router(
-                cfg, session=session, clock=clock, rng=rng, config_path=config_path
+                cfg, session=session, fresh=fresh, clock=clock, rng=rng, config_path=config_path
             )
             await router.store.start(router.fleet, router.meter.signals)
             router.health.start()
@@ -269,6 +276,7 @@ def create_app(
         app.router.add_post(path, inference)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", healthz)  # as vLLM, SGLang, TGI and llama.cpp serve it
     app.router.add_get("/readyz", readyz)
     if cfg.metrics.enabled:
         app.router.add_get("/metrics", metrics)

@@ -104,6 +104,9 @@ class Scoring(_Strict):
     success_half_life_s: float = Field(30.0, gt=0)
     failure_penalty_s: float = Field(5.0, ge=0)
     default_latency_s: float = Field(1.0, gt=0)
+    # Latency differences below this are noise (loopback jitter, a first connection):
+    # it is added to every estimate before nodes are compared.
+    latency_floor_s: float = Field(0.02, ge=0)
 
 
 class SentinelConfig(_Strict):

@@ -56,11 +56,11 @@ _CONTEXT_ERRORS = re.compile(
     r"maximum context length is \d+"  # vLLM, llama-cpp-python, OpenAI
     r"|exceeds the available context size"  # llama.cpp's server
     r"|longer than the model's context length"  # SGLang
-    r"|must be <= \d+"  # TGI: `inputs` tokens + `max_new_tokens` must be <= N
+    r"|`max_new_tokens` must be <= \d+"  # TGI
     r"|context length exceeded|context_length_exceeded",
     re.IGNORECASE,
 )
-_N_CTX = re.compile(r"(?:context length is|context size \(|context length \(|<= )(\d+)")
+_N_CTX = re.compile(r"(?:context length is|context size \(|context length \(|must be <=)\s*(\d+)")
 
 
 def detect(models_doc: Any, server_header: str | None) -> str:

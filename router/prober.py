@@ -33,17 +33,35 @@ from random import Random
 
 import aiohttp
 import orjson
+from aiohttp import ClientResponse
 
+from router import engines
 from router.config import HealthConfig
 from router.fleet import ROUTABLE, Fleet, Node, NodeState
 from router.measure import EngineLoad, parse_engine_metrics
 from router.store import StateStore
 from router.tasks import cancel_and_wait
+from router.upstream import Upstream
 
 log = logging.getLogger("ballast.prober")
 
 DIP_PROBE_INTERVAL_S = 0.5
 IDLE_TICK_S = 0.25  # longest sleep of the scheduler
+MAX_MODELS_BYTES = 1 << 20  # a /v1/models (or probe) answer larger than this fails the probe
+MAX_METRICS_BYTES = 4 << 20  # a /metrics page larger than this is not read
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def read_bounded(resp: ClientResponse, limit: int) -> bytes:
+    """The response body, or ProbeFailed once it passes ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise ProbeFailed(f"answer larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class ProbeFailed(Exception):
@@ -61,7 +79,7 @@ class Prober:
         cfg: HealthConfig,
         fleet: Fleet,
         store: StateStore,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         clock: Callable[[], float] = time.monotonic,
         rng: Random | None = None,
         wall: Callable[[], float] = time.time,
@@ -70,7 +88,7 @@ class Prober:
         self.fleet = fleet
         self.wall = wall
         self.store = store
-        self.session = session
+        self.upstream = upstream
         self.clock = clock
         self.rng = rng or Random()
         self.timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
@@ -208,45 +226,64 @@ class Prober:
 
     # -- one probe -------------------------------------------------------------------
 
-    def _headers(self, node: Node) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "User-Agent": "ballast-prober"}
+    def _get_headers(self, node: Node) -> dict[str, str]:
+        h = {"x-request-id": self.upstream.ids.new()}
         if node.auth_header:
             h["Authorization"] = node.auth_header
         return h
 
     async def probe(self, node: Node) -> dict[str, object]:
-        """Check every claimed model with a real tiny inference; raise ProbeFailed."""
-        headers = self._headers(node)
+        """Check every claimed model with a real tiny inference; raise ProbeFailed.
+
+        The inference is built and sent like proxied traffic (``Upstream.send``:
+        the same headers, request id, key and connection handling), so a node
+        that cannot serve traffic cannot pass it."""
         try:
-            listed = await self._listed_models(node, headers)
-            per_model = {}
-            for model in node.models:
-                if listed is not None and model not in listed:
-                    raise ProbeFailed(
-                        f"claims {model!r} but its /v1/models does not list it", definitive=True
-                    )
-                per_model[model] = await self._tiny_inference(node, model, headers)
+            async with asyncio.timeout(self.cfg.probe_timeout_s):
+                listed = await self._listed_models(node)
+                per_model = {}
+                for model in node.models:
+                    if listed is not None and model not in listed:
+                        raise ProbeFailed(
+                            f"claims {model!r} but its /v1/models does not list it",
+                            definitive=True,
+                        )
+                    per_model[model] = await self._tiny_inference(node, model)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ProbeFailed(f"{type(e).__name__} {e}".strip()) from None
         first = next(iter(per_model.values()), {})
         return {**first, "models": per_model}
 
-    async def _listed_models(self, node: Node, headers: dict[str, str]) -> set[str] | None:
-        async with self.session.get(
-            node.url + "/v1/models", headers=headers, timeout=self.timeout
-        ) as resp:
+    async def _listed_models(self, node: Node) -> set[str] | None:
+        """The models the node lists; also what it tells of its engine and context."""
+        async with self.upstream.session.get(
+            node.url + "/v1/models", headers=self._get_headers(node), timeout=self.timeout,
+            allow_redirects=False,
+        ) as resp:  # fmt: skip
             if resp.status == 404:
                 return None  # no model list: the inference decides
             if resp.status != 200:
                 raise ProbeFailed(f"/v1/models answered HTTP {resp.status}")
+            raw = await read_bounded(resp, MAX_MODELS_BYTES)
             try:
-                return {m["id"] for m in orjson.loads(await resp.read())["data"]}
+                doc = orjson.loads(raw)
+                listed = {m["id"] for m in doc["data"]}
             except (orjson.JSONDecodeError, KeyError, TypeError) as e:
                 raise ProbeFailed("/v1/models is not an OpenAI model list") from e
+            if node.engine == engines.UNKNOWN:  # a configured engine is kept
+                node.engine = engines.detect(doc, resp.headers.get("Server"))
+            for model in node.models:
+                n_ctx = engines.context_length_of(node.engine, doc, model)
+                if n_ctx is not None:
+                    node.context_length = n_ctx
+            return listed
 
-    async def _tiny_inference(
-        self, node: Node, model: str, headers: dict[str, str]
-    ) -> dict[str, float]:
+    async def _post(self, node: Node, path: str, doc: dict[str, object]) -> ClientResponse:
+        headers = self.upstream.headers(JSON_HEADERS, self.upstream.ids.new())
+        deadline = self.clock() + self.cfg.probe_timeout_s
+        return await self.upstream.send(node, path, orjson.dumps(doc), headers, deadline)
+
+    async def _tiny_inference(self, node: Node, model: str) -> dict[str, float]:
         body = {
             "model": model,
             "messages": [{"role": "user", "content": "Reply with OK."}],
@@ -255,14 +292,9 @@ class Prober:
         }
         t0 = self.clock()
         stamps: list[float] = []
-        async with self.session.post(
-            node.url + "/v1/chat/completions",
-            data=orjson.dumps(body),
-            headers=headers,
-            timeout=self.timeout,
-        ) as resp:
+        async with await self._post(node, "/v1/chat/completions", body) as resp:
             if resp.status in (400, 404):  # maybe an embedding model
-                return await self._tiny_embedding(node, model, headers, resp.status)
+                return await self._tiny_embedding(node, model, resp.status)
             if resp.status != 200:
                 raise ProbeFailed(f"tiny inference on {model!r}: HTTP {resp.status}")
             async for line in resp.content:
@@ -277,19 +309,12 @@ class Prober:
             out["tokens_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1)
         return out
 
-    async def _tiny_embedding(
-        self, node: Node, model: str, headers: dict[str, str], chat_status: int
-    ) -> dict[str, float]:
+    async def _tiny_embedding(self, node: Node, model: str, chat_status: int) -> dict[str, float]:
         t0 = self.clock()
-        async with self.session.post(
-            node.url + "/v1/embeddings",
-            data=orjson.dumps({"model": model, "input": "ok"}),
-            headers=headers,
-            timeout=self.timeout,
-        ) as resp:
-            if resp.status != 200:
+        async with await self._post(node, "/v1/embeddings", {"model": model, "input": "ok"}) as r:
+            if r.status != 200:
                 raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}", True)
-            await resp.read()
+            await read_bounded(r, MAX_MODELS_BYTES)
         return {"ttfb_ms": round((self.clock() - t0) * 1e3, 1)}
 
     # -- engine metrics --------------------------------------------------------------
@@ -304,12 +329,13 @@ class Prober:
     async def _scrape(self, node: Node, interval: float) -> None:
         async with self._slots:
             try:
-                async with self.session.get(
-                    node.url + "/metrics", headers=self._headers(node), timeout=self.timeout
-                ) as resp:
+                async with self.upstream.session.get(
+                    node.url + "/metrics", headers=self._get_headers(node), timeout=self.timeout,
+                    allow_redirects=False,
+                ) as resp:  # fmt: skip
                     if resp.status != 200:
                         return
-                    text = await resp.text()
+                    text = (await read_bounded(resp, MAX_METRICS_BYTES)).decode("utf-8", "replace")
                 queue, running, kv = parse_engine_metrics(text)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 return  # stale metrics count as saturated once fresh_until passes

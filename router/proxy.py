@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from random import Random
 
 import orjson
-from aiohttp import ClientSession, web
+from aiohttp import web
 
 from policies import Policy, RequestInfo
 from router.budgets import RetryBudget
@@ -50,38 +48,10 @@ from router.errors import error_response, exhausted, is_error_envelope, no_capac
 from router.fit import Fit
 from router.fleet import Fleet, Node
 from router.hedge import Hedging
-from router.measure import Meter, Outcome
+from router.measure import Outcome
 from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
-
-
-_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-
-
-class RequestIds:
-    """Request ids shaped as UUIDs (version 4), which every engine accepts (some
-    refuse anything else): a random prefix per process and a counter, so making
-    one costs a string format, not a call for random bytes."""
-
-    def __init__(self) -> None:
-        h = secrets.token_hex(8)
-        variant = "89ab"[int(h[15], 16) % 4]
-        self.prefix = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{variant}{secrets.token_hex(2)[:3]}-"
-        self.counter = int.from_bytes(secrets.token_bytes(6), "big")
-
-    def new(self) -> str:
-        self.counter = (self.counter + 1) & 0xFFFFFFFFFFFF
-        return f"{self.prefix}{self.counter:012x}"
-
-    def of(self, request: web.Request) -> tuple[str, str]:
-        """(the id the client sees, the UUID sent upstream): the client's
-        ``x-request-id`` when it is sane, and that same id upstream when it is a UUID."""
-        rid = request.headers.get("x-request-id")
-        if rid and len(rid) <= 128 and rid.isprintable() and rid.isascii():
-            return rid, rid if _UUID.fullmatch(rid) else self.new()
-        rid = self.new()
-        return rid, rid
 
 
 def _bad_request(message: str, code: str, param: str | None = None) -> web.Response:
@@ -94,19 +64,17 @@ class Proxy:
         cfg: Config,
         fleet: Fleet,
         policy: Policy,
-        session: ClientSession,
-        meter: Meter,
+        upstream: Upstream,
         *,
         rng: Random | None = None,
         record: Callable[[Exchange], None] = lambda ex: None,
     ) -> None:
         self.fleet = fleet
         self.policy = policy
-        self.clock = meter.clock
+        self.clock = upstream.clock
         self.rng = rng or Random()
         self.record = record  # where finished requests go (the Recorder)
-        self.ids = RequestIds()
-        self.upstream = Upstream(cfg, session, meter, self.clock)
+        self.upstream = upstream
         self.deliver = Deliver(cfg.timeouts.stream_idle_s, self.clock)
         self.hedging = Hedging(cfg)
         self.retries = RetryBudget(cfg.retries.budget_percent, cfg.retries.min_retry_concurrency)
@@ -124,7 +92,7 @@ class Proxy:
         return self.retries.active
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ex = Exchange(*self.ids.of(request), self.clock())
+        ex = Exchange(*self.upstream.ids.of(request), self.clock())
         self.retries.active += 1
         if self.hedging.enabled:
             self.hedging.budget.earn()

@@ -9,6 +9,8 @@ and the request path moves on to another node. What it returns, an
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Callable, Mapping
 
 from aiohttp import (
@@ -20,6 +22,7 @@ from aiohttp import (
     ClientSession,
     ClientTimeout,
     ServerDisconnectedError,
+    web,
 )
 from multidict import CIMultiDict
 
@@ -50,6 +53,34 @@ DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # request, and another node may well serve it.
 RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
 _OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+class RequestIds:
+    """Request ids shaped as UUIDs (version 4), which every engine accepts (some
+    refuse anything else): a random prefix per process and a counter, so making
+    one costs a string format, not a call for random bytes."""
+
+    def __init__(self) -> None:
+        h = secrets.token_hex(8)
+        variant = "89ab"[int(h[15], 16) % 4]
+        self.prefix = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{variant}{secrets.token_hex(2)[:3]}-"
+        self.counter = int.from_bytes(secrets.token_bytes(6), "big")
+
+    def new(self) -> str:
+        self.counter = (self.counter + 1) & 0xFFFFFFFFFFFF
+        return f"{self.prefix}{self.counter:012x}"
+
+    def of(self, request: web.Request) -> tuple[str, str]:
+        """(the id the client sees, the UUID sent upstream): the client's
+        ``x-request-id`` when it is sane, and that same id upstream when it is a UUID."""
+        rid = request.headers.get("x-request-id")
+        if rid and len(rid) <= 128 and rid.isprintable() and rid.isascii():
+            return rid, rid if _UUID.fullmatch(rid) else self.new()
+        rid = self.new()
+        return rid, rid
 
 
 class Opened:
@@ -120,6 +151,7 @@ class Upstream:
         # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
         self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         self.stale_retries = 0  # requests sent again after a node closed a pooled connection
+        self.ids = RequestIds()
 
     def headers(self, request_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
         """What every attempt of a request sends: the client's end-to-end headers."""

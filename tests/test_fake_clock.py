@@ -26,7 +26,7 @@ from router.measure import Meter, Outcome
 from router.prober import DIP_PROBE_INTERVAL_S, Prober
 from router.proxy import Proxy
 from router.store import MemoryStore
-from router.upstream import Opened
+from router.upstream import Opened, Upstream
 
 
 class Clock:
@@ -219,7 +219,8 @@ async def test_a_queued_request_waits_for_supply_and_gives_up_at_max_wait() -> N
     fleet = Fleet(clock=loop.time)
     meter = Meter(loop.time, 5.0)
     async with aiohttp.ClientSession() as session:
-        proxy = Proxy(cfg, fleet, build_policy("score"), session, meter, rng=Random(1))
+        upstream = Upstream(cfg, session, meter, loop.time)
+        proxy = Proxy(cfg, fleet, build_policy("score"), upstream, rng=Random(1))
         call = _call(loop.time())
         t0 = loop.time()
         assert not await proxy._wait_for_supply(call, t0 + 10)

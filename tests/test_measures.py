@@ -72,14 +72,14 @@ def test_cancelled_attempts_say_nothing_about_the_node() -> None:
 
 
 def test_cost_grows_with_in_flight() -> None:
-    stats = NodeStats(Scoring())
+    stats = NodeStats(Scoring(latency_floor_s=0))
     stats.record(Outcome.OK, elapsed_s=0.2, now=0, penalty_s=5.0)
     stats.in_flight = 3
     assert math.isclose(stats.cost(0), 0.8)
 
 
 def test_new_node_gets_one_request_then_waits_for_its_answer() -> None:
-    stats = NodeStats(Scoring(default_latency_s=1.0))
+    stats = NodeStats(Scoring(default_latency_s=1.0, latency_floor_s=0))
     assert stats.cost(0) == 0.0  # idle and never measured: try it
     stats.in_flight = 1
     assert stats.cost(0) == 2.0  # its first request is out: not flooded meanwhile
@@ -141,3 +141,12 @@ def test_merge_of_one_replica_matches_its_local_estimators() -> None:
     # A batch keeps no order, so its slowest sample is the shared peak: never more
     # optimistic than the local estimate, which had begun to decay after it.
     assert merged.lat == 5.0 >= stats.latency.estimate > 4.5
+
+
+def test_the_latency_floor_makes_jitter_no_reason_to_prefer_a_node() -> None:
+    a, b = NodeStats(Scoring()), NodeStats(Scoring())
+    a.record(Outcome.OK, elapsed_s=0.0016, now=0, penalty_s=5.0)
+    b.record(Outcome.OK, elapsed_s=0.0023, now=0, penalty_s=5.0)
+    assert b.cost(0) / a.cost(0) < 1.05  # within the policies' tie: the random pick stands
+    a.in_flight = 1
+    assert a.cost(0) > b.cost(0)  # but load still counts

@@ -8,7 +8,10 @@ else writes these fields.
 The cost used by load-aware policies is peak-EWMA latency times the queue a new
 request would join (tower's ``PeakEwma`` load)::
 
-    cost = latency * (in flight here + in flight on other replicas + 1)
+    cost = (latency + floor) * (in flight here + in flight on other replicas + 1)
+
+``floor`` (``scoring.latency_floor_s``) keeps milliseconds of jitter from
+deciding between two equal nodes: 1.6 ms and 2.3 ms are the same node speed.
 
 A node never measured costs nothing while idle, so it gets one request and is
 measured at once, and the configured default while that request is in flight,
@@ -82,6 +85,7 @@ class NodeStats:
         "consecutive_failures",
         "consecutive_timeouts",
         "failures_total",
+        "floor",
         "in_flight",
         "last_error",
         "latency",
@@ -101,6 +105,7 @@ class NodeStats:
         self.latency = PeakEwma(scoring.decay_s, scoring.default_latency_s)
         self.ttfb = PeakEwma(scoring.decay_s, scoring.default_latency_s)
         self.success = DecayedRatio(scoring.success_half_life_s)
+        self.floor = scoring.latency_floor_s
         self.in_flight = 0
         self.requests_total = 0
         self.failures_total = 0
@@ -163,7 +168,7 @@ class NodeStats:
         est = lat.value(now)
         if self.awaiting:
             est = max(est, now - self.awaiting_since)
-        return est * (queued + 1)
+        return (est + self.floor) * (queued + 1)
 
     def observe_ttfb(self, ttfb_s: float, now: float) -> None:
         self.ttfb.observe(ttfb_s, now)
