@@ -1,0 +1,403 @@
+"""Conformance of real inference engines, through Ballast.
+
+Builds (once, into a cache directory outside the repository) the real engines
+that PyPI carries: llama.cpp's ``llama-server`` and llama-cpp-python's server,
+both from the ``llama-cpp-python`` sdist (about 11 minutes on 2 cores; one
+llama.cpp build serves both, the Python package loads its shared libraries).
+Writes a tiny random-weight GGUF (:mod:`loadtest.tiny_gguf`), starts a mixed
+fleet on loopback (two llama.cpp servers and one llama-cpp-python server for
+chat and completions, one of each with embeddings), puts ``ballast serve`` in
+front of it with its default verification, probes and engine-metrics scraping,
+and runs every check through Ballast with the official ``openai`` client:
+
+    python -m loadtest.engines [--cache DIR] [--out docs/engines.md]
+
+It prints a table of feature by engine and writes it to ``--out``. It takes
+minutes and needs the build, so it is not part of the test suite: it is the
+check to run before saying an engine works. Everything listens on 127.0.0.1
+and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loadtest.common import free_port, spawn, stop_all, wait_port
+
+LLAMA_CPP_PYTHON = "0.3.36"
+MODEL = "tiny"
+EMBED_MODEL = "tiny-embed"
+DEFAULT_CACHE = Path.home() / ".cache" / "ballast-engines"
+ENGINES = ("llamacpp", "llama-cpp-python")
+
+
+# -- build ---------------------------------------------------------------------------
+
+
+def run(cmd: list[str], log: Path, **kw: Any) -> None:
+    print("  $", " ".join(cmd)[:160], file=sys.stderr)
+    with log.open("ab") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, **kw)
+
+
+def build(cache: Path) -> tuple[Path, Path]:
+    """(llama-server binary, the Python of a venv with llama-cpp-python), built once."""
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / "build.log"
+    src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    server = cache / "build" / "bin" / "llama-server"
+    python = cache / "venv" / "bin" / "python"
+    if not src.exists():
+        print(f"fetching the llama-cpp-python {LLAMA_CPP_PYTHON} sdist", file=sys.stderr)
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache / "sdist")], log)  # fmt: skip
+        (archive,) = (cache / "sdist").glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(cache, filter="data")
+    if not server.exists():
+        print("building llama.cpp (about 11 minutes on 2 cores)", file=sys.stderr)
+        run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(cache / "build"),
+             "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF"], log)  # fmt: skip
+        run(["cmake", "--build", str(cache / "build"), "-j", str(os.cpu_count() or 2),
+             "--target", "llama-server", "mtmd"], log)  # fmt: skip
+    if (
+        not python.exists()
+        or subprocess.run(
+            [str(python), "-c", "import llama_cpp.server, gguf"], capture_output=True
+        ).returncode
+    ):
+        print("installing llama-cpp-python (on the libraries just built)", file=sys.stderr)
+        run([sys.executable, "-m", "venv", str(cache / "venv")], log)
+        env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
+        run([str(python), "-m", "pip", "install", "-q", f"{src}[server]", "gguf", "numpy"],
+            log, env=env)  # fmt: skip
+    return server, python
+
+
+def tiny_model(cache: Path, python: Path) -> Path:
+    path = cache / "tiny.gguf"
+    if not path.exists():
+        script = Path(__file__).with_name("tiny_gguf.py")
+        subprocess.run([str(python), str(script), str(path)], check=True)
+    return path
+
+
+# -- the fleet ----------------------------------------------------------------------
+
+
+@dataclass
+class EngineNode:
+    id: str
+    engine: str
+    model: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_fleet(cache: Path, server: Path, python: Path, model: Path) -> list[EngineNode]:
+    libs = str(server.parent)
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": libs, "MTMD_CPP_LIB": libs}
+    plan = [
+        ("lcpp-a", "llamacpp", MODEL, False),
+        ("lcpp-b", "llamacpp", MODEL, False),
+        ("lcpy", "llama-cpp-python", MODEL, False),
+        ("lcpp-embed", "llamacpp", EMBED_MODEL, True),
+        ("lcpy-embed", "llama-cpp-python", EMBED_MODEL, True),
+    ]
+    nodes = []
+    for node_id, engine, alias, embed in plan:
+        port = free_port()
+        if engine == "llamacpp":
+            cmd = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                   "-a", alias, "-c", "4096", "-np", "4", "--metrics", "-t", "1"]  # fmt: skip
+            cmd += ["--embeddings", "--pooling", "mean"] if embed else []
+        else:
+            cmd = [str(python), "-m", "llama_cpp.server", "--model", str(model), "--model_alias",
+                   alias, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+                   "--n_threads", "1"]  # fmt: skip
+            cmd += ["--embedding", "true"] if embed else []
+        log = (cache / f"{node_id}.log").open("wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        nodes.append(EngineNode(node_id, engine, alias, port, proc))
+    for n in nodes:
+        wait_port(n.port, n.proc, timeout=60)
+    return nodes
+
+
+def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
+    conf = tmp / "ballast.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                # Round robin, so that every engine sees every feature.
+                "policy": {"name": "round_robin"},
+                "nodes": [{"id": n.id, "url": n.url, "models": [n.model]} for n in nodes],
+                "health": {
+                    "verify_static": True,
+                    "probe_interval_s": 0.5,
+                    "scrape_engine_metrics": True,
+                    "engine_metrics_interval_s": 1,
+                },
+                "admin": {"token_env": "BALLAST_ADMIN_TOKEN"},
+                "logging": {"level": "warning", "access_log": False},
+            }
+        )
+    )
+    return conf
+
+
+# -- the checks ----------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    total: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, ok: bool, error: str = "") -> None:
+        self.total += 1
+        self.ok += ok
+        if not ok and error and len(self.errors) < 3:
+            self.errors.append(error[:120])
+
+    def cell(self) -> str:
+        if not self.total:
+            return "n/a"
+        mark = "ok" if self.ok == self.total else "FAIL"
+        why = f" ({'; '.join(self.errors)})" if self.errors else ""
+        return f"{mark} {self.ok}/{self.total}{why}"
+
+
+class Checks:
+    def __init__(self, router: str, token: str, nodes: list[EngineNode]) -> None:
+        from openai import AsyncOpenAI
+
+        self.router = router
+        self.token = token
+        self.nodes = nodes
+        self.engine_of = {n.id: n.engine for n in nodes}
+        self.client = AsyncOpenAI(base_url=router + "/v1", api_key="unused", max_retries=0)
+        self.results: dict[str, dict[str, Tally]] = defaultdict(lambda: defaultdict(Tally))
+        self.notes: list[str] = []
+
+    def record(self, feature: str, node_id: str, ok: bool, error: str = "") -> None:
+        self.results[feature][self.engine_of.get(node_id, "?")].add(ok, error)
+
+    async def fleet(self) -> list[dict[str, Any]]:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(self.router + "/admin/nodes", headers=headers) as resp,
+        ):
+            return (await resp.json())["nodes"]
+
+    async def wait_verified(self, within: float = 60) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            rows = await self.fleet()
+            if all(r["state"] in ("verified", "serving") for r in rows):
+                return
+            await asyncio.sleep(0.5)
+
+    async def probes(self) -> None:
+        for row in await self.fleet():
+            expected = self.engine_of[row["id"]]
+            self.record("verified by a probe", row["id"], row["state"] in ("verified", "serving"),
+                        f"{row['state']}: {row['reason']}")  # fmt: skip
+            self.record("engine detected", row["id"], row["engine"] == expected,
+                        f"detected {row['engine']!r}")  # fmt: skip
+
+    async def each(self, feature: str, n: int, call: Any) -> None:
+        for _ in range(n):
+            try:
+                node_id, ok, why = await call()
+            except Exception as e:  # the SDK raises on any error answer
+                self.record(feature, "?", False, f"{type(e).__name__}: {e}")
+                continue
+            self.record(feature, node_id, ok, why)
+
+    async def chat(self) -> tuple[str, bool, str]:
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=8
+        )
+        out = raw.parse()
+        ok = out.choices[0].message.content is not None and out.usage is not None
+        return raw.headers["x-ballast-node"], ok, "no content or usage"
+
+    async def chat_stream(self) -> tuple[str, bool, str]:
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        text, usage, finish = "", None, None
+        async for chunk in raw.parse():
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        ok = usage is not None and finish is not None
+        return raw.headers["x-ballast-node"], ok, f"usage={usage is not None} finish={finish}"
+
+    async def completion(self) -> tuple[str, bool, str]:
+        raw = await self.client.completions.with_raw_response.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=8
+        )
+        out = raw.parse()
+        return raw.headers["x-ballast-node"], bool(out.choices), "no choices"
+
+    async def completion_stream(self) -> tuple[str, bool, str]:
+        raw = await self.client.completions.with_raw_response.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True
+        )
+        chunks = [c async for c in raw.parse()]
+        return raw.headers["x-ballast-node"], bool(chunks), "no chunks"
+
+    async def embedding(self) -> tuple[str, bool, str]:
+        raw = await self.client.embeddings.with_raw_response.create(
+            model=EMBED_MODEL, input=["hello world", "ok"]
+        )
+        out = raw.parse()
+        ok = len(out.data) == 2 and len(out.data[0].embedding) > 0
+        return raw.headers["x-ballast-node"], ok, "wrong embedding count"
+
+    async def foreign_request_id(self) -> tuple[str, bool, str]:
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            extra_headers={"x-request-id": "client-id-not-a-uuid"},
+        )  # fmt: skip
+        ok = raw.headers.get("x-request-id") == "client-id-not-a-uuid"
+        return raw.headers["x-ballast-node"], ok, "request id not echoed"
+
+    async def engine_metrics(self) -> None:
+        await asyncio.sleep(2.5)  # two scrape intervals
+        for row in await self.fleet():
+            if self.engine_of[row["id"]] == "llamacpp":
+                self.record("engine metrics scraped", row["id"], row["load"] is not None,
+                            "no load figures")  # fmt: skip
+
+    async def kill_mid_run(self, victim: EngineNode, n: int = 60, concurrency: int = 4) -> str:
+        """n chat requests at a concurrency; the victim is killed after a third."""
+        done = failed = 0
+        errors: list[str] = []
+
+        async def worker(count: int) -> None:
+            nonlocal done, failed
+            for _ in range(count):
+                try:
+                    await self.chat()
+                except Exception as e:
+                    failed += 1
+                    errors.append(f"{type(e).__name__}: {e}"[:100])
+                done += 1
+                if done == n // 3:
+                    victim.proc.kill()
+
+        await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+        why = f" ({errors[0]})" if errors else ""
+        return f"{'ok' if not failed else 'FAIL'} {n - failed}/{n}{why}"
+
+    def table(self, fleet_rows: list[tuple[str, str]]) -> str:
+        lines = ["| feature | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
+        for feature, by_engine in self.results.items():
+            cells = [by_engine[e].cell() if e in by_engine else "n/a" for e in ENGINES]
+            lines.append(f"| {feature} | " + " | ".join(cells) + " |")
+        lines += ["", "| mixed fleet | result |", "|---|---|"]
+        lines += [f"| {name} | {result} |" for name, result in fleet_rows]
+        return "\n".join(lines)
+
+
+async def conformance(router: str, token: str, nodes: list[EngineNode]) -> str:
+    checks = Checks(router, token, nodes)
+    await checks.wait_verified()
+    await checks.probes()
+    for feature, call in (
+        ("chat (openai SDK)", checks.chat),
+        ("chat stream with usage", checks.chat_stream),
+        ("completions", checks.completion),
+        ("completions stream", checks.completion_stream),
+        ("client x-request-id that is not a UUID", checks.foreign_request_id),
+    ):
+        await checks.each(feature, 6, call)
+    await checks.each("embeddings", 4, checks.embedding)
+    await checks.engine_metrics()
+    victim = next(n for n in nodes if n.id == "lcpp-b")
+    killed = await checks.kill_mid_run(victim)
+    return checks.table([("60 chat requests, 4 at a time, one llama.cpp node killed after 20",
+                          killed)])  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--out", type=Path, default=None, help="write the table into this file")
+    p.add_argument("--build-only", action="store_true")
+    args = p.parse_args()
+    server, python = build(args.cache)
+    model = tiny_model(args.cache, python)
+    if args.build_only:
+        return
+    version = subprocess.run([str(server), "--version"], capture_output=True, text=True)
+    build_id = (version.stdout + version.stderr).strip().splitlines()[0]
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ballast-engines-"))
+    try:
+        nodes = start_fleet(args.cache, server, python, model)
+        procs += [n.proc for n in nodes]
+        port = free_port()
+        token = secrets.token_urlsafe(16)
+        os.environ["BALLAST_ADMIN_TOKEN"] = token
+        conf = ballast_config(tmp, port, nodes)
+        ballast = spawn([sys.executable, "-m", "router.cli", "serve", "--config", str(conf)])
+        procs.append(ballast)
+        wait_port(port, ballast)
+        table = asyncio.run(conformance(f"http://127.0.0.1:{port}", token, nodes))
+    finally:
+        stop_all(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+    header = (
+        f"llama-cpp-python {LLAMA_CPP_PYTHON} (its server and its vendored llama.cpp's "
+        f"llama-server, {build_id}), tiny random GGUF, through `ballast serve`"
+    )
+    print(header)
+    print(table)
+    if args.out is not None:
+        write_doc(args.out, header, table)
+
+
+def write_doc(path: Path, header: str, table: str) -> None:
+    """Replace the generated section of ``path`` (between the markers) with the table."""
+    begin, end = "<!-- engines:begin -->", "<!-- engines:end -->"
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{header}\n\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()
