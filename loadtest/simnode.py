@@ -61,12 +61,12 @@ PROFILES: dict[str, Profile] = {
 class Fault:
     """How a node misbehaves. ``mode`` is one of the names below."""
 
-    mode: str = "none"  # none | hang | error | slow | midstream | lie
+    mode: str = "none"  # none | hang | error | slow | midstream | stall | lie
     rate: float = 1.0  # share of requests affected (error, midstream)
     status: int = 500  # error: HTTP status to answer
     retry_after: float | None = None  # error: Retry-After header (seconds)
     factor: float = 5.0  # slow: latency multiplier
-    after_tokens: int = 2  # midstream: tokens sent before the connection drops
+    after_tokens: int = 2  # midstream, stall: tokens sent before the connection drops or stalls
 
 
 QUIRKS = frozenset(
@@ -74,8 +74,10 @@ QUIRKS = frozenset(
         "uuid_request_ids",  # 400 with an empty body for a non-UUID x-request-id (llama-cpp-python)
         "reject_all",  # 400 with an empty body for every inference request
         "close_after_stream",  # closes the connection after each stream, advertising keep-alive
+        "echo_prefill",  # a trailing assistant message is continued and echoed (llama.cpp)
     }
 )
+_GENERATED = re.compile(r"(?:t\d+ )+$")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
@@ -150,14 +152,18 @@ class SimConfig:
     engine: str = "sim"  # owned_by in /v1/models, and the wording of context-length errors
     quirks: tuple[str, ...] = ()  # from QUIRKS
     context_length: int | None = None  # prompt + max_tokens beyond this: a context error
+    # Answers "t0 t1 t2 ..." instead of "tok tok ...": token i of an answer is always
+    # the same, so a continued answer can be checked word for word.
+    numbered: bool = False
 
 
-def _prompt_tokens(doc: dict[str, Any]) -> int:
+def _prompt_tokens(doc: dict[str, Any], words: bool = False) -> int:
+    """Tokens in the prompt: a quarter of its characters, or (``words``) one per word."""
     if "messages" in doc:
-        text = "".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
+        text = " ".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
     else:
         text = str(doc.get("prompt", doc.get("input", "")))
-    return max(1, len(text) // 4)
+    return max(1, len(text.split()) if words else len(text) // 4)
 
 
 class SimNode:
@@ -262,7 +268,7 @@ class SimNode:
             return err
         p = self.cfg.profile
         chat = request.path.endswith("chat/completions")
-        prompt = _prompt_tokens(doc)
+        prompt = _prompt_tokens(doc, words=self.cfg.numbered)
         n_out = doc.get("max_tokens") or doc.get("max_completion_tokens")
         n_out = int(n_out) if isinstance(n_out, int) and n_out > 0 else self.cfg.default_max_tokens
         n_ctx = self.cfg.context_length
@@ -283,10 +289,18 @@ class SimNode:
             await asyncio.sleep(self._delay(p.ttft_s + prompt / p.prefill_tok_per_s))
             rid = f"sim-{self.cfg.id}-{self.requests}"
             tok_s = self._delay(1.0 / p.tokens_per_s)
+            start, echo = self._continues(doc, chat)
             if doc.get("stream") is True:
-                return await self._stream(request, doc["model"], rid, chat, n_out, tok_s)
+                opts = doc.get("stream_options")
+                usage = {"prompt_tokens": prompt, "completion_tokens": n_out,
+                         "total_tokens": prompt + n_out}  # fmt: skip
+                with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+                return await self._stream(
+                    request, doc["model"], rid, chat, n_out, tok_s, start, echo,
+                    usage if with_usage else None,
+                )  # fmt: skip
             await asyncio.sleep(tok_s * (n_out - 1))
-            text = "tok " * n_out
+            text = echo + "".join(self._token(start + i) for i in range(n_out))
             choice: dict[str, Any] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}}
                 if chat
@@ -315,28 +329,64 @@ class SimNode:
             self.running -= 1
             self._slots.release()
 
+    def _token(self, i: int) -> str:
+        return f"t{i} " if self.cfg.numbered else "tok "
+
+    def _continues(self, doc: dict[str, Any], chat: bool) -> tuple[int, str]:
+        """(index of the first token to generate, prefill text to echo) for a request
+        continuing a partial answer: a final assistant message (with vLLM's
+        continue_final_message, or as llama.cpp's prefill), or a completion prompt
+        that ends in generated tokens."""
+        if chat:
+            messages = doc.get("messages") or []
+            last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+            if last.get("role") != "assistant":
+                return 0, ""
+            text = str(last.get("content") or "")
+            start = len(text.split()) if self.cfg.numbered else 0
+            if doc.get("continue_final_message") is True:
+                return start, ""
+            if "echo_prefill" in self.cfg.quirks:
+                return start, text
+            return 0, ""
+        found = _GENERATED.search(str(doc.get("prompt", ""))) if self.cfg.numbered else None
+        return (len(found.group(0).split()), "") if found else (0, "")
+
     async def _stream(
-        self, request: web.Request, model: str, rid: str, chat: bool, n_out: int, tok_s: float
+        self,
+        request: web.Request,
+        model: str,
+        rid: str,
+        chat: bool,
+        n_out: int,
+        tok_s: float,
+        start: int = 0,
+        echo: str = "",
+        usage: dict[str, int] | None = None,
     ) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         created = int(time.time())
         f = self.fault
-        drop_at = f.after_tokens if f.mode == "midstream" and self.rng.random() < f.rate else -1
+        broken = f.mode in ("midstream", "stall") and self.rng.random() < f.rate
+        drop_at = f.after_tokens if broken else -1
         for i in range(n_out):
+            if i == drop_at and f.mode == "stall":
+                await asyncio.Event().wait()  # silent, connection open, until the client leaves
             if i == drop_at and request.transport is not None:
                 request.transport.abort()  # the node dies mid-stream
                 return out
             if i:
                 await asyncio.sleep(tok_s)
             last = i == n_out - 1
+            piece = (echo if i == 0 else "") + self._token(start + i)
             if chat:
-                delta: dict[str, Any] = {"content": "tok "}
+                delta: dict[str, Any] = {"content": piece}
                 if i == 0:
                     delta["role"] = "assistant"
                 choice: dict[str, Any] = {"index": 0, "delta": delta}
             else:
-                choice = {"index": 0, "text": "tok ", "logprobs": None}
+                choice = {"index": 0, "text": piece, "logprobs": None}
             choice["finish_reason"] = "length" if last else None
             chunk = {
                 "id": rid,
@@ -345,6 +395,10 @@ class SimNode:
                 "model": model,
                 "choices": [choice],
             }
+            await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if usage is not None:
+            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": created, "model": model, "choices": [], "usage": usage}  # fmt: skip
             await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()

@@ -9,7 +9,7 @@ the headers to send upstream, the deadline, the failures so far and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -34,6 +34,7 @@ class Exchange:
         "outcomes",
         "queued_s",
         "request_id",
+        "resumed",
         "start",
         "status",
         "stream",
@@ -56,6 +57,7 @@ class Exchange:
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
         self.outcomes: list[Outcome] = []
+        self.resumed: list[str] = []  # "node:reason" of each node a stream was continued after
 
 
 class Failed(Exception):
@@ -72,6 +74,7 @@ class Call:
     request: web.Request
     ex: Exchange
     info: RequestInfo
+    doc: dict[str, Any]  # the body, parsed once
     body: bytes
     headers: CIMultiDict[str]  # what every attempt sends upstream (before the node's key)
     deadline: float  # clock() after which the request has failed

@@ -193,6 +193,11 @@ class HedgeConfig(_Strict):
     budget_percent: float = Field(5.0, ge=0, le=100)
 
 
+class ResumeConfig(_Strict):
+    enabled: bool = True
+    max_continuations: int = Field(2, ge=0, le=10)
+
+
 class QueueConfig(_Strict):
     max_size: int = Field(1000, ge=0)
     max_wait_s: float = Field(10.0, ge=0)
@@ -222,6 +227,7 @@ class Config(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    resume: ResumeConfig = Field(default_factory=ResumeConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")

@@ -1,90 +1,153 @@
 """Delivering an opened attempt's answer to the client: from here on it is committed.
 
 A plain answer was read whole by :meth:`~router.upstream.Upstream.open` and is
-sent as one response. A stream is copied chunk by chunk as it arrives: between
-chunks the node may be silent for ``timeouts.stream_idle_s``, the request
-deadline is checked as each chunk arrives, and a failure after the first byte
-ends the stream with an SSE error event.
+sent as one response. A stream goes through a :class:`~router.relay.Relay`
+event by event: between chunks the node may be silent for
+``timeouts.stream_idle_s``, and the request deadline is checked as each chunk
+arrives. When the node fails after the first byte, the ``resume`` step asks
+another node to continue the answer (see :mod:`router.relay`); when no node
+can, the stream ends with an SSE error event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from aiohttp import ClientError, ClientResponse, web
+from aiohttp import ClientError, web
 from multidict import CIMultiDict
 
 from router.call import Call
 from router.errors import sse_error_event
+from router.fleet import Node
 from router.measure import Outcome
+from router.relay import Relay
 from router.upstream import DROP_RESPONSE, Opened
+
+# Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
+# "ended" when nothing is left to ask for, or None when no node can continue it.
+Resume = Callable[[Call, Relay, Node, str], Awaitable[Opened | str | None]]
+_FAILURE_CODES = {
+    "stalled": ("node stopped sending", "upstream_stalled"),
+    "deadline": ("request deadline exceeded", "deadline_exceeded"),
+}
 
 
 class Deliver:
-    def __init__(self, stream_idle_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, stream_idle_s: float, clock: Callable[[], float], resume: Resume) -> None:
         self.stream_idle_s = stream_idle_s
         self.clock = clock
+        self.resume = resume
 
     async def __call__(self, call: Call, opened: Opened) -> web.StreamResponse:
         response = opened.response
         ex = call.ex
-        outcome = Outcome.CANCELLED
-        try:
-            attempt = opened.attempt
-            ex.node = attempt.node.id
-            ex.ttfb = attempt.t_first - ex.start
-            status = response.status
-            ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-            headers = CIMultiDict(
-                (k, v) for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE
-            )
-            headers["x-ballast-node"] = attempt.node.id
-            if opened.whole:
-                outcome = ok
-                return web.Response(status=status, body=opened.first, headers=headers)
-            attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
-            out = web.StreamResponse(status=status, headers=headers)
-            outcome = await self._pump(call, response, out, opened.first, ok)
-            return out
-        finally:
-            opened.close(outcome)
+        attempt = opened.attempt
+        ex.node = attempt.node.id
+        ex.ttfb = attempt.t_first - ex.start
+        status = response.status
+        ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
+        headers = CIMultiDict(
+            (k, v) for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE
+        )
+        headers["x-ballast-node"] = attempt.node.id
+        if opened.whole:
+            opened.close(ok)
+            return web.Response(status=status, body=opened.first, headers=headers)
+        attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
+        out = web.StreamResponse(status=status, headers=headers)
+        await self._relay(call, opened, out)
+        return out
 
-    async def _pump(
-        self,
-        call: Call,
-        response: ClientResponse,
-        out: web.StreamResponse,
-        first: bytes,
-        ok: Outcome,
-    ) -> Outcome:
-        """Copy a stream to the client as it arrives; return the attempt's outcome."""
-        conn = response.connection
-        if conn is not None and conn.protocol is not None:
-            conn.protocol.read_timeout = self.stream_idle_s
-        clock = self.clock
-        deadline = call.deadline
-        readany = response.content.readany
-        write = out.write
-        chunk = first
+    async def _relay(self, call: Call, opened: Opened, out: web.StreamResponse) -> None:
+        """Pass the stream on event by event; continue it elsewhere when its node fails."""
+        relay = Relay(chat=call.request.path.endswith("/chat/completions"))
+        pass_through = True  # the first answer's events go out as they came
+        current: Opened | None = opened
+        chunk = opened.first
         try:
             await out.prepare(call.request)
-            while chunk:
-                await write(chunk)
-                if clock() > deadline:
-                    await _end_stream(out, "request deadline exceeded", "deadline_exceeded")
-                    return Outcome.CANCELLED  # the node was working; the deadline ran out
-                try:
-                    chunk = await readany()
-                except TimeoutError:  # stream_idle_s passed without a byte
-                    await _end_stream(out, "node stopped sending", "upstream_stalled")
-                    return Outcome.TIMEOUT
-                except (ClientError, OSError):
-                    await _end_stream(out, "node failed mid-stream", "upstream_error")
-                    return Outcome.STREAM_ERROR
-            await out.write_eof()
+            while current is not None:
+                reason, chunk = await self._copy(call, current, out, relay, chunk, pass_through)
+                if reason is None:
+                    current.close(Outcome.OK)
+                    current = None
+                    await out.write_eof()
+                    return
+                failed = current.node
+                current.close(Outcome.CANCELLED if reason == "deadline" else _outcome(reason))
+                current = None
+                found = (
+                    None if reason == "deadline" else await self.resume(call, relay, failed, reason)
+                )
+                if found == "ended":
+                    await out.write(relay.final_event("length") + b"\n\n" + b"data: [DONE]\n\n")
+                    await out.write_eof()
+                    return
+                if found is None or isinstance(found, str):
+                    message, code = _FAILURE_CODES.get(
+                        reason, ("node failed mid-stream", "upstream_error")
+                    )
+                    await _end_stream(out, message, code)
+                    return
+                current, chunk, pass_through = found, found.first, False
         except ConnectionResetError:
-            return Outcome.CANCELLED  # the client went away
-        return ok
+            if current is not None:
+                current.close(Outcome.CANCELLED)  # the client went away
+        except BaseException:
+            if current is not None:
+                current.close(Outcome.CANCELLED)
+            raise
+
+    async def _copy(
+        self,
+        call: Call,
+        opened: Opened,
+        out: web.StreamResponse,
+        relay: Relay,
+        chunk: bytes,
+        pass_through: bool,
+    ) -> tuple[str | None, bytes]:
+        """Copy one node's stream; (None, b"") when it ended properly, else (why it
+        failed, b""): reset, stalled, error_event, truncated or deadline."""
+        conn = opened.response.connection
+        if conn is not None and conn.protocol is not None:
+            conn.protocol.read_timeout = self.stream_idle_s
+        clock, deadline = self.clock, call.deadline
+        readany = opened.response.content.readany
+        write = out.write
+        while chunk:
+            held = bool(relay.buf)
+            events = relay.feed(chunk)
+            if pass_through:
+                for event in events:
+                    relay.track(event)
+                if relay.failed_event:
+                    return "error_event", b""
+                if events:
+                    # Whole events only: a chunk that ends mid-event waits for the rest.
+                    whole = not held and not relay.buf and chunk.endswith(b"\n\n")
+                    await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
+            else:
+                rewritten = [e for e in map(relay.rewrite, events) if e is not None]
+                if relay.failed_event:
+                    return "error_event", b""
+                if rewritten:
+                    await write(b"\n\n".join(rewritten) + b"\n\n")
+            if clock() > deadline:
+                return "deadline", b""
+            try:
+                chunk = await readany()
+            except TimeoutError:  # stream_idle_s passed without a byte
+                return "stalled", b""
+            except (ClientError, OSError):
+                return "reset", b""
+        if relay.complete:
+            return None, b""
+        return "truncated", b""
+
+
+def _outcome(reason: str) -> Outcome:
+    return Outcome.TIMEOUT if reason == "stalled" else Outcome.STREAM_ERROR
 
 
 async def _end_stream(out: web.StreamResponse, message: str, code: str) -> None:

@@ -50,6 +50,7 @@ ENGINES: dict[str, Engine] = {
     )
 }  # fmt: skip
 UNKNOWN = "unknown"
+NO_ENGINE = Engine(UNKNOWN, None, None, None)
 
 # Context-length errors, as each engine words them (matched on the error message).
 _CONTEXT_ERRORS = re.compile(

@@ -31,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from random import Random
 
 import orjson
@@ -43,12 +44,13 @@ from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import Config
 from router.deliver import Deliver
-from router.engines import context_error
+from router.engines import ENGINES, NO_ENGINE, context_error
 from router.errors import error_response, exhausted, is_error_envelope, no_capacity
 from router.fit import Fit
 from router.fleet import Fleet, Node
 from router.hedge import Hedging
 from router.measure import Outcome
+from router.relay import Relay
 from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
@@ -75,7 +77,10 @@ class Proxy:
         self.rng = rng or Random()
         self.record = record  # where finished requests go (the Recorder)
         self.upstream = upstream
-        self.deliver = Deliver(cfg.timeouts.stream_idle_s, self.clock)
+        self.deliver = Deliver(cfg.timeouts.stream_idle_s, self.clock, self._resume)
+        self.resume_enabled = cfg.resume.enabled
+        self.max_continuations = cfg.resume.max_continuations
+        self.resumes: Counter[tuple[str, str, str]] = Counter()  # (model, reason, outcome)
         self.hedging = Hedging(cfg)
         self.retries = RetryBudget(cfg.retries.budget_percent, cfg.retries.min_retry_concurrency)
         self.fit = Fit(cfg, fleet)
@@ -165,7 +170,7 @@ class Proxy:
                 "messages",
             )
         headers = self.upstream.headers(request.headers, ex.upstream_id)
-        return Call(request, ex, info, body, headers, self.clock() + self.total_s, need)
+        return Call(request, ex, info, doc, body, headers, self.clock() + self.total_s, need)
 
     # -- 2. candidates ----------------------------------------------------------------
 
@@ -322,6 +327,67 @@ class Proxy:
             status, f"the node rejected the request (HTTP {status})", "invalid_request_error",
             "upstream_rejected", headers=headers,
         )  # fmt: skip
+
+    # -- 4. deliver: continuing a stream whose node failed ---------------------------------
+
+    async def _resume(
+        self, call: Call, relay: Relay, failed: Node, reason: str
+    ) -> Opened | str | None:
+        """Ask another node to continue ``call``'s stream after ``failed`` failed mid-answer:
+        the new attempt, "ended" when no token is left to ask for, or None (counted)."""
+        model = call.info.model
+        call.ex.resumed.append(f"{failed.id}:{reason}")
+        found = await self._continue(call, relay, failed) if self._may_resume(call, relay) else None
+        outcome = "continued" if isinstance(found, Opened) else found or "failed"
+        self.resumes[(model, reason, outcome)] += 1
+        return found
+
+    def _may_resume(self, call: Call, relay: Relay) -> bool:
+        """Only what can be continued honestly: one choice, no log-probabilities, no
+        tool calls, within the deadline and ``resume.max_continuations``."""
+        doc = call.doc
+        return (
+            self.resume_enabled
+            and relay.resumable
+            and doc.get("n", 1) in (1, None)
+            and not doc.get("logprobs")
+            and relay.continued < self.max_continuations
+            and call.deadline - self.clock() > 0
+        )
+
+    async def _continue(self, call: Call, relay: Relay, failed: Node) -> Opened | str | None:
+        call.tried.add(failed.id)
+        able = [
+            c for c in self._candidates(call)
+            if c.id not in call.tried and ENGINES.get(c.engine, NO_ENGINE).continuation
+        ]  # fmt: skip
+        for node in self.policy.rank(call.info, able, len(able), self.rng, self.clock()):
+            if call.deadline - self.clock() <= 0 or not self.retries.allows():
+                return None
+            if not call.retrying:
+                call.retrying = True
+                self.retries.retrying += 1
+            style = ENGINES[node.engine].continuation
+            assert style is not None
+            doc, _ = relay.continuation(call.doc, style)
+            if doc is None:
+                return "ended"
+            cont = replace(call, body=orjson.dumps(doc))
+            call.ex.attempts += 1
+            call.tried.add(node.id)
+            try:
+                opened = await self.upstream.open(cont, node)
+            except Failed as f:
+                call.failed(f)
+                relay.continued -= 1  # that one never started
+                continue
+            if opened.status >= 400 or opened.whole:
+                opened.close(Outcome.REJECTED if opened.status < 500 else Outcome.HTTP_5XX)
+                relay.continued -= 1
+                continue
+            call.ex.node = node.id
+            return opened
+        return None
 
     async def _wait_for_supply(self, call: Call, until: float) -> bool:
         """Wait for the fleet to change, until ``until``; False: give up."""

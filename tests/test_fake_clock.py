@@ -123,9 +123,8 @@ async def test_max_ejection_percent_keeps_half_the_fleet() -> None:
 def _call(now: float) -> Call:
     """A call with no client request behind it: these steps never read it."""
     info = RequestInfo(model="m", stream=True)
-    return Call(
-        cast(web.Request, None), Exchange("rid", "rid", now), info, b"{}", CIMultiDict(), now + 600
-    )
+    ex = Exchange("rid", "rid", now)
+    return Call(cast(web.Request, None), ex, info, {}, b"{}", CIMultiDict(), now + 600)
 
 
 class FakeOpen:

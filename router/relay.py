@@ -1,0 +1,239 @@
+"""Relaying a stream event by event, and continuing it on another node.
+
+:class:`Relay` sits between a node's SSE stream and the client. It splits the
+bytes into whole events (a chunk that ends mid-event is held until the rest
+arrives: the client never sees half an event) and reads each ``data:`` event
+for just what a continuation needs: the answer's ``id``, ``created``, ``model``
+and ``system_fingerprint``, the text so far (``choices[0].delta.content`` or
+``choices[0].text``), tokens delivered, ``finish_reason``, ``usage``, and
+whether the answer can be continued honestly at all (one choice, no tool-call
+deltas, no logprobs).
+
+When the node fails after bytes went out (reset, read error, silence for
+``timeouts.stream_idle_s``, an error event, or an end without a finish reason
+or ``[DONE]``), :meth:`Relay.continuation` builds the request that asks another
+node for the rest: the original messages plus a final assistant message
+holding the text so far (``continue_final_message`` for vLLM and SGLang; a
+trailing assistant message is a prefill for llama.cpp's server, which echoes
+it), or the prompt followed by the text so far for ``/v1/completions``, with
+``max_tokens`` reduced by the tokens already delivered. The continuation's
+events are then rewritten (:meth:`Relay.rewrite`) so the client sees one
+answer: the first answer's ids, one role delta, no echoed prefill, and one
+usage chunk counting the original prompt and every completion token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]"
+
+
+class Relay:
+    __slots__ = (
+        "base",
+        "buf",
+        "chat",
+        "continued",
+        "delivered",
+        "done",
+        "failed_event",
+        "finish",
+        "ident",
+        "prompt_tokens",
+        "resumable",
+        "role_sent",
+        "strip",
+        "text",
+        "usage",
+    )
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.buf = b""
+        self.ident: dict[str, Any] = {}  # id, created, model, system_fingerprint of the answer
+        self.text: list[str] = []  # the answer's text so far, in pieces
+        self.delivered = (
+            0  # content events sent to the client (tokens, for engines that stream one each)
+        )
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.done = False  # [DONE] passed
+        self.failed_event = False  # the node sent an error event
+        self.resumable = True
+        self.role_sent = False
+        self.continued = 0  # continuations so far
+        self.strip = ""  # echoed prefill still to drop from a continuation's text
+        self.prompt_tokens: int | None = None  # the original prompt's, once a node said
+        self.base = 0  # tokens delivered before the current continuation
+
+    @property
+    def complete(self) -> bool:
+        """The answer ended properly (a finish reason, or [DONE])."""
+        return self.done or self.finish is not None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Whole events (each without its blank line) from the next bytes of a stream."""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        buf = self.buf + data if self.buf else data
+        events = buf.split(b"\n\n")
+        self.buf = events.pop()
+        return events
+
+    def track(self, event: bytes) -> None:
+        """Read one event of the first answer (passed through unchanged)."""
+        if not event.startswith(b"data: {"):
+            if event.startswith(DONE):
+                self.done = True
+            return
+        try:
+            doc = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if "error" in doc:
+            self.failed_event = True
+            return
+        if not self.ident:
+            self.ident = {k: doc[k] for k in ("id", "created", "model", "system_fingerprint")
+                          if k in doc}  # fmt: skip
+        self._read(doc)
+
+    def _read(self, doc: dict[str, Any]) -> None:
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if self.prompt_tokens is None and isinstance(usage.get("prompt_tokens"), int):
+                self.prompt_tokens = usage["prompt_tokens"] if not self.continued else None
+        choices = doc.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0 or choice.get("logprobs"):
+                self.resumable = False
+            delta = choice.get("delta") if self.chat else choice
+            if isinstance(delta, dict):
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self.resumable = False
+                if delta.get("role"):
+                    self.role_sent = True
+                piece = delta.get("content" if self.chat else "text")
+                if isinstance(piece, str) and piece:
+                    self.text.append(piece)
+                    self.delivered += 1
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+    # -- continuing ---------------------------------------------------------------
+
+    def continuation(
+        self, request: dict[str, Any], style: str
+    ) -> tuple[dict[str, Any] | None, int | None]:
+        """(the request asking another node for the rest, tokens left); a None request
+        with 0 tokens left: the answer is already as long as asked."""
+        text = "".join(self.text)
+        cont = dict(request)
+        limit_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
+        limit = request.get(limit_key)
+        left = None
+        if isinstance(limit, int):
+            left = limit - self.delivered
+            if left <= 0:
+                return None, 0
+            cont[limit_key] = left
+        if self.chat:
+            messages = list(request.get("messages") or [])
+            messages.append({"role": "assistant", "content": text})
+            cont["messages"] = messages
+            if style == "continue_final_message":
+                cont["continue_final_message"] = True
+                cont["add_generation_prompt"] = False
+        else:
+            cont["prompt"] = str(request.get("prompt", "")) + text
+        cont["stream"] = True
+        self.strip = text if style == "prefill" else ""
+        self.base = self.delivered
+        self.continued += 1
+        return cont, left
+
+    def rewrite(self, event: bytes) -> bytes | None:
+        """A continuation's event as part of the first answer; None: drop it."""
+        if not event.startswith(b"data: {"):
+            if event.startswith(DONE):
+                self.done = True
+                return event
+            return None
+        try:
+            doc = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        if "error" in doc:
+            self.failed_event = True
+            return None
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            doc["usage"] = self._usage(usage)
+        for choice in doc.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") if self.chat else choice
+            if not isinstance(delta, dict):
+                continue
+            if self.chat and "role" in delta and self.role_sent:
+                del delta["role"]
+            key = "content" if self.chat else "text"
+            piece = delta.get(key)
+            if isinstance(piece, str) and self.strip:
+                piece = self._unecho(piece)
+                delta[key] = piece
+        doc.update(self.ident)
+        self._read(doc)
+        return b"data: " + orjson.dumps(doc)
+
+    def _unecho(self, piece: str) -> str:
+        """Drop the part of ``piece`` that repeats the prefill the node echoed."""
+        strip = self.strip
+        if strip.startswith(piece):
+            self.strip = strip[len(piece) :]
+            return ""
+        if piece.startswith(strip):
+            self.strip = ""
+            return piece[len(strip) :]
+        self.strip = ""  # the node did not echo it after all
+        return piece
+
+    def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """The continuation's usage as the whole answer's: the original prompt, and the
+        completion tokens of every node."""
+        out = dict(usage)
+        before = self.base
+        completion = usage.get("completion_tokens")
+        prompt = usage.get("prompt_tokens")
+        if isinstance(completion, int):
+            out["completion_tokens"] = completion + before
+        if self.prompt_tokens is not None:
+            out["prompt_tokens"] = self.prompt_tokens
+        elif isinstance(prompt, int):
+            out["prompt_tokens"] = max(0, prompt - before)
+        if isinstance(out.get("prompt_tokens"), int) and isinstance(
+            out.get("completion_tokens"), int
+        ):
+            out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+        return out
+
+    def final_event(self, finish: str) -> bytes:
+        """A last chunk ending the answer with ``finish`` (when nothing is left to ask for)."""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        choice["delta" if self.chat else "text"] = {} if self.chat else ""
+        doc = {**self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "choices": [choice]}  # fmt: skip
+        self.finish = finish
+        return b"data: " + orjson.dumps(doc)
