@@ -337,7 +337,9 @@ http {{
     return conf
 
 
-def ballast_conf(tmp: Path, port: int, node_url: str, observability: bool) -> Path:
+def ballast_conf(
+    tmp: Path, port: int, node_url: str, observability: bool, resume: bool = True
+) -> Path:
     import yaml
 
     conf = tmp / f"ballast-{port}.yaml"
@@ -348,6 +350,7 @@ def ballast_conf(tmp: Path, port: int, node_url: str, observability: bool) -> Pa
                 "nodes": [{"id": "bench-node", "url": node_url, "models": [MODEL]}],
                 "logging": {"level": "warning", "access_log": observability},
                 "metrics": {"enabled": observability},
+                "resume": {"enabled": resume},
             }
         )
     )
@@ -355,9 +358,14 @@ def ballast_conf(tmp: Path, port: int, node_url: str, observability: bool) -> Pa
 
 
 def spawn_ballast(
-    tmp: Path, port: int, node_url: str, observability: bool = True, workers: int = 1
+    tmp: Path,
+    port: int,
+    node_url: str,
+    observability: bool = True,
+    workers: int = 1,
+    resume: bool = True,
 ) -> subprocess.Popen[bytes]:
-    conf = ballast_conf(tmp, port, node_url, observability)
+    conf = ballast_conf(tmp, port, node_url, observability, resume)
     cmd = [sys.executable, "-m", "router.cli", "serve", "--config", str(conf)]
     return spawn([*cmd, "--workers", str(workers)])
 
@@ -477,9 +485,10 @@ def main_streams(args: argparse.Namespace) -> str:
         procs.append(bare)
         wait_port(bare_port, bare)
         targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
-        for name, workers in (("ballast", 1), ("ballast-w2", 2)):
+        variants = (("ballast", 1, True), ("ballast-noresume", 1, False), ("ballast-w2", 2, True))
+        for name, workers, resume in variants:
             port = free_port()
-            proc = spawn_ballast(tmp, port, node_url, workers=workers)
+            proc = spawn_ballast(tmp, port, node_url, workers=workers, resume=resume)
             procs.append(proc)
             wait_port(port, proc)
             targets.append((name, f"http://127.0.0.1:{port}", proc.pid))

@@ -57,7 +57,8 @@ class Exchange:
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
         self.outcomes: list[Outcome] = []
-        self.resumed: list[str] = []  # "node:reason" of each node a stream was continued after
+        # (node, reason, outcome) for each node that failed a stream mid-answer
+        self.resumed: list[tuple[str, str, str]] = []
 
 
 class Failed(Exception):

@@ -33,10 +33,17 @@ _FAILURE_CODES = {
 
 
 class Deliver:
-    def __init__(self, stream_idle_s: float, clock: Callable[[], float], resume: Resume) -> None:
+    def __init__(
+        self,
+        stream_idle_s: float,
+        clock: Callable[[], float],
+        resume: Resume,
+        track: bool = True,
+    ) -> None:
         self.stream_idle_s = stream_idle_s
         self.clock = clock
         self.resume = resume
+        self.track = track  # False (resume.enabled: false): bytes pass as they come
 
     async def __call__(self, call: Call, opened: Opened) -> web.StreamResponse:
         response = opened.response
@@ -67,7 +74,7 @@ class Deliver:
         try:
             await out.prepare(call.request)
             while current is not None:
-                reason, chunk = await self._copy(call, current, out, relay, chunk, pass_through)
+                reason = await self._copy(call, current, out, relay, chunk, pass_through)
                 if reason is None:
                     current.close(Outcome.OK)
                     current = None
@@ -106,12 +113,14 @@ class Deliver:
         relay: Relay,
         chunk: bytes,
         pass_through: bool,
-    ) -> tuple[str | None, bytes]:
-        """Copy one node's stream; (None, b"") when it ended properly, else (why it
-        failed, b""): reset, stalled, error_event, truncated or deadline."""
+    ) -> str | None:
+        """Copy one node's stream; None when it ended properly, else why it failed:
+        reset, stalled, error_event, truncated or deadline."""
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
+        if not self.track:
+            return await self._copy_bytes(call, opened, out, chunk)
         clock, deadline = self.clock, call.deadline
         readany = opened.response.content.readany
         write = out.write
@@ -122,7 +131,7 @@ class Deliver:
                 for event in events:
                     relay.track(event)
                 if relay.failed_event:
-                    return "error_event", b""
+                    return "error_event"
                 if events:
                     # Whole events only: a chunk that ends mid-event waits for the rest.
                     whole = not held and not relay.buf and chunk.endswith(b"\n\n")
@@ -130,20 +139,38 @@ class Deliver:
             else:
                 rewritten = [e for e in map(relay.rewrite, events) if e is not None]
                 if relay.failed_event:
-                    return "error_event", b""
+                    return "error_event"
                 if rewritten:
                     await write(b"\n\n".join(rewritten) + b"\n\n")
             if clock() > deadline:
-                return "deadline", b""
+                return "deadline"
             try:
                 chunk = await readany()
             except TimeoutError:  # stream_idle_s passed without a byte
-                return "stalled", b""
+                return "stalled"
             except (ClientError, OSError):
-                return "reset", b""
+                return "reset"
         if relay.complete:
-            return None, b""
-        return "truncated", b""
+            return None
+        return "truncated"
+
+    async def _copy_bytes(
+        self, call: Call, opened: Opened, out: web.StreamResponse, chunk: bytes
+    ) -> str | None:
+        """The untracked copy: chunks as they arrive; the end of the bytes is the end."""
+        clock, deadline = self.clock, call.deadline
+        readany = opened.response.content.readany
+        while chunk:
+            await out.write(chunk)
+            if clock() > deadline:
+                return "deadline"
+            try:
+                chunk = await readany()
+            except TimeoutError:
+                return "stalled"
+            except (ClientError, OSError):
+                return "reset"
+        return None
 
 
 def _outcome(reason: str) -> Outcome:

@@ -48,7 +48,7 @@ class AccessLog:
                     "node": ex.node,
                     "attempts": ex.attempts,
                     "failed": ex.outcomes,
-                    "resumed": ex.resumed or None,
+                    "resumed": [f"{n}:{why}:{how}" for n, why, how in ex.resumed] or None,
                     "duration_ms": round(ex.duration * 1e3, 3),
                     "ttfb_ms": round(ex.ttfb * 1e3, 3) if ex.ttfb >= 0 else None,
                 },

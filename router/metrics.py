@@ -227,6 +227,13 @@ class Metrics:
         )
         if not self.multiprocess:
             self.in_flight.set_function(active)
+        self.resumes = Counter(
+            "ballast_stream_resumes",
+            "Streams whose node failed mid-answer, by why and by what happened: continued "
+            "on another node, ended (nothing left to ask for) or failed (an error event)",
+            ["model", "reason", "outcome"],
+            registry=reg,
+        )
         self.queue_wait = Histogram(
             "ballast_queue_wait_seconds",
             "Time requests waited for supply (only those that waited)",
@@ -265,6 +272,8 @@ class Metrics:
             retries += max(0, ex.attempts - 1)
             if ex.queued_s:
                 self.queue_wait.observe(ex.queued_s)
+            for _, reason, outcome in ex.resumed:
+                self.resumes.labels(model, reason, outcome).inc()
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from random import Random
@@ -77,10 +77,11 @@ class Proxy:
         self.rng = rng or Random()
         self.record = record  # where finished requests go (the Recorder)
         self.upstream = upstream
-        self.deliver = Deliver(cfg.timeouts.stream_idle_s, self.clock, self._resume)
+        self.deliver = Deliver(
+            cfg.timeouts.stream_idle_s, self.clock, self._resume, track=cfg.resume.enabled
+        )
         self.resume_enabled = cfg.resume.enabled
         self.max_continuations = cfg.resume.max_continuations
-        self.resumes: Counter[tuple[str, str, str]] = Counter()  # (model, reason, outcome)
         self.hedging = Hedging(cfg)
         self.retries = RetryBudget(cfg.retries.budget_percent, cfg.retries.min_retry_concurrency)
         self.fit = Fit(cfg, fleet)
@@ -335,11 +336,9 @@ class Proxy:
     ) -> Opened | str | None:
         """Ask another node to continue ``call``'s stream after ``failed`` failed mid-answer:
         the new attempt, "ended" when no token is left to ask for, or None (counted)."""
-        model = call.info.model
-        call.ex.resumed.append(f"{failed.id}:{reason}")
         found = await self._continue(call, relay, failed) if self._may_resume(call, relay) else None
         outcome = "continued" if isinstance(found, Opened) else found or "failed"
-        self.resumes[(model, reason, outcome)] += 1
+        call.ex.resumed.append((failed.id, reason, outcome))
         return found
 
     def _may_resume(self, call: Call, relay: Relay) -> bool:
