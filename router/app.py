@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import signal
@@ -102,6 +104,8 @@ class Router:
 
 
 ROUTER = web.AppKey("router", Router)
+STARTUP_PROBE_S = 3.0  # longest wait at start for the first probes of static nodes
+GC_GEN0 = 20_000  # allocations between young-generation collections (CPython's default: 700)
 
 
 def make_store(cfg: Config, clock: Callable[[], float]) -> StateStore:
@@ -195,6 +199,11 @@ def create_app(
             router.health.start()
             if router.prober is not None:
                 router.prober.start()
+                # A healthy fleet is verified in milliseconds: start serving once it is
+                # (a node that hangs its first probe delays the start by STARTUP_PROBE_S).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(cfg.health.probe_timeout_s, STARTUP_PROBE_S)):
+                        await router.prober.settled.wait()
             router.recorder.start()
             yield
             await router.recorder.stop()
@@ -319,6 +328,11 @@ async def serve(
     )
     await site.start()
     port = runner.addresses[0][1]
+    # What start-up built lives as long as the process: keep the cyclic garbage
+    # collector off it, and let it run less often (requests make few cycles).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, 20, 20)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -159,7 +159,7 @@ class LoggingConfig(_Strict):
 
 class HealthConfig(_Strict):
     probe: bool = True
-    verify_static: bool = False
+    verify_static: bool = True
     probe_interval_s: float = Field(5.0, gt=0)
     verified_probe_interval_s: float = Field(30.0, gt=0)
     probe_timeout_s: float = Field(10.0, gt=0)
@@ -189,8 +189,16 @@ class ModelConfig(_Strict):
 
 class HedgeConfig(_Strict):
     after_ms: float | None = Field(None, gt=0)
-    use_p95_ttfb: bool = False
+    use_p95_ttfb: bool = True
+    p95_min_ms: float = Field(50.0, gt=0)
+    p95_max_ms: float = Field(2000.0, gt=0)
     budget_percent: float = Field(5.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HedgeConfig:
+        if self.p95_min_ms > self.p95_max_ms:
+            raise ValueError("p95_min_ms must not exceed p95_max_ms")
+        return self
 
 
 class ResumeConfig(_Strict):

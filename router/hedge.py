@@ -1,8 +1,13 @@
 """Hedged requests: when the primary has no first byte after a delay, ask a second node.
 
 The delay is, in order: the model's ``models.<name>.hedge_after_ms``, then
-``hedge.after_ms``, then (with ``hedge.use_p95_ttfb``) the primary's own p95
-time to first byte. A hedge spends a token of the :class:`~router.budgets.HedgeBudget`.
+``hedge.after_ms``, then, for streams and with ``hedge.use_p95_ttfb`` (the
+default), the primary's own p95 time to first token, bounded to
+[``p95_min_ms``, ``p95_max_ms``] (the upper bound while the node has too few
+streams for a p95: a new black hole is hedged after it, not after
+``timeouts.first_byte_s``). Non-streamed answers arrive whole, so their first
+byte says nothing early; they are hedged only with an explicit delay. A hedge
+spends a token of the :class:`~router.budgets.HedgeBudget`.
 Whichever copy answers first wins; the other is cancelled (its attempt ends as
 ``cancelled``, which says nothing about that node). If both fail, both
 failures are recorded and the request moves on past both nodes.
@@ -31,16 +36,19 @@ class Hedging:
             m: mc.hedge_after_ms / 1e3 for m, mc in cfg.models.items() if mc.hedge_after_ms
         }
         self.use_p95 = h.use_p95_ttfb
+        self.p95_min = h.p95_min_ms / 1e3
+        self.p95_max = h.p95_max_ms / 1e3
         self.enabled = bool(self.default or self.per_model or self.use_p95)
         self.budget = HedgeBudget(h.budget_percent)
         self.sent = 0
         self.won = 0
 
-    def delay(self, model: str, node: Node) -> float | None:
+    def delay(self, model: str, node: Node, stream: bool = True) -> float | None:
         """Seconds to wait for ``node``'s first byte before hedging, or None: no hedge."""
         after = self.per_model.get(model, self.default)
-        if after is None and self.use_p95:
-            after = node.stats.ttfb_p95()
+        if after is None and self.use_p95 and stream:
+            p95 = node.stats.ttfb_p95()
+            after = self.p95_max if p95 is None else min(max(p95, self.p95_min), self.p95_max)
         if after is None or not self.budget.has():
             return None
         return after

@@ -96,11 +96,19 @@ class Prober:
         self._slots = asyncio.Semaphore(cfg.probe_concurrency)
         self._busy: set[str] = set()
         self._due: list[tuple[float, str]] = []  # (when, node id): a heap
+        self._first_round: set[str] = set()  # nodes waiting for their first probe at start
+        self.settled = asyncio.Event()  # every node waiting at start has had its first probe
         self._fleet_version = -1
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
+        """Probe at once, concurrently, every node that waits for verification."""
+        self._first_round = {
+            n.id for n in self.fleet.nodes.values() if n.state is NodeState.REGISTERED
+        }
+        if not self._first_round:
+            self.settled.set()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._schedule()))
         if self.cfg.scrape_engine_metrics:
@@ -197,6 +205,10 @@ class Prober:
             log.exception("probe of %s failed unexpectedly", node.id)
         finally:
             self._busy.discard(node.id)
+            if node.id in self._first_round:
+                self._first_round.discard(node.id)
+                if not self._first_round:
+                    self.settled.set()
 
     async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
         node.probe = {"ok": True, "at": self.wall(), **findings}

@@ -234,7 +234,11 @@ class Proxy:
                 break
             ex.attempts += 1
             call.tried.add(node.id)
-            delay = self.hedging.delay(ex.model, node) if left and self.hedging.enabled else None
+            delay = (
+                self.hedging.delay(ex.model, node, call.info.stream)
+                if left and self.hedging.enabled
+                else None
+            )
             if delay is None:
                 try:
                     opened = await self.upstream.open(call, node)

@@ -45,6 +45,7 @@ class Relay:
         "prompt_tokens",
         "resumable",
         "role_sent",
+        "started",
         "strip",
         "text",
         "usage",
@@ -64,6 +65,7 @@ class Relay:
         self.failed_event = False  # the node sent an error event
         self.resumable = True
         self.role_sent = False
+        self.started = False  # the answer's first event has been read
         self.continued = 0  # continuations so far
         self.strip = ""  # echoed prefill still to drop from a continuation's text
         self.prompt_tokens: int | None = None  # the original prompt's, once a node said
@@ -93,12 +95,32 @@ class Relay:
             doc = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
             return
+        if self.started:
+            # The usual event: one choice, one piece of text, nothing else to note.
+            try:
+                (choice,) = doc["choices"]
+                delta = choice["delta"] if self.chat else choice
+                piece = delta["content" if self.chat else "text"]
+                if (
+                    piece
+                    and choice["finish_reason"] is None
+                    and not choice.get("index")
+                    and not choice.get("logprobs")
+                    and (len(delta) == 1 or not self.chat)
+                    and "usage" not in doc
+                ):
+                    self.text.append(piece)
+                    self.delivered += 1
+                    return
+            except (KeyError, TypeError, ValueError):
+                pass
         if not isinstance(doc, dict):
             return
         if "error" in doc:
             self.failed_event = True
             return
-        if not self.ident:
+        if not self.started:
+            self.started = True
             self.ident = {k: doc[k] for k in ("id", "created", "model", "system_fingerprint")
                           if k in doc}  # fmt: skip
         self._read(doc)

@@ -204,11 +204,15 @@ def test_hedge_after_the_nodes_own_p95_ttfb() -> None:
     cfg = parse_config({"hedge": {"use_p95_ttfb": True}})
     hedging = Hedging(cfg)
     node = make_fleet(1, Clock()).nodes["n0"]
-    assert hedging.delay("m", node) is None  # too few samples yet
+    assert hedging.delay("m", node) == pytest.approx(2.0)  # too few samples: the upper bound
     for i in range(100):
         node.stats.observe_ttfb(0.01 * (i + 1), i)
     # The p95 of the last 64 samples (0.37 s .. 1.00 s).
     assert hedging.delay("m", node) == pytest.approx(0.96)
+    assert hedging.delay("m", node, stream=False) is None  # whole answers: no early signal
+    for _ in range(64):
+        node.stats.observe_ttfb(0.001, 200)
+    assert hedging.delay("m", node) == pytest.approx(0.05)  # the lower bound
 
 
 @pytest.mark.looptime
