@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from loadtest.common import free_port, spawn, stop_all, wait_port
@@ -77,12 +78,8 @@ def build(cache: Path) -> tuple[Path, Path]:
              "-DLLAMA_BUILD_EXAMPLES=OFF"], log)  # fmt: skip
         run(["cmake", "--build", str(cache / "build"), "-j", str(os.cpu_count() or 2),
              "--target", "llama-server", "mtmd"], log)  # fmt: skip
-    if (
-        not python.exists()
-        or subprocess.run(
-            [str(python), "-c", "import llama_cpp.server, gguf"], capture_output=True
-        ).returncode
-    ):
+    found = "import importlib.util as u; assert u.find_spec('llama_cpp') and u.find_spec('gguf')"
+    if not python.exists() or subprocess.run([str(python), "-c", found]).returncode:
         print("installing llama-cpp-python (on the libraries just built)", file=sys.stderr)
         run([sys.executable, "-m", "venv", str(cache / "venv")], log)
         env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
@@ -322,6 +319,49 @@ class Checks:
         why = f" ({errors[0]})" if errors else ""
         return f"{'ok' if not failed else 'FAIL'} {n - failed}/{n}{why}"
 
+    async def kill_mid_stream(self, tries: int = 6) -> tuple[str, str]:
+        """A long stream whose llama.cpp node is killed after its first tokens: the
+        caller must still get one whole answer (continued on another node)."""
+        import aiohttp
+
+        body = orjson.dumps({
+            "model": MODEL, "messages": [{"role": "user", "content": "Tell a long story"}],
+            "max_tokens": 3000, "stream": True, "ignore_eos": True,
+        })  # fmt: skip
+        by_id = {n.id: n for n in self.nodes}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(tries):
+                async with http.post(self.router + "/v1/chat/completions", data=body) as resp:
+                    node = by_id[resp.headers["x-ballast-node"]]
+                    if node.engine != "llamacpp":
+                        await resp.read()
+                        continue  # round robin: the next one lands elsewhere
+                    first = await resp.content.readany()
+                    node.proc.kill()
+                    raw = first + await resp.read()
+                evs = [e for e in raw.split(b"\n\n") if e]
+                docs = [orjson.loads(e[6:]) for e in evs if e.startswith(b"data: {")]
+                errors = [d for d in docs if "error" in d]
+                text = "".join(c["delta"].get("content") or "" for d in docs if "choices" in d
+                               for c in d["choices"])  # fmt: skip
+                ids = {d.get("id") for d in docs if "choices" in d}
+                finish = [c.get("finish_reason") for d in docs for c in d.get("choices", [])]
+                ok = (evs[-1] == b"data: [DONE]" and not errors and len(ids) == 1
+                      and finish[-1] == "length")  # fmt: skip
+                async with http.get(self.router + "/metrics") as m:
+                    continued = sum(
+                        float(line.rsplit(" ", 1)[1]) for line in (await m.text()).splitlines()
+                        if line.startswith("ballast_stream_resumes_total")
+                        and 'outcome="continued"' in line
+                    )  # fmt: skip
+                ok = ok and continued >= 1
+                why = "" if ok else f" (errors={errors[:1]}, ids={len(ids)}, end={evs[-1][:60]!r})"
+                result = (f"{'ok' if ok else 'FAIL'}: continued on another node "
+                          f"{continued:g} time(s), {len(text)} characters, one id, "
+                          f"finish_reason {finish[-1]}, [DONE]{why}")  # fmt: skip
+                return node.id, result
+        return "", "FAIL: no stream landed on a llama.cpp node"
+
     def table(self, fleet_rows: list[tuple[str, str]]) -> str:
         lines = ["| feature | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
         for feature, by_engine in self.results.items():
@@ -346,10 +386,16 @@ async def conformance(router: str, token: str, nodes: list[EngineNode]) -> str:
         await checks.each(feature, 6, call)
     await checks.each("embeddings", 4, checks.embedding)
     await checks.engine_metrics()
-    victim = next(n for n in nodes if n.id == "lcpp-b")
+    streamed_on, mid_stream = await checks.kill_mid_stream()
+    victim = next(n for n in nodes if n.engine == "llamacpp" and n.model == MODEL
+                  and n.id != streamed_on)  # fmt: skip
     killed = await checks.kill_mid_run(victim)
-    return checks.table([("60 chat requests, 4 at a time, one llama.cpp node killed after 20",
-                          killed)])  # fmt: skip
+    return checks.table([
+        ("a 3000-token stream whose llama.cpp node is killed after its first tokens",
+         mid_stream),
+        ("then 60 chat requests, 4 at a time, the other llama.cpp node killed after 20",
+         killed),
+    ])  # fmt: skip
 
 
 def main() -> None:
