@@ -58,14 +58,18 @@ async def start_redis(tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-async def start_router(cfg: dict[str, Any], tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def start_router(
+    cfg: dict[str, Any], tmp: Path, access_log: Path | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``ballast serve`` on a free port; its access log (stdout) into ``access_log``."""
     port = free_port()
     cfg = {**cfg, "listen": {"host": "127.0.0.1", "port": port}}
     path = tmp / f"router-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    out = access_log.open("ab") if access_log is not None else asyncio.subprocess.DEVNULL
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router.cli", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdout=out, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert proc.stderr is not None
@@ -105,7 +109,12 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
 
 
 async def run_policy(
-    scenario: dict[str, Any], policy: str, duration: float, redis: bool, tmp: Path
+    scenario: dict[str, Any],
+    policy: str,
+    duration: float,
+    redis: bool,
+    tmp: Path,
+    access_log: Path | None = None,
 ) -> tuple[list[Record], list[tuple[float, str, str]], float]:
     fleet = Fleet({**scenario["fleet"], "duration_s": duration})
     procs: list[asyncio.subprocess.Process] = []
@@ -115,7 +124,7 @@ async def run_policy(
             **scenario.get("router", {}),
             "nodes": fleet.router_nodes(),
             "policy": {"name": policy},
-            "logging": {"level": "warning", "access_log": False},
+            "logging": {"level": "warning", "access_log": access_log is not None},
         }
         if redis:
             proc, url = await start_redis(tmp)
@@ -123,7 +132,7 @@ async def run_policy(
             cfg["state"] = {"redis_url": url}
         urls = []
         for _ in range(2 if redis else 1):
-            proc, url = await start_router(cfg, tmp)
+            proc, url = await start_router(cfg, tmp, access_log)
             procs.append(proc)
             urls.append(url)
         spec = LoadSpec.from_dict(scenario.get("load", {}))
@@ -245,13 +254,18 @@ def plot(
 
 
 async def run_all(
-    scenario: dict[str, Any], policies: list[str], duration: float, redis: bool
+    scenario: dict[str, Any],
+    policies: list[str],
+    duration: float,
+    redis: bool,
+    logs: Path | None = None,
 ) -> dict[str, tuple[list[Record], list[tuple[float, str, str]], float]]:
     tmp = Path(tempfile.mkdtemp(prefix="ballast-compare-"))
     runs = {}
     try:
         for policy in policies:
-            runs[policy] = await run_policy(scenario, policy, duration, redis, tmp)
+            log = logs / f"access-{policy}.jsonl" if logs is not None else None
+            runs[policy] = await run_policy(scenario, policy, duration, redis, tmp, log)
             s = summarize(runs[policy][0], duration, runs[policy][2])
             print(
                 f"{policy}: {s['requests']} requests, success {s['success_rate']}, "
@@ -269,7 +283,7 @@ def compare(
     """Run every policy on the scenario and write the summary, report and plots."""
     scenario = yaml.safe_load(scenario_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    runs = asyncio.run(run_all(scenario, policies, duration, redis))
+    runs = asyncio.run(run_all(scenario, policies, duration, redis, out))
     summary = {p: summarize(r, duration, retries) for p, (r, _, retries) in runs.items()}
     doc = {
         "scenario": scenario.get("name", scenario_path.stem),

@@ -149,7 +149,9 @@ class SimConfig:
     time_scale: float = 1.0  # multiply every delay (tests run faster with < 1)
     default_max_tokens: int = 16
     seed: int = 0
-    engine: str = "sim"  # owned_by in /v1/models, and the wording of context-length errors
+    # owned_by in /v1/models, the wording of context-length errors: by default the
+    # simulator answers as vLLM does (its metric names, continue_final_message).
+    engine: str = "vllm"
     quirks: tuple[str, ...] = ()  # from QUIRKS
     context_length: int | None = None  # prompt + max_tokens beyond this: a context error
     # Answers "t0 t1 t2 ..." instead of "tok tok ...": token i of an answer is always

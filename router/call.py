@@ -81,7 +81,6 @@ class Call:
     deadline: float  # clock() after which the request has failed
     need: int | None = None  # tokens of context and KV cache the request needs, if known
     failures: list[Failed] = field(default_factory=list)
-    retrying: bool = False  # counted among the retries in progress
     tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
     # A 4xx held back while a node of another kind tries the request: whose fault?
     rejected: Opened | None = None

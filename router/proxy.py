@@ -187,29 +187,25 @@ class Proxy:
         """Rank, try, and when no node can take the request, wait for supply."""
         queue_until: float | None = None
         left = self.max_attempts
-        try:
-            while True:
-                candidates = self._candidates(call)
-                if candidates and left > 0:
-                    ranked = self.policy.rank(call.info, candidates, left, self.rng, self.clock())
-                    before = call.ex.attempts
-                    # After a wait for supply the first attempt is a new start, not a retry.
-                    resp = await self._attempts(call, ranked, first_is_retry=queue_until is None)
-                    if resp is not None:
-                        return resp
-                    left -= call.ex.attempts - before
-                    # Nodes that are down (refused, reset) soon leave the candidates:
-                    # anything else ends the request now.
-                    if not all(f.outcome is Outcome.CONNECT_ERROR for f in call.failures):
-                        break
-                if queue_until is None:
-                    queue_until = min(call.deadline, self.clock() + self.queue_wait_s)
-                if not await self._wait_for_supply(call, queue_until):
+        while True:
+            candidates = self._candidates(call)
+            if candidates and left > 0:
+                ranked = self.policy.rank(call.info, candidates, left, self.rng, self.clock())
+                before = call.ex.attempts
+                # After a wait for supply the first attempt is a new start, not a retry.
+                resp = await self._attempts(call, ranked, first_is_retry=queue_until is None)
+                if resp is not None:
+                    return resp
+                left -= call.ex.attempts - before
+                # Nodes that are down (refused, reset) soon leave the candidates:
+                # anything else ends the request now.
+                if not all(f.outcome is Outcome.CONNECT_ERROR for f in call.failures):
                     break
-                left = max(left, 1)  # the supply changed: at least one more attempt
-        finally:
-            if call.retrying:
-                self.retries.retrying -= 1
+            if queue_until is None:
+                queue_until = min(call.deadline, self.clock() + self.queue_wait_s)
+            if not await self._wait_for_supply(call, queue_until):
+                break
+            left = max(left, 1)  # the supply changed: at least one more attempt
         if not call.failures:
             return no_capacity(call.info.model)
         return exhausted(call.failures, call.deadline - self.clock() <= 0)
@@ -223,37 +219,13 @@ class Proxy:
         first = True
         while left:
             node = left.popleft()
-            if ex.attempts > 0 and (first_is_retry or not first):
-                if not self.retries.allows():
-                    break
-                if not call.retrying:
-                    call.retrying = True
-                    self.retries.retrying += 1
+            retry = ex.attempts > 0 and (first_is_retry or not first)
             first = False
-            if call.deadline - self.clock() <= 0:
+            if (retry and not self.retries.allows()) or call.deadline - self.clock() <= 0:
                 break
-            ex.attempts += 1
-            call.tried.add(node.id)
-            delay = (
-                self.hedging.delay(ex.model, node, call.info.stream)
-                if left and self.hedging.enabled
-                else None
-            )
-            if delay is None:
-                try:
-                    opened = await self.upstream.open(call, node)
-                except Failed as f:
-                    call.failed(f)
-                    continue
-            else:
-                found, hedged = await self.hedging.race(
-                    call, self.upstream.open, node, left[0], delay
-                )
-                if hedged:
-                    call.tried.add(left.popleft().id)
-                if found is None:
-                    continue
-                opened = found
+            opened = await self._open(call, node, left, retry)
+            if opened is None:
+                continue
             if opened.status < 400:
                 if call.rejected is not None:  # another node served what it refused
                     call.rejected.close(Outcome.REJECTED)
@@ -267,6 +239,33 @@ class Proxy:
         if call.rejected is not None:
             return self._rejection(call, call.rejected)
         return None
+
+    async def _open(self, call: Call, node: Node, left: deque[Node], retry: bool) -> Opened | None:
+        """One attempt on ``node`` (raced against ``left[0]`` when hedging says so); a
+        retry holds a slot of the retry budget until its node has answered."""
+        call.ex.attempts += 1
+        call.tried.add(node.id)
+        if retry:
+            self.retries.retrying += 1
+        try:
+            delay = (
+                self.hedging.delay(call.ex.model, node, call.info.stream)
+                if left and self.hedging.enabled
+                else None
+            )
+            if delay is None:
+                try:
+                    return await self.upstream.open(call, node)
+                except Failed as f:
+                    call.failed(f)
+                    return None
+            found, hedged = await self.hedging.race(call, self.upstream.open, node, left[0], delay)
+            if hedged:
+                call.tried.add(left.popleft().id)
+            return found
+        finally:
+            if retry:
+                self.retries.retrying -= 1
 
     def _after_rejection(self, call: Call, opened: Opened) -> list[Node] | None:
         """A node answered 4xx: the nodes to try next, or None to answer the caller.
@@ -339,11 +338,17 @@ class Proxy:
         self, call: Call, relay: Relay, failed: Node, reason: str
     ) -> Opened | str | None:
         """Ask another node to continue ``call``'s stream after ``failed`` failed mid-answer:
-        the new attempt, "ended" when no token is left to ask for, or None (counted)."""
-        found = await self._continue(call, relay, failed) if self._may_resume(call, relay) else None
-        outcome = "continued" if isinstance(found, Opened) else found or "failed"
+        the new attempt, "ended" when no token is left to ask for, or None. Each is
+        counted by outcome: continued, ended, refused (not resumable), no_node,
+        deadline, budget, failed."""
+        found = (
+            await self._continue(call, relay, failed)
+            if self._may_resume(call, relay)
+            else "refused"
+        )
+        outcome = "continued" if isinstance(found, Opened) else found
         call.ex.resumed.append((failed.id, reason, outcome))
-        return found
+        return found if isinstance(found, Opened) or found == "ended" else None
 
     def _may_resume(self, call: Call, relay: Relay) -> bool:
         """Only what can be continued honestly: one choice, no log-probabilities, no
@@ -358,30 +363,30 @@ class Proxy:
             and call.deadline - self.clock() > 0
         )
 
-    async def _continue(self, call: Call, relay: Relay, failed: Node) -> Opened | str | None:
+    async def _continue(self, call: Call, relay: Relay, failed: Node) -> Opened | str:
+        """The continuing attempt, or why there is none: ended (nothing left to ask
+        for), no_node, deadline, budget or failed (every able node failed to open)."""
         call.tried.add(failed.id)
+        if relay.exhausted(call.doc):
+            return "ended"
         able = [
             c for c in self._candidates(call)
             if c.id not in call.tried and ENGINES.get(c.engine, NO_ENGINE).continuation
         ]  # fmt: skip
+        if not able:
+            return "no_node"
         for node in self.policy.rank(call.info, able, len(able), self.rng, self.clock()):
-            if call.deadline - self.clock() <= 0 or not self.retries.allows():
-                return None
-            if not call.retrying:
-                call.retrying = True
-                self.retries.retrying += 1
+            if call.deadline - self.clock() <= 0:
+                return "deadline"
+            if not self.retries.allows():
+                return "budget"
             style = ENGINES[node.engine].continuation
             assert style is not None
             doc, _ = relay.continuation(call.doc, style)
             if doc is None:
                 return "ended"
-            cont = replace(call, body=orjson.dumps(doc))
-            call.ex.attempts += 1
-            call.tried.add(node.id)
-            try:
-                opened = await self.upstream.open(cont, node)
-            except Failed as f:
-                call.failed(f)
+            opened = await self._open(replace(call, body=orjson.dumps(doc)), node, deque(), True)
+            if opened is None:
                 relay.continued -= 1  # that one never started
                 continue
             if opened.status >= 400 or opened.whole:
@@ -390,7 +395,7 @@ class Proxy:
                 continue
             call.ex.node = node.id
             return opened
-        return None
+        return "failed"
 
     async def _wait_for_supply(self, call: Call, until: float) -> bool:
         """Wait for the fleet to change, until ``until``; False: give up."""

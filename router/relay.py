@@ -154,6 +154,11 @@ class Relay:
 
     # -- continuing ---------------------------------------------------------------
 
+    def exhausted(self, request: dict[str, Any]) -> bool:
+        """Whether every token the request asked for has already been delivered."""
+        limit = request.get("max_completion_tokens", request.get("max_tokens"))
+        return isinstance(limit, int) and self.delivered >= limit
+
     def continuation(
         self, request: dict[str, Any], style: str
     ) -> tuple[dict[str, Any] | None, int | None]:

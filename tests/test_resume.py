@@ -145,7 +145,7 @@ async def test_what_cannot_be_continued_honestly_ends_with_an_error_event(
               for _ in range(2)]  # fmt: skip
     # The one that started on the failing node ends with the error event.
     assert sum(b"upstream_error" in events(b)[-1] for b in bodies) == 1
-    assert await resumes(http, r.url) == {(MODEL, "reset", "failed"): 1}
+    assert await resumes(http, r.url) == {(MODEL, "reset", "refused"): 1}
 
 
 async def test_no_node_able_to_continue_ends_with_an_error_event(
