@@ -92,6 +92,7 @@ class Retries(_Strict):
     max_attempts: int = Field(3, ge=1, le=10)
     budget_percent: float = Field(20.0, ge=0, le=100)
     min_retry_concurrency: int = Field(3, ge=0)
+    budget_wait_s: float = Field(1.0, ge=0, le=60)
 
 
 class Limits(_Strict):

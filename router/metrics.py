@@ -43,6 +43,7 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
 )  # fmt: skip
 GIB = 1024**3
+RESUME_REASONS = ("reset", "stalled", "error_event", "truncated")
 
 disable_created_metrics()  # no *_created series: they double the series count for nothing
 
@@ -230,10 +231,14 @@ class Metrics:
         self.resumes = Counter(
             "ballast_stream_resumes",
             "Streams whose node failed mid-answer, by why and by what happened: continued "
-            "on another node, ended (nothing left to ask for) or failed (an error event)",
+            "on another node, ended (nothing left to ask for), or not continued (refused, "
+            "no_node, deadline, budget, failed: the stream ended with an error event)",
             ["model", "reason", "outcome"],
             registry=reg,
         )
+        for model in {m for node in fleet.nodes.values() for m in node.models}:
+            for reason in RESUME_REASONS:  # zero series from the start, so rate() sees the first
+                self.resumes.labels(model, reason, "continued")
         self.queue_wait = Histogram(
             "ballast_queue_wait_seconds",
             "Time requests waited for supply (only those that waited)",

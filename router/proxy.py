@@ -83,7 +83,8 @@ class Proxy:
         self.resume_enabled = cfg.resume.enabled
         self.max_continuations = cfg.resume.max_continuations
         self.hedging = Hedging(cfg)
-        self.retries = RetryBudget(cfg.retries.budget_percent, cfg.retries.min_retry_concurrency)
+        r = cfg.retries
+        self.retries = RetryBudget(r.budget_percent, r.min_retry_concurrency, r.budget_wait_s)
         self.fit = Fit(cfg, fleet)
         self.total_s = cfg.timeouts.total_s
         self.max_attempts = cfg.retries.max_attempts
@@ -221,7 +222,8 @@ class Proxy:
             node = left.popleft()
             retry = ex.attempts > 0 and (first_is_retry or not first)
             first = False
-            if (retry and not self.retries.allows()) or call.deadline - self.clock() <= 0:
+            time_left = call.deadline - self.clock()
+            if time_left <= 0 or (retry and not await self.retries.acquire(time_left)):
                 break
             opened = await self._open(call, node, left, retry)
             if opened is None:
@@ -242,11 +244,9 @@ class Proxy:
 
     async def _open(self, call: Call, node: Node, left: deque[Node], retry: bool) -> Opened | None:
         """One attempt on ``node`` (raced against ``left[0]`` when hedging says so); a
-        retry holds a slot of the retry budget until its node has answered."""
+        retry holds the slot it took from the retry budget until its node has answered."""
         call.ex.attempts += 1
         call.tried.add(node.id)
-        if retry:
-            self.retries.retrying += 1
         try:
             delay = (
                 self.hedging.delay(call.ex.model, node, call.info.stream)
@@ -265,7 +265,7 @@ class Proxy:
             return found
         finally:
             if retry:
-                self.retries.retrying -= 1
+                self.retries.release()
 
     def _after_rejection(self, call: Call, opened: Opened) -> list[Node] | None:
         """A node answered 4xx: the nodes to try next, or None to answer the caller.
@@ -376,23 +376,21 @@ class Proxy:
         if not able:
             return "no_node"
         for node in self.policy.rank(call.info, able, len(able), self.rng, self.clock()):
-            if call.deadline - self.clock() <= 0:
-                return "deadline"
-            if not self.retries.allows():
-                return "budget"
             style = ENGINES[node.engine].continuation
             assert style is not None
             doc, _ = relay.continuation(call.doc, style)
             if doc is None:
                 return "ended"
+            time_left = call.deadline - self.clock()
+            if time_left <= 0 or not await self.retries.acquire(time_left):
+                return "deadline" if time_left <= 0 else "budget"
             opened = await self._open(replace(call, body=orjson.dumps(doc)), node, deque(), True)
             if opened is None:
-                relay.continued -= 1  # that one never started
                 continue
             if opened.status >= 400 or opened.whole:
                 opened.close(Outcome.REJECTED if opened.status < 500 else Outcome.HTTP_5XX)
-                relay.continued -= 1
                 continue
+            relay.continued += 1
             call.ex.node = node.id
             return opened
         return "failed"

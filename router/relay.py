@@ -42,13 +42,11 @@ class Relay:
         "failed_event",
         "finish",
         "ident",
-        "prompt_tokens",
         "resumable",
         "role_sent",
         "started",
         "strip",
         "text",
-        "usage",
     )
 
     def __init__(self, chat: bool) -> None:
@@ -56,11 +54,9 @@ class Relay:
         self.buf = b""
         self.ident: dict[str, Any] = {}  # id, created, model, system_fingerprint of the answer
         self.text: list[str] = []  # the answer's text so far, in pieces
-        self.delivered = (
-            0  # content events sent to the client (tokens, for engines that stream one each)
-        )
+        # Content events sent to the client: tokens, on engines that stream one each.
+        self.delivered = 0
         self.finish: str | None = None
-        self.usage: dict[str, Any] | None = None
         self.done = False  # [DONE] passed
         self.failed_event = False  # the node sent an error event
         self.resumable = True
@@ -68,7 +64,6 @@ class Relay:
         self.started = False  # the answer's first event has been read
         self.continued = 0  # continuations so far
         self.strip = ""  # echoed prefill still to drop from a continuation's text
-        self.prompt_tokens: int | None = None  # the original prompt's, once a node said
         self.base = 0  # tokens delivered before the current continuation
 
     @property
@@ -126,11 +121,6 @@ class Relay:
         self._read(doc)
 
     def _read(self, doc: dict[str, Any]) -> None:
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-            if self.prompt_tokens is None and isinstance(usage.get("prompt_tokens"), int):
-                self.prompt_tokens = usage["prompt_tokens"] if not self.continued else None
         choices = doc.get("choices")
         if not isinstance(choices, list):
             return
@@ -186,7 +176,6 @@ class Relay:
         cont["stream"] = True
         self.strip = text if style == "prefill" else ""
         self.base = self.delivered
-        self.continued += 1
         return cont, left
 
     def rewrite(self, event: bytes) -> bytes | None:
@@ -238,21 +227,14 @@ class Relay:
         return piece
 
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
-        """The continuation's usage as the whole answer's: the original prompt, and the
-        completion tokens of every node."""
+        """The continuation's usage as the whole answer's: the original prompt (the
+        continuation's, less the tokens it was given back), and the completion tokens
+        of every node."""
         out = dict(usage)
-        before = self.base
-        completion = usage.get("completion_tokens")
-        prompt = usage.get("prompt_tokens")
-        if isinstance(completion, int):
-            out["completion_tokens"] = completion + before
-        if self.prompt_tokens is not None:
-            out["prompt_tokens"] = self.prompt_tokens
-        elif isinstance(prompt, int):
-            out["prompt_tokens"] = max(0, prompt - before)
-        if isinstance(out.get("prompt_tokens"), int) and isinstance(
-            out.get("completion_tokens"), int
-        ):
+        completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        if isinstance(completion, int) and isinstance(prompt, int):
+            out["completion_tokens"] = completion + self.base
+            out["prompt_tokens"] = max(0, prompt - self.base)
             out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
         return out
 

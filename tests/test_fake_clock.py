@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from policies import RequestInfo, build_policy
+from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import HealthConfig, Scoring, parse_config
 from router.fleet import Fleet, Node, NodeState
@@ -260,3 +261,25 @@ def test_the_prober_visits_only_due_nodes() -> None:
         fleet.set_state("n0", NodeState.EJECTED, "test")
     assert [n.id for n in prober.due(36.1)] == ["n0"]
     assert [n.id for n in prober.due(36.1 + DIP_PROBE_INTERVAL_S * 1.2)] == ["n0"]
+
+
+@pytest.mark.looptime
+async def test_a_retry_waits_for_a_slot_of_the_budget_then_gives_up() -> None:
+    loop = asyncio.get_running_loop()
+    budget = RetryBudget(budget_percent=0, min_concurrency=1, wait_s=1.0)
+    assert await budget.acquire(time_left=60)  # the one slot
+    t0 = loop.time()
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.3)
+        budget.release()
+
+    task = asyncio.create_task(release_later())
+    assert await budget.acquire(time_left=60)  # waited for the release
+    assert loop.time() - t0 == pytest.approx(0.3)
+    await task
+    t0 = loop.time()
+    assert not await budget.acquire(time_left=60)  # nobody releases: give up after wait_s
+    assert loop.time() - t0 == pytest.approx(1.0)
+    assert not await budget.acquire(time_left=0.2)  # never past the request's deadline
+    assert budget.retrying == 1

@@ -47,7 +47,7 @@ async def resumes(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, ...]
     for fam in text_string_to_metric_families(text):
         if fam.name == "ballast_stream_resumes":
             for s in fam.samples:
-                if s.name.endswith("_total"):
+                if s.name.endswith("_total") and s.value:
                     out[(s.labels["model"], s.labels["reason"], s.labels["outcome"])] = s.value
     return out
 
