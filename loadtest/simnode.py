@@ -61,12 +61,12 @@ PROFILES: dict[str, Profile] = {
 class Fault:
     """How a node misbehaves. ``mode`` is one of the names below."""
 
-    mode: str = "none"  # none | hang | error | slow | midstream | stall | lie
+    mode: str = "none"  # none | hang | error | slow | midstream | stall | throttle | lie
     rate: float = 1.0  # share of requests affected (error, midstream)
     status: int = 500  # error: HTTP status to answer
     retry_after: float | None = None  # error: Retry-After header (seconds)
-    factor: float = 5.0  # slow: latency multiplier
-    after_tokens: int = 2  # midstream, stall: tokens sent before the connection drops or stalls
+    factor: float = 5.0  # slow: latency multiplier; throttle: token interval multiplier
+    after_tokens: int = 2  # midstream, stall, throttle: tokens sent before it happens
 
 
 QUIRKS = frozenset(
@@ -370,8 +370,9 @@ class SimNode:
         await out.prepare(request)
         created = int(time.time())
         f = self.fault
-        broken = f.mode in ("midstream", "stall") and self.rng.random() < f.rate
-        drop_at = f.after_tokens if broken else -1
+        hit = f.mode in ("midstream", "stall", "throttle") and self.rng.random() < f.rate
+        drop_at = f.after_tokens if hit and f.mode != "throttle" else -1
+        slow_from = f.after_tokens if hit and f.mode == "throttle" else n_out
         for i in range(n_out):
             if i == drop_at and f.mode == "stall":
                 await asyncio.Event().wait()  # silent, connection open, until the client leaves
@@ -379,7 +380,7 @@ class SimNode:
                 request.transport.abort()  # the node dies mid-stream
                 return out
             if i:
-                await asyncio.sleep(tok_s)
+                await asyncio.sleep(tok_s * (f.factor if i >= slow_from else 1.0))
             last = i == n_out - 1
             piece = (echo if i == 0 else "") + self._token(start + i)
             if chat:

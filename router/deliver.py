@@ -26,6 +26,8 @@ from router.upstream import DROP_RESPONSE, Opened
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
 # "ended" when nothing is left to ask for, or None when no node can continue it.
 Resume = Callable[[Call, Relay, Node, str], Awaitable[Opened | str | None]]
+PACE_WINDOW = 16  # tokens between two looks at a stream's pace
+PACE_FLOOR_S = 0.05  # a stream faster than one token per this is never a straggler
 _FAILURE_CODES = {
     "stalled": ("node stopped sending", "upstream_stalled"),
     "deadline": ("request deadline exceeded", "deadline_exceeded"),
@@ -39,11 +41,13 @@ class Deliver:
         clock: Callable[[], float],
         resume: Resume,
         track: bool = True,
+        straggler_factor: float = 0.0,
     ) -> None:
         self.stream_idle_s = stream_idle_s
         self.clock = clock
         self.resume = resume
         self.track = track  # False (resume.enabled: false): bytes pass as they come
+        self.straggler_factor = straggler_factor  # 0: never move a slow stream
 
     async def __call__(self, call: Call, opened: Opened) -> web.StreamResponse:
         response = opened.response
@@ -66,26 +70,37 @@ class Deliver:
         return out
 
     async def _relay(self, call: Call, opened: Opened, out: web.StreamResponse) -> None:
-        """Pass the stream on event by event; continue it elsewhere when its node fails."""
+        """Pass the stream on event by event; continue it elsewhere when its node fails
+        (or, a straggler, falls far behind its own usual pace)."""
         relay = Relay(chat=call.request.path.endswith("/chat/completions"))
         pass_through = True  # the first answer's events go out as they came
         current: Opened | None = opened
         chunk = opened.first
+        pace = self.straggler_factor > 0
         try:
             await out.prepare(call.request)
             while current is not None:
-                reason = await self._copy(call, current, out, relay, chunk, pass_through)
+                reason = await self._copy(call, current, out, relay, chunk, pass_through, pace)
                 if reason is None:
                     current.close(Outcome.OK)
                     current = None
                     await out.write_eof()
                     return
                 failed = current.node
-                current.close(Outcome.CANCELLED if reason == "deadline" else _outcome(reason))
-                current = None
-                found = (
-                    None if reason == "deadline" else await self.resume(call, relay, failed, reason)
-                )
+                if reason == "straggler":
+                    found = await self.resume(call, relay, failed, reason)
+                    if found is None or isinstance(found, str):
+                        pace, chunk = False, b""  # nowhere better: stay on this node
+                        continue
+                    current.close(Outcome.CANCELLED)  # slow, not broken
+                else:
+                    current.close(Outcome.CANCELLED if reason == "deadline" else _outcome(reason))
+                    current = None
+                    found = (
+                        None
+                        if reason == "deadline"
+                        else await self.resume(call, relay, failed, reason)
+                    )
                 if found == "ended":
                     await out.write(relay.final_event("length") + b"\n\n" + b"data: [DONE]\n\n")
                     await out.write_eof()
@@ -113,9 +128,12 @@ class Deliver:
         relay: Relay,
         chunk: bytes,
         pass_through: bool,
+        pace: bool,
     ) -> str | None:
-        """Copy one node's stream; None when it ended properly, else why it failed:
-        reset, stalled, error_event, truncated or deadline."""
+        """Copy one node's stream (from ``chunk``, or from its next bytes when empty);
+        None when it ended properly, else why it stopped: reset, stalled, error_event,
+        truncated, deadline, or straggler (``pace``: it fell ``straggler_factor`` times
+        behind its own usual time between tokens)."""
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
@@ -124,35 +142,51 @@ class Deliver:
         clock, deadline = self.clock, call.deadline
         readany = opened.response.content.readany
         write = out.write
-        while chunk:
-            held = bool(relay.buf)
-            events = relay.feed(chunk)
-            if pass_through:
-                for event in events:
-                    relay.track(event)
-                if relay.failed_event:
-                    return "error_event"
-                if events:
-                    # Whole events only: a chunk that ends mid-event waits for the rest.
-                    whole = not held and not relay.buf and chunk.endswith(b"\n\n")
-                    await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
-            else:
-                rewritten = [e for e in map(relay.rewrite, events) if e is not None]
-                if relay.failed_event:
-                    return "error_event"
-                if rewritten:
-                    await write(b"\n\n".join(rewritten) + b"\n\n")
-            if clock() > deadline:
-                return "deadline"
+        stats = opened.node.stats
+        usual = stats.token_gap * self.straggler_factor if pace and stats.token_gap > 0 else 0.0
+        began, began_n = clock(), relay.delivered
+        mark, mark_n = began, began_n
+        while True:
+            if chunk:
+                held = bool(relay.buf)
+                events = relay.feed(chunk)
+                if pass_through:
+                    for event in events:
+                        relay.track(event)
+                    if relay.failed_event:
+                        return "error_event"
+                    if events:
+                        # Whole events only: a chunk that ends mid-event waits for the rest.
+                        whole = not held and not relay.buf and chunk.endswith(b"\n\n")
+                        await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
+                else:
+                    rewritten = [e for e in map(relay.rewrite, events) if e is not None]
+                    if relay.failed_event:
+                        return "error_event"
+                    if rewritten:
+                        await write(b"\n\n".join(rewritten) + b"\n\n")
+                now = clock()
+                if now > deadline:
+                    return "deadline"
+                if usual and relay.delivered - mark_n >= PACE_WINDOW:
+                    gap = (now - mark) / (relay.delivered - mark_n)
+                    if gap > usual and gap > PACE_FLOOR_S:
+                        return "straggler"
+                    mark, mark_n = now, relay.delivered
             try:
                 chunk = await readany()
             except TimeoutError:  # stream_idle_s passed without a byte
                 return "stalled"
             except (ClientError, OSError):
                 return "reset"
-        if relay.complete:
-            return None
-        return "truncated"
+            if not chunk:
+                break
+        if not relay.complete:
+            return "truncated"
+        tokens = relay.delivered - began_n
+        if tokens >= PACE_WINDOW:
+            stats.observe_token_gap((clock() - began) / tokens)
+        return None
 
     async def _copy_bytes(
         self, call: Call, opened: Opened, out: web.StreamResponse, chunk: bytes

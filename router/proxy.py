@@ -78,7 +78,11 @@ class Proxy:
         self.record = record  # where finished requests go (the Recorder)
         self.upstream = upstream
         self.deliver = Deliver(
-            cfg.timeouts.stream_idle_s, self.clock, self._resume, track=cfg.resume.enabled
+            cfg.timeouts.stream_idle_s,
+            self.clock,
+            self._resume,
+            track=cfg.resume.enabled,
+            straggler_factor=cfg.resume.straggler_factor,
         )
         self.resume_enabled = cfg.resume.enabled
         self.max_continuations = cfg.resume.max_continuations
@@ -390,7 +394,7 @@ class Proxy:
             if opened.status >= 400 or opened.whole:
                 opened.close(Outcome.REJECTED if opened.status < 500 else Outcome.HTTP_5XX)
                 continue
-            relay.continued += 1
+            relay.continued_by(style)
             call.ex.node = node.id
             return opened
         return "failed"

@@ -174,9 +174,13 @@ class Relay:
         else:
             cont["prompt"] = str(request.get("prompt", "")) + text
         cont["stream"] = True
-        self.strip = text if style == "prefill" else ""
-        self.base = self.delivered
         return cont, left
+
+    def continued_by(self, style: str) -> None:
+        """A continuation asked for by :meth:`continuation` has started."""
+        self.strip = "".join(self.text) if style == "prefill" else ""
+        self.base = self.delivered
+        self.continued += 1
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""

@@ -172,3 +172,22 @@ async def test_continuations_are_bounded_and_never_go_back_to_a_failed_node(
     assert last["error"]["code"] == "upstream_error"
     assert sum(s.requests for s in sims) == 3  # the first node and two continuations
     assert all(s.requests <= 1 for s in sims)
+
+
+async def test_a_straggler_far_behind_its_own_pace_moves_to_another_node(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    n = 40
+    whole = "".join(f"t{i} " for i in range(n))
+    slow = await fleet("slow", numbered=True, engine="vllm", time_scale=1.0)
+    fast = await fleet("fast", numbered=True, engine="vllm", time_scale=1.0)
+    r = await make_router(entries(slow, fast), policy={"name": "round_robin"})
+    for _ in range(2):  # each node learns its own pace (8 ms a token)
+        assert answer(await stream(http, r.url, chat(stream=True, max_tokens=n)))[0] == whole
+    slow.set_fault(Fault(mode="throttle", after_tokens=20, factor=10))
+    for _ in range(2):
+        text, docs = answer(await stream(http, r.url, chat(stream=True, max_tokens=n)))
+        assert text == whole
+        assert len({d["id"] for d in docs}) == 1
+    assert await resumes(http, r.url) == {(MODEL, "straggler", "continued"): 1}
+    assert r.router.fleet.nodes["slow"].stats.failures_total == 0  # slow is not broken

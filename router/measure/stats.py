@@ -38,6 +38,7 @@ HUNG_AFTER = 3.0  # silent for this many times its latency estimate ...
 HUNG_FLOOR_S = 1.0  # ... and at least this long: hung
 TTFB_WINDOW = 64  # recent stream TTFBs kept for the p95
 TTFB_MIN_SAMPLES = 20
+TOKEN_GAP_ALPHA = 0.2  # weight of the newest stream in the usual time between tokens
 
 
 class Pending:
@@ -97,6 +98,7 @@ class NodeStats:
         "returned_at",
         "slow_start_s",
         "success",
+        "token_gap",
         "ttfb",
         "ttfb_recent",
     )
@@ -121,6 +123,7 @@ class NodeStats:
         self.ttfb_recent: deque[float] = deque(maxlen=TTFB_WINDOW)
         self.returned_at = -1e18  # back from an ejection at (slow start); far past: none
         self.slow_start_s = 0.0
+        self.token_gap = -1.0  # usual seconds between a stream's tokens (EWMA); < 0: unknown
 
     def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
         """Record one finished attempt.
@@ -173,6 +176,11 @@ class NodeStats:
     def observe_ttfb(self, ttfb_s: float, now: float) -> None:
         self.ttfb.observe(ttfb_s, now)
         self.ttfb_recent.append(ttfb_s)
+
+    def observe_token_gap(self, gap_s: float) -> None:
+        """A whole stream's mean time between tokens: what this node usually delivers."""
+        old = self.token_gap
+        self.token_gap = gap_s if old < 0 else old + TOKEN_GAP_ALPHA * (gap_s - old)
 
     def ttfb_p95(self) -> float | None:
         """95th percentile of the recent stream TTFBs (None before enough samples)."""
