@@ -205,7 +205,7 @@ class HedgeConfig(_Strict):
 class ResumeConfig(_Strict):
     enabled: bool = True
     max_continuations: int = Field(2, ge=0, le=10)
-    straggler_factor: float = Field(4.0, ge=0)
+    straggler_factor: float = Field(3.0, ge=0)
 
 
 class QueueConfig(_Strict):

@@ -170,7 +170,7 @@ class Deliver:
                     return "deadline"
                 if usual and relay.delivered - mark_n >= PACE_WINDOW:
                     gap = (now - mark) / (relay.delivered - mark_n)
-                    if gap > usual and gap > PACE_FLOOR_S:
+                    if gap > usual and gap > PACE_FLOOR_S and not relay.exhausted(call.doc):
                         return "straggler"
                     mark, mark_n = now, relay.delivered
             try:
