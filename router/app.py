@@ -135,7 +135,7 @@ def build_router(
     meter = Meter(clock, cfg.scoring.failure_penalty_s)
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     recorder = Recorder()
-    upstream = Upstream(cfg, session, meter, clock, fresh)
+    upstream = Upstream(cfg, session, meter, fresh)
     proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder)
     store = make_store(cfg, clock)
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)

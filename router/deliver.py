@@ -24,8 +24,8 @@ from router.relay import Relay
 from router.upstream import DROP_RESPONSE, Opened
 
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
-# "ended" when nothing is left to ask for, or None when no node can continue it.
-Resume = Callable[[Call, Relay, Node, str], Awaitable[Opened | str | None]]
+# or why there is none ("ended": nothing left to ask for).
+Resume = Callable[[Call, Relay, Node, str], Awaitable[Opened | str]]
 PACE_WINDOW = 16  # tokens between two looks at a stream's pace
 PACE_FLOOR_S = 0.05  # a stream faster than one token per this is never a straggler
 _FAILURE_CODES = {
@@ -86,26 +86,21 @@ class Deliver:
                     current = None
                     await out.write_eof()
                     return
-                failed = current.node
-                if reason == "straggler":
-                    found = await self.resume(call, relay, failed, reason)
-                    if found is None or isinstance(found, str):
-                        pace, chunk = False, b""  # nowhere better: stay on this node
-                        continue
-                    current.close(Outcome.CANCELLED)  # slow, not broken
+                if reason == "deadline":
+                    found: Opened | str = "deadline"
                 else:
-                    current.close(Outcome.CANCELLED if reason == "deadline" else _outcome(reason))
-                    current = None
-                    found = (
-                        None
-                        if reason == "deadline"
-                        else await self.resume(call, relay, failed, reason)
-                    )
+                    found = await self.resume(call, relay, current.node, reason)
+                if reason == "straggler" and not isinstance(found, Opened):
+                    pace, chunk = False, b""  # nowhere better: stay on this node
+                    continue
+                slow = reason in ("deadline", "straggler")  # the node was working
+                current.close(Outcome.CANCELLED if slow else _outcome(reason))
+                current = None
                 if found == "ended":
-                    await out.write(relay.final_event("length") + b"\n\n" + b"data: [DONE]\n\n")
+                    await out.write(relay.final_event("length") + b"\n\ndata: [DONE]\n\n")
                     await out.write_eof()
                     return
-                if found is None or isinstance(found, str):
+                if not isinstance(found, Opened):
                     message, code = _FAILURE_CODES.get(
                         reason, ("node failed mid-stream", "upstream_error")
                     )

@@ -45,6 +45,8 @@ class Hedging:
 
     def delay(self, model: str, node: Node, stream: bool = True) -> float | None:
         """Seconds to wait for ``node``'s first byte before hedging, or None: no hedge."""
+        if not self.enabled:
+            return None
         after = self.per_model.get(model, self.default)
         if after is None and self.use_p95 and stream:
             p95 = node.stats.ttfb_p95()

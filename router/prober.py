@@ -52,18 +52,6 @@ MAX_METRICS_BYTES = 4 << 20  # a /metrics page larger than this is not read
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-async def read_bounded(resp: ClientResponse, limit: int) -> bytes:
-    """The response body, or ProbeFailed once it passes ``limit`` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise ProbeFailed(f"answer larger than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 class ProbeFailed(Exception):
     """A failed probe. ``definitive``: the node contradicts its claims (a model it
     does not list or cannot serve), as opposed to a timeout or a 5xx that may pass."""
@@ -276,7 +264,7 @@ class Prober:
                 return None  # no model list: the inference decides
             if resp.status != 200:
                 raise ProbeFailed(f"/v1/models answered HTTP {resp.status}")
-            raw = await read_bounded(resp, MAX_MODELS_BYTES)
+            raw = await self.upstream.read_body(resp, MAX_MODELS_BYTES)
             try:
                 doc = orjson.loads(raw)
                 listed = {m["id"] for m in doc["data"]}
@@ -326,7 +314,7 @@ class Prober:
         async with await self._post(node, "/v1/embeddings", {"model": model, "input": "ok"}) as r:
             if r.status != 200:
                 raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}", True)
-            await read_bounded(r, MAX_MODELS_BYTES)
+            await self.upstream.read_body(r, MAX_MODELS_BYTES)
         return {"ttfb_ms": round((self.clock() - t0) * 1e3, 1)}
 
     # -- engine metrics --------------------------------------------------------------
@@ -347,7 +335,8 @@ class Prober:
                 ) as resp:  # fmt: skip
                     if resp.status != 200:
                         return
-                    text = (await read_bounded(resp, MAX_METRICS_BYTES)).decode("utf-8", "replace")
+                    raw = await self.upstream.read_body(resp, MAX_METRICS_BYTES)
+                    text = raw.decode("utf-8", "replace")
                 queue, running, kv = parse_engine_metrics(text)
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
                 return  # stale metrics count as saturated once fresh_until passes

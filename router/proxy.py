@@ -252,11 +252,7 @@ class Proxy:
         call.ex.attempts += 1
         call.tried.add(node.id)
         try:
-            delay = (
-                self.hedging.delay(call.ex.model, node, call.info.stream)
-                if left and self.hedging.enabled
-                else None
-            )
+            delay = self.hedging.delay(call.ex.model, node, call.info.stream) if left else None
             if delay is None:
                 try:
                     return await self.upstream.open(call, node)
@@ -306,18 +302,17 @@ class Proxy:
         return self.policy.rank(call.info, others, 1, self.rng, self.clock())
 
     def _settle(self, call: Call, opened: Opened) -> None:
-        """The 4xx was the caller's (or the request's) doing: close it as such."""
-        if call.rejected is not None and call.rejected is not opened:
-            call.rejected.close(Outcome.CLIENT_ERROR)
-            call.rejected = None
+        """The 4xx was the caller's (or the request's) doing: close it, and any 4xx
+        held back, as such."""
+        held, call.rejected = call.rejected, None
+        if held is not None and held is not opened:
+            held.close(Outcome.CLIENT_ERROR)
         opened.close(Outcome.CLIENT_ERROR)
 
     def _rejection(self, call: Call, opened: Opened) -> web.Response:
         """Answer the caller with a node's 4xx, in OpenAI's error envelope."""
         status, body, node = opened.status, opened.first, opened.node
         self._settle(call, opened)
-        if call.rejected is opened:
-            call.rejected = None
         call.ex.node = node.id
         headers = {"x-ballast-node": node.id}
         if context_error(status, body) is not None:
@@ -338,21 +333,15 @@ class Proxy:
 
     # -- 4. deliver: continuing a stream whose node failed ---------------------------------
 
-    async def _resume(
-        self, call: Call, relay: Relay, failed: Node, reason: str
-    ) -> Opened | str | None:
-        """Ask another node to continue ``call``'s stream after ``failed`` failed mid-answer:
-        the new attempt, "ended" when no token is left to ask for, or None. Each is
-        counted by outcome: continued, ended, refused (not resumable), no_node,
-        deadline, budget, failed."""
-        found = (
-            await self._continue(call, relay, failed)
-            if self._may_resume(call, relay)
-            else "refused"
-        )
+    async def _resume(self, call: Call, relay: Relay, failed: Node, reason: str) -> Opened | str:
+        """Ask another node to continue ``call``'s stream after ``failed`` failed mid-answer
+        (for ``reason``): the new attempt, or why there is none, counted: ended (no token
+        left to ask for), refused (not resumable), no_node, deadline, budget, failed."""
+        may = self._may_resume(call, relay)
+        found = await self._continue(call, relay, failed) if may else "refused"
         outcome = "continued" if isinstance(found, Opened) else found
         call.ex.resumed.append((failed.id, reason, outcome))
-        return found if isinstance(found, Opened) or found == "ended" else None
+        return found
 
     def _may_resume(self, call: Call, relay: Relay) -> bool:
         """Only what can be continued honestly: one choice, no log-probabilities, no
@@ -382,9 +371,7 @@ class Proxy:
         for node in self.policy.rank(call.info, able, len(able), self.rng, self.clock()):
             style = ENGINES[node.engine].continuation
             assert style is not None
-            doc, _ = relay.continuation(call.doc, style)
-            if doc is None:
-                return "ended"
+            doc = relay.continuation(call.doc, style)
             time_left = call.deadline - self.clock()
             if time_left <= 0 or not await self.retries.acquire(time_left):
                 return "deadline" if time_left <= 0 else "budget"

@@ -149,21 +149,14 @@ class Relay:
         limit = request.get("max_completion_tokens", request.get("max_tokens"))
         return isinstance(limit, int) and self.delivered >= limit
 
-    def continuation(
-        self, request: dict[str, Any], style: str
-    ) -> tuple[dict[str, Any] | None, int | None]:
-        """(the request asking another node for the rest, tokens left); a None request
-        with 0 tokens left: the answer is already as long as asked."""
+    def continuation(self, request: dict[str, Any], style: str) -> dict[str, Any]:
+        """The request asking another node for the rest (when not :meth:`exhausted`)."""
         text = "".join(self.text)
         cont = dict(request)
         limit_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
         limit = request.get(limit_key)
-        left = None
         if isinstance(limit, int):
-            left = limit - self.delivered
-            if left <= 0:
-                return None, 0
-            cont[limit_key] = left
+            cont[limit_key] = max(1, limit - self.delivered)
         if self.chat:
             messages = list(request.get("messages") or [])
             messages.append({"role": "assistant", "content": text})
@@ -174,7 +167,7 @@ class Relay:
         else:
             cont["prompt"] = str(request.get("prompt", "")) + text
         cont["stream"] = True
-        return cont, left
+        return cont
 
     def continued_by(self, style: str) -> None:
         """A continuation asked for by :meth:`continuation` has started."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from aiohttp import (
     ClientConnectionResetError,
@@ -107,8 +107,8 @@ class Opened:
         return self.response.status
 
     def close(self, outcome: Outcome) -> None:
-        """End the attempt: keep the connection for reuse only after a clean answer."""
-        if outcome is Outcome.OK or outcome is Outcome.CLIENT_ERROR:
+        """End the attempt: keep the connection for reuse after a clean or whole answer."""
+        if self.whole or outcome is Outcome.OK or outcome is Outcome.CLIENT_ERROR:
             self.response.release()
         else:
             self.response.close()
@@ -137,13 +137,12 @@ class Upstream:
         cfg: Config,
         session: ClientSession,
         meter: Meter,
-        clock: Callable[[], float],
         fresh: ClientSession | None = None,
     ) -> None:
         self.session = session
         self.fresh = fresh if fresh is not None else session
         self.meter = meter
-        self.clock = clock
+        self.clock = meter.clock
         t = cfg.timeouts
         self.connect_s = t.connect_s
         self.first_byte_s = t.first_byte_s
@@ -182,17 +181,24 @@ class Upstream:
             headers["Authorization"] = node.auth_header
         url = node.url + path
         try:
-            return await self.session.post(
-                url, data=body, headers=headers, timeout=self._timeout(deadline),
-                allow_redirects=False,
-            )  # fmt: skip
+            return await self._post(self.session, url, body, headers, deadline)
         except (ClientError, OSError) as e:
             if not stale_connection(e):
                 raise
         self.stale_retries += 1
-        return await self.fresh.post(
+        return await self._post(self.fresh, url, body, headers, deadline)
+
+    async def _post(
+        self,
+        session: ClientSession,
+        url: str,
+        body: bytes,
+        headers: CIMultiDict[str],
+        deadline: float,
+    ) -> ClientResponse:
+        return await session.post(
             url, data=body, headers=headers, timeout=self._timeout(deadline), allow_redirects=False
-        )
+        )  # fmt: skip
 
     async def open(self, call: Call, node: Node) -> Opened:
         """Send ``call`` to ``node`` and wait for its first byte (or, without
@@ -215,7 +221,7 @@ class Upstream:
                 attempt.first_byte()
                 return Opened(attempt, response, first, whole=False)
             attempt.first_byte()
-            body = await self._read_body(response, call.deadline)
+            body = await self.read_body(response, self.max_response, call.deadline)
             return Opened(attempt, response, body, whole=True)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)
@@ -240,7 +246,10 @@ class Upstream:
             response.close()
         attempt.end(outcome)
 
-    async def _read_body(self, response: ClientResponse, deadline: float) -> bytes:
+    async def read_body(
+        self, response: ClientResponse, limit: int, deadline: float = float("inf")
+    ) -> bytes:
+        """The whole body; ClientError past ``limit`` bytes, TimeoutError past ``deadline``."""
         clock = self.clock
         content = response.content
         parts: list[bytes] = []
@@ -249,7 +258,7 @@ class Upstream:
             if clock() > deadline:
                 raise TimeoutError
             size += len(chunk)
-            if size > self.max_response:
-                raise ClientError("response larger than limits.max_response_bytes")
+            if size > limit:
+                raise ClientError(f"answer larger than {limit} bytes")
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -223,7 +223,7 @@ async def test_a_queued_request_waits_for_supply_and_gives_up_at_max_wait() -> N
     fleet = Fleet(clock=loop.time)
     meter = Meter(loop.time, 5.0)
     async with aiohttp.ClientSession() as session:
-        upstream = Upstream(cfg, session, meter, loop.time)
+        upstream = Upstream(cfg, session, meter)
         proxy = Proxy(cfg, fleet, build_policy("score"), upstream, rng=Random(1))
         call = _call(loop.time())
         t0 = loop.time()

@@ -78,13 +78,12 @@ class Attempt:
         if st.pending is not None:  # a shared store will report the in-flight count
             meter.signals.for_store.add(node)
 
-    def first_byte(self) -> float:
-        """The node answered; returns the time of it."""
+    def first_byte(self) -> None:
+        """The node answered."""
         now = self.meter.clock()
         if self.t_first < 0:
             self.t_first = now
         self._progress(now)
-        return now
 
     def _progress(self, now: float) -> None:
         if self.awaiting:

@@ -31,6 +31,7 @@ from collections import deque
 
 from router.config import Scoring
 from router.measure.decayed_ratio import DecayedRatio
+from router.measure.merge import Shared
 from router.measure.outcome import FAILURES, Outcome
 from router.measure.peak_ewma import PeakEwma
 
@@ -204,25 +205,14 @@ class NodeStats:
         """An ejection starts: the failures in a row that caused it are spent."""
         self.consecutive_failures = self.consecutive_timeouts = 0
 
-    def adopt_shared(
-        self,
-        now: float,
-        *,
-        latency: tuple[float, float] | None,
-        success: tuple[float, float, float] | None,
-        totals: tuple[int, int] | None,
-        remote_in_flight: int,
-    ) -> None:
-        """Take the fleet-wide view a shared store merged from every replica.
-
-        ``latency`` is (estimate, age in seconds), ``success`` (successes,
-        attempts, age), ``totals`` (requests, failures)."""
-        if latency is not None:
-            self.latency.estimate = latency[0]
-            self.latency.stamp = now - latency[1]
-        if success is not None:
-            self.success.successes, self.success.attempts = success[0], success[1]
-            self.success.stamp = now - success[2]
-        if totals is not None:
-            self.requests_total, self.failures_total = totals
+    def adopt_shared(self, shared: Shared, now: float, wall: float, remote_in_flight: int) -> None:
+        """Take the fleet-wide counters a shared store merged from every replica
+        (stamped in wall time ``wall``; this process's clock reads ``now``)."""
+        if shared.lat is not None:
+            self.latency.estimate = shared.lat
+            self.latency.stamp = now - (wall - (shared.lat_t or wall))
+        if shared.sr_t is not None:
+            self.success.successes, self.success.attempts = shared.ok, shared.n
+            self.success.stamp = now - (wall - shared.sr_t)
+            self.requests_total, self.failures_total = shared.req, shared.fail
         self.remote_in_flight = remote_in_flight

@@ -24,6 +24,7 @@ import orjson
 from router.config import NodeConfig, Scoring
 from router.engines import ENGINES, UNKNOWN
 from router.fleet import Node, NodeState, Source
+from router.measure.merge import Shared
 
 
 def from_config(
@@ -133,6 +134,20 @@ def same_claims(node: Node, h: Mapping[bytes, bytes]) -> bool:
         return True
     s = orjson.loads(raw)
     return node.url == s["url"] and list(node.models) == s["models"]
+
+
+def shared(h: Mapping[bytes, bytes]) -> Shared:
+    """A node's merged counters (:mod:`router.measure.merge`) from its hash."""
+    lat, lat_t, sr_t = h.get(b"lat"), h.get(b"lat_t"), h.get(b"sr_t")
+    return Shared(
+        ok=number(h.get(b"ok"), 0.0),
+        n=number(h.get(b"n"), 0.0),
+        sr_t=float(sr_t) if sr_t is not None and b"n" in h else None,
+        lat=float(lat) if lat is not None else None,
+        lat_t=float(lat_t) if lat_t is not None else None,
+        req=int(h.get(b"req", b"0")),
+        fail=int(h.get(b"fail", b"0")),
+    )
 
 
 def text(v: bytes | None, default: str = "") -> str:

@@ -427,14 +427,4 @@ class RedisStore:
             if key.startswith(b"if:") and key != mine:
                 if num(h.get(b"ift:" + key[3:]), 0.0) >= fresh_after:
                     remote += int(value)
-        node.stats.adopt_shared(
-            now_m,
-            latency=(float(h[b"lat"]), now_w - num(h.get(b"lat_t"), now_w))
-            if b"lat" in h
-            else None,
-            success=(float(h[b"ok"]), float(h[b"n"]), now_w - num(h.get(b"sr_t"), now_w))
-            if b"n" in h
-            else None,
-            totals=(int(h.get(b"req", b"0")), int(h.get(b"fail", b"0"))) if b"n" in h else None,
-            remote_in_flight=remote,
-        )
+        node.stats.adopt_shared(codec.shared(h), now_m, now_w, remote)
