@@ -142,7 +142,8 @@ def build_router(
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
     metrics = Metrics(fleet, store, lambda: proxy.active, clock, proxy, health, prober)
     if cfg.metrics.enabled:
-        recorder.observers.append(metrics.observe)
+        # Per worker, a scrape drains only its own batch: count at once there.
+        (recorder.immediate if metrics.multiprocess else recorder.observers).append(metrics.observe)
     if cfg.logging.access_log:
         recorder.observers.append(AccessLog(fmt=cfg.logging.format))
     admin_token = os.environ.get(cfg.admin.token_env) if cfg.admin.token_env else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import BinaryIO
 
@@ -26,7 +27,7 @@ class AccessLog:
         self.out = out if out is not None else sys.stdout.buffer
         self.json = fmt == "json"
 
-    def __call__(self, batch: list[Exchange]) -> None:
+    def __call__(self, batch: Sequence[Exchange]) -> None:
         lines = [self._line(ex) for ex in batch]
         try:
             self.out.write(b"".join(lines))

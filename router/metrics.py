@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -256,7 +256,7 @@ class Metrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
-    def observe(self, batch: list[Exchange]) -> None:
+    def observe(self, batch: Sequence[Exchange]) -> None:
         """Count a batch of finished requests (from the Recorder)."""
         fleet, requests, by_model = self.fleet, self._requests, self._by_model
         retries = 0
