@@ -23,6 +23,7 @@ import re
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -61,7 +62,9 @@ PROFILES: dict[str, Profile] = {
 class Fault:
     """How a node misbehaves. ``mode`` is one of the names below."""
 
-    mode: str = "none"  # none | hang | error | slow | midstream | stall | throttle | lie
+    # none | hang | error | slow | midstream | stall | throttle | lie | garbage (a 200
+    # whose body is not an answer, for requests that are not greedy: probes pass)
+    mode: str = "none"
     rate: float = 1.0  # share of requests affected (error, midstream)
     status: int = 500  # error: HTTP status to answer
     retry_after: float | None = None  # error: Retry-After header (seconds)
@@ -78,6 +81,10 @@ QUIRKS = frozenset(
     }
 )
 _GENERATED = re.compile(r"(?:t\d+ )+$")
+_WORDS = tuple(
+    "the a sea cat blue morning bread river light small quiet green stone warm wind "
+    "paper tree song cloud road".split()
+)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
@@ -157,6 +164,9 @@ class SimConfig:
     # Answers "t0 t1 t2 ..." instead of "tok tok ...": token i of an answer is always
     # the same, so a continued answer can be checked word for word.
     numbered: bool = False
+    # The model it really runs (a substitute): greedy answers (temperature 0) are that
+    # model's, whatever the request names.
+    serves_as: str | None = None
 
 
 def _prompt_tokens(doc: dict[str, Any], words: bool = False) -> int:
@@ -262,6 +272,8 @@ class SimNode:
             return doc, _error(f.status, "simulated failure", headers)
         if self.waiting >= self.cfg.max_queue:
             return doc, _error(503, "server overloaded", {"Retry-After": "1"})
+        if f.mode == "garbage" and doc.get("temperature") != 0 and self.rng.random() < f.rate:
+            return doc, web.Response(body=b"<html>lorem ipsum</html>\n\n", content_type="text/html")
         return doc, None
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
@@ -292,6 +304,7 @@ class SimNode:
             rid = f"sim-{self.cfg.id}-{self.requests}"
             tok_s = self._delay(1.0 / p.tokens_per_s)
             start, echo = self._continues(doc, chat)
+            greedy = self._greedy(doc)
             if doc.get("stream") is True:
                 opts = doc.get("stream_options")
                 usage = {"prompt_tokens": prompt, "completion_tokens": n_out,
@@ -299,10 +312,10 @@ class SimNode:
                 with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
                 return await self._stream(
                     request, doc["model"], rid, chat, n_out, tok_s, start, echo,
-                    usage if with_usage else None,
+                    usage if with_usage else None, greedy,
                 )  # fmt: skip
             await asyncio.sleep(tok_s * (n_out - 1))
-            text = echo + "".join(self._token(start + i) for i in range(n_out))
+            text = echo + "".join(self._token(start + i, greedy) for i in range(n_out))
             choice: dict[str, Any] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}}
                 if chat
@@ -331,8 +344,20 @@ class SimNode:
             self.running -= 1
             self._slots.release()
 
-    def _token(self, i: int) -> str:
+    def _token(self, i: int, greedy: list[str] | None = None) -> str:
+        if greedy:
+            return greedy[i % len(greedy)]
         return f"t{i} " if self.cfg.numbered else "tok "
+
+    def _greedy(self, doc: dict[str, Any]) -> list[str] | None:
+        """A greedy request's answer, word by word: the same for every node running
+        the same model (``serves_as``, else the model asked for) and prompt."""
+        if doc.get("temperature") != 0 or self.cfg.numbered:
+            return None
+        model = self.cfg.serves_as or str(doc.get("model"))
+        seed = zlib.crc32(orjson.dumps([model, doc.get("messages"), doc.get("prompt")]))
+        rng = Random(seed)
+        return [rng.choice(_WORDS) + " " for _ in range(12)]
 
     def _continues(self, doc: dict[str, Any], chat: bool) -> tuple[int, str]:
         """(index of the first token to generate, prefill text to echo) for a request
@@ -365,6 +390,7 @@ class SimNode:
         start: int = 0,
         echo: str = "",
         usage: dict[str, int] | None = None,
+        greedy: list[str] | None = None,
     ) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
@@ -382,7 +408,7 @@ class SimNode:
             if i:
                 await asyncio.sleep(tok_s * (f.factor if i >= slow_from else 1.0))
             last = i == n_out - 1
-            piece = (echo if i == 0 else "") + self._token(start + i)
+            piece = (echo if i == 0 else "") + self._token(start + i, greedy)
             if chat:
                 delta: dict[str, Any] = {"content": piece}
                 if i == 0:

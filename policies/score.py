@@ -122,10 +122,8 @@ def _load(c: Any, now: float) -> tuple[float, float]:
 
 
 def _price(c: Any) -> float:
-    try:
-        return float(c.labels.get("price_per_mtok", 0.0))
-    except (AttributeError, ValueError):
-        return 0.0
+    """The node's ``price_per_mtok`` label (validated and bounded on the way in)."""
+    return getattr(c, "price_per_mtok", 0.0)
 
 
 def _reliability(st: Any, now: float) -> float:

@@ -16,11 +16,15 @@ from random import Random
 
 import orjson
 from aiohttp import ClientSession, TCPConnector, web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from policies import Policy, PolicyError, build_policy
+from router.addresses import AddressRules, GuardedResolver, hosts_of
 from router.config import Config, ConfigError, load_config
-from router.errors import error_response
+from router.errors import error_body, error_response
 from router.fleet import Fleet
 from router.health import HealthMonitor
 from router.logs import AccessLog
@@ -110,12 +114,15 @@ GC_GEN0 = 20_000  # allocations between young-generation collections (CPython's 
 
 def make_store(cfg: Config, clock: Callable[[], float]) -> StateStore:
     """Redis when configured (URL or Sentinel), else the in-process store."""
-    ttl = cfg.registry.heartbeat_ttl_s
+    ttl, verify = cfg.registry.heartbeat_ttl_s, cfg.health.probe
+    retention = cfg.registry.gone_retention_s
     if cfg.state.redis_url or cfg.state.sentinel:
         from router.store.redis import RedisStore
 
-        return RedisStore(cfg.state, cfg.scoring, ttl, clock=clock)
-    return MemoryStore(ttl)
+        return RedisStore(
+            cfg.state, cfg.scoring, ttl, verify=verify, retention_s=retention, clock=clock
+        )
+    return MemoryStore(ttl, verify=verify, retention_s=retention)
 
 
 def build_router(
@@ -140,7 +147,9 @@ def build_router(
     store = make_store(cfg, clock)
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
-    metrics = Metrics(fleet, store, lambda: proxy.active, clock, proxy, health, prober)
+    metrics = Metrics(
+        fleet, store, lambda: proxy.active, cfg.metrics, cfg.models, clock, proxy, health, prober
+    )
     if cfg.metrics.enabled:
         # Per worker, a scrape drains only its own batch: count at once there.
         (recorder.immediate if metrics.multiprocess else recorder.observers).append(metrics.observe)
@@ -169,16 +178,82 @@ def build_router(
     return router
 
 
-def new_session(pooled: bool = True) -> ClientSession:
+def new_session(cfg: Config, pooled: bool = True) -> ClientSession:
     """One pooled client for every node: keep-alive, no total connection cap. With
-    ``pooled`` false, a new connection for every request (see ``Upstream``)."""
+    ``pooled`` false, a new connection for every request (see ``Upstream``). Its
+    resolver refuses addresses a self-registered node may not have
+    (:mod:`router.addresses`); it adds no User-Agent or Accept-Encoding of its own."""
+    rules = AddressRules(cfg.registry.allowed_networks, cfg.listen.port or None)
+    rules.learn_own_addresses(cfg.listen.host)
+    resolver = GuardedResolver(rules, hosts_of(n.url for n in cfg.nodes))
     if pooled:
-        connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+        connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60, resolver=resolver)
     else:
-        connector = TCPConnector(limit=0, ttl_dns_cache=60, force_close=True)
+        connector = TCPConnector(limit=0, ttl_dns_cache=60, force_close=True, resolver=resolver)
     return ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
     )
+
+
+class EnvelopeHandler(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse (header
+    too long, malformed request line) in the API's error envelope, with at most a
+    short prefix of what it got, and logging them in one line."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("error handling request", exc_info=exc)
+            text, type_, code = "internal error in the router", "server_error", "internal_error"
+        else:
+            why = (message or str(exc or "malformed request")).splitlines()[0][:120]
+            log.info("refused a malformed HTTP request: %s", why)
+            text, type_, code = (
+                f"malformed HTTP request: {why}",
+                "invalid_request_error",
+                "bad_http",
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had started; cannot send an error")
+        resp = web.Response(
+            status=status, body=error_body(text, type_, code), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(Server):
+    def __call__(self) -> RequestHandler:
+        return EnvelopeHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """The app runner with Ballast's connection handling: errors in the envelope,
+    header limits, and idle connections closed after ``limits.idle_timeout_s``."""
+
+    def __init__(self, app: web.Application, cfg: Config, **kwargs: object) -> None:
+        limits = cfg.limits
+        super().__init__(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=limits.idle_timeout_s,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            **kwargs,
+        )
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _EnvelopeServer
+        return server
 
 
 def create_app(
@@ -192,7 +267,7 @@ def create_app(
     app = web.Application(client_max_size=cfg.limits.max_body_bytes)
 
     async def pool(app: web.Application) -> AsyncIterator[None]:
-        async with new_session() as session, new_session(pooled=False) as fresh:
+        async with new_session(cfg) as session, new_session(cfg, pooled=False) as fresh:
             router = app[ROUTER] = build_router(
                 cfg, session=session, fresh=fresh, clock=clock, rng=rng, config_path=config_path
             )
@@ -234,8 +309,10 @@ def create_app(
 
     async def metrics(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
+        if (denied := router.metrics.denied(request)) is not None:
+            return denied
         router.recorder.flush()
-        body = router.metrics.render()
+        body = await router.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def admin_nodes(request: web.Request) -> web.Response:
@@ -279,7 +356,7 @@ def create_app(
                 405, f"method {request.method} not allowed", "invalid_request_error", "bad_method"
             )
         return error_response(
-            404, f"unknown path {request.path}", "invalid_request_error", "unknown_url"
+            404, f"unknown path {request.path[:128]}", "invalid_request_error", "unknown_url"
         )
 
     for path in INFERENCE_PATHS:
@@ -322,7 +399,7 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``); SIGHUP reloads the policy."""
     app = create_app(cfg, config_path)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=30)
+    runner = Runner(app, cfg, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(
         runner, cfg.listen.host, cfg.listen.port, backlog=2048, reuse_port=reuse_port or None

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from router.config import ConfigError, load_config
+from router.logs import printable
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -110,7 +111,7 @@ def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
             message = orjson.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise SystemExit(f"ballast: {router}: HTTP {e.code}: {message}") from None
+        raise SystemExit(printable(f"ballast: {router}: HTTP {e.code}: {message}")) from None
     except (urllib.error.URLError, OSError) as e:
         raise SystemExit(f"ballast: cannot reach {router}: {e}") from None
 
@@ -144,7 +145,7 @@ def render_fleet(doc: dict[str, Any]) -> str:
             return f"{v:.1f}"
         return "-" if v is None else str(v)
 
-    rows = [[cell(r, k) for _, k in cols] for r in doc["nodes"]]
+    rows = [[printable(cell(r, k)) for _, k in cols] for r in doc["nodes"]]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, (h, _) in enumerate(cols)]
     lines = ["  ".join(h.ljust(w) for (h, _), w in zip(cols, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -37,6 +38,49 @@ class PolicyConfig(_Strict):
 
 
 NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+# Names and free text a node supplies: bounded, and no control characters (they would
+# reach operators' terminals and logs).
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
+ModelName = Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)]
+Text = Annotated[str, Field(min_length=1, max_length=128, pattern=PRINTABLE)]
+LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,62}$")
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+# Labels Ballast reads as numbers, with their bounds (inclusive).
+NUMERIC_LABELS: dict[str, tuple[float, float]] = {
+    "context_length": (1, 100_000_000),
+    "price_per_mtok": (0, 1_000_000),
+    "price_per_hour": (0, 1_000_000),
+}
+
+
+def label_number(labels: dict[str, str], key: str) -> float | None:
+    """A numeric label's value within its bounds, or None (absent or invalid)."""
+    raw = labels.get(key)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    lo, hi = NUMERIC_LABELS[key]
+    return value if lo <= value <= hi else None
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Labels as a node or the config may give them: bounded keys and values, and
+    the labels Ballast reads as numbers valid numbers within their bounds."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            raise ValueError(f"label key {key[:64]!r} must match {LABEL_KEY.pattern}")
+        if len(value) > MAX_LABEL_VALUE or not re.match(PRINTABLE, value or "x"):
+            raise ValueError(f"label {key}: at most {MAX_LABEL_VALUE} printable characters")
+        if key in NUMERIC_LABELS and label_number(labels, key) is None:
+            lo, hi = NUMERIC_LABELS[key]
+            raise ValueError(f"label {key}: must be a number from {lo:g} to {hi:g}")
+    return labels
 
 
 def url_problem(url: str) -> str | None:
@@ -56,12 +100,18 @@ def url_problem(url: str) -> str | None:
 class NodeConfig(_Strict):
     id: NodeId
     url: str
-    models: list[str] = Field(min_length=1)
-    gpu: str | None = None
-    vram_gb: float | None = Field(None, ge=0)
-    gpus: int = Field(1, ge=0)
+    models: list[ModelName] = Field(min_length=1)
+    gpu: Text | None = None
+    vram_gb: float | None = Field(None, ge=0, le=1_000_000)
+    gpus: int = Field(1, ge=0, le=1024)
     api_key_env: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
+
     engine: str | None = None  # vllm, sglang, llamacpp, llama-cpp-python, tgi, ollama, openai
 
     @field_validator("engine")
@@ -98,6 +148,12 @@ class Retries(_Strict):
 class Limits(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # A client's request body must arrive within this time (else 408).
+    body_timeout_s: float = Field(60.0, gt=0)
+    # A connection with no complete request header this long after it opened, or
+    # after its last answer (an idle keep-alive), is closed.
+    idle_timeout_s: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)  # one header line
 
 
 class Scoring(_Strict):
@@ -140,6 +196,10 @@ class JoinConfig(_Strict):
     join_token_env: str | None = None
     heartbeat_ttl_s: float = Field(30.0, gt=0)
     allowed_networks: list[str] = Field(default_factory=list)
+    max_nodes: int = Field(10_000, ge=1)  # self-registered nodes, over all join-token holders
+    max_models_per_node: int = Field(16, ge=1, le=256)
+    allowed_models: list[ModelName] = Field(default_factory=list)  # empty: any model
+    gone_retention_s: float = Field(3600.0, ge=0)  # a gone node is forgotten after this
 
     @field_validator("allowed_networks")
     @classmethod
@@ -179,6 +239,11 @@ class HealthConfig(_Strict):
     check_interval_s: float = Field(0.1, gt=0)
     scrape_engine_metrics: bool = False
     engine_metrics_interval_s: float = Field(5.0, gt=0)
+    # Model substitution (router.challenges): compare greedy probe answers across nodes.
+    challenges: bool = True
+    challenge_min_nodes: int = Field(3, ge=2)
+    challenge_words: int = Field(6, ge=1, le=32)
+    challenge_strikes: int = Field(2, ge=1)
 
 
 class ModelConfig(_Strict):
@@ -215,6 +280,9 @@ class QueueConfig(_Strict):
 
 class MetricsConfig(_Strict):
     enabled: bool = True
+    token_env: str | None = None  # set: scrapes need Authorization: Bearer <token>
+    max_models: int = Field(100, ge=1, le=10_000)  # model label values; the rest are "other"
+    max_nodes: int = Field(1000, ge=0, le=100_000)  # nodes with per-node series
 
 
 class AdminConfig(_Strict):
@@ -286,6 +354,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     for key, name in (
         ("registry.join_token_env", cfg.registry.join_token_env),
         ("admin.token_env", cfg.admin.token_env),
+        ("metrics.token_env", cfg.metrics.token_env),
     ):
         if name and not env.get(name):
             raise ConfigError(f"{key}: environment variable {name} is not set")

@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientError, web
-from multidict import CIMultiDict
 
 from router.call import Call
 from router.errors import sse_error_event
 from router.fleet import Node
 from router.measure import Outcome
 from router.relay import Relay
-from router.upstream import DROP_RESPONSE, Opened
+from router.upstream import Opened, response_headers
 
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
 # or why there is none ("ended": nothing left to ask for).
@@ -57,9 +56,7 @@ class Deliver:
         ex.ttfb = attempt.t_first - ex.start
         status = response.status
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-        headers = CIMultiDict(
-            (k, v) for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE
-        )
+        headers = response_headers(response.headers)
         headers["x-ballast-node"] = attempt.node.id
         if opened.whole:
             opened.close(ok)
@@ -127,7 +124,7 @@ class Deliver:
     ) -> str | None:
         """Copy one node's stream (from ``chunk``, or from its next bytes when empty);
         None when it ended properly, else why it stopped: reset, stalled, error_event,
-        truncated, deadline, or straggler (``pace``: it fell ``straggler_factor`` times
+        garbage, truncated, deadline, or straggler (``pace``: it fell ``straggler_factor`` times
         behind its own usual time between tokens)."""
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
@@ -148,16 +145,16 @@ class Deliver:
                 if pass_through:
                     for event in events:
                         relay.track(event)
-                    if relay.failed_event:
-                        return "error_event"
+                    if relay.failed_event or relay.garbage:
+                        return "garbage" if relay.garbage else "error_event"
                     if events:
                         # Whole events only: a chunk that ends mid-event waits for the rest.
                         whole = not held and not relay.buf and chunk.endswith(b"\n\n")
                         await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
                 else:
                     rewritten = [e for e in map(relay.rewrite, events) if e is not None]
-                    if relay.failed_event:
-                        return "error_event"
+                    if relay.failed_event or relay.garbage:
+                        return "garbage" if relay.garbage else "error_event"
                     if rewritten:
                         await write(b"\n\n".join(rewritten) + b"\n\n")
                 now = clock()
@@ -203,6 +200,8 @@ class Deliver:
 
 
 def _outcome(reason: str) -> Outcome:
+    if reason == "garbage":
+        return Outcome.BAD_ANSWER
     return Outcome.TIMEOUT if reason == "stalled" else Outcome.STREAM_ERROR
 
 

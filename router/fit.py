@@ -43,7 +43,7 @@ class Fit:
     def capacity(self, node: Node, model: str) -> float:
         """Tokens of context and KV cache ``node`` can give one request of ``model``."""
         mc = self.models[model]
-        context = float(node.labels.get("context_length", mc.context_length or float("inf")))
+        context = float(node.claimed_context or mc.context_length or float("inf"))
         if not mc.kv_bytes_per_token:
             return context
         free_gb = node.telemetry.get("free_vram_gb")
@@ -69,7 +69,7 @@ class Fit:
         for node in self.fleet.nodes.values():
             if model not in node.models:
                 continue
-            cap = float(node.labels.get("context_length", mc.context_length or float("inf")))
+            cap = float(node.claimed_context or mc.context_length or float("inf"))
             if mc.kv_bytes_per_token and node.vram_gb is not None:
                 whole = (node.vram_gb - mc.weights_gb) * GB / mc.kv_bytes_per_token
                 cap = min(cap, whole)

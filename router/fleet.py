@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
-from router.config import Scoring
+from router.config import Scoring, label_number
 from router.measure import EngineLoad, NodeStats
 
 log = logging.getLogger("ballast.fleet")
@@ -47,7 +47,9 @@ class Source(StrEnum):
 class Node:
     __slots__ = (
         "auth_header",
+        "claimed_context",
         "context_length",
+        "drained",
         "ejected_until",
         "ejections",
         "engine",
@@ -59,6 +61,7 @@ class Node:
         "load",
         "models",
         "next_probe",
+        "price_per_mtok",
         "probe",
         "probe_failures",
         "secret_hash",
@@ -95,6 +98,11 @@ class Node:
         self.vram_gb = vram_gb
         self.gpus = gpus
         self.labels = dict(labels or {})
+        # The labels Ballast reads as numbers (validated where nodes come in; an
+        # invalid value here counts as absent).
+        context = label_number(self.labels, "context_length")
+        self.claimed_context = int(context) if context is not None else None
+        self.price_per_mtok = label_number(self.labels, "price_per_mtok") or 0.0
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self.source = source
         self.state = state
@@ -111,6 +119,7 @@ class Node:
         self.next_probe = 0.0
         self.ejections = 0  # times ejected; sets the next back-off
         self.ejected_until = 0.0  # wall-clock end of the current ejection
+        self.drained = False  # an operator drained it: it stays out until resumed
 
     def __repr__(self) -> str:
         return f"Node({self.id!r}, {self.state})"

@@ -12,6 +12,7 @@ stdlib ``logging`` to stderr, as JSON or text per ``logging.format``.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +21,22 @@ from typing import BinaryIO
 import orjson
 
 from router.call import Exchange
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``): what a node or a client
+    says must not drive an operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text log: a record's message on one line, control characters escaped (a
+    traceback keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
 
 
 class AccessLog:
@@ -57,7 +74,8 @@ class AccessLog:
             )
         ttfb = f"{ex.ttfb * 1e3:.1f}" if ex.ttfb >= 0 else "-"
         return (
-            f"{when.isoformat(timespec='milliseconds')} {ex.request_id} {ex.model or '-'} "
+            f"{when.isoformat(timespec='milliseconds')} {ex.request_id} "
+            f"{printable(ex.model) or '-'} "
             f"{ex.status} {ex.node or '-'} attempts={ex.attempts} "
             f"duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
         ).encode()
@@ -82,7 +100,7 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

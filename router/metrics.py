@@ -1,20 +1,27 @@
 """Prometheus metrics (``/metrics``), all prefixed ``ballast_``.
 
 Per-request work is a few dict lookups and two histogram observations: label
-children are cached per (model, code), and model labels are bounded to models
-some node claims (anything else is counted as ``model="unknown"``). Everything
-per node (scoreboard, attempts by outcome, state) and the supply picture are
-read from the fleet at scrape time by :class:`FleetCollector`, so they cost
-nothing per request however large the fleet.
+children are cached per (model, code). Every label is bounded, whatever nodes
+claim (:class:`ModelLabels`): ``model`` takes the configured models, then those
+with the most routable nodes, up to ``metrics.max_models``; any other name is
+``model="other"`` (``none`` when a request named none). Per-node series cover at
+most ``metrics.max_nodes`` nodes, routable ones first. Everything per node
+(scoreboard, attempts by outcome, state) and the supply picture are read from
+the fleet at scrape time by :class:`FleetCollector`, so they cost nothing per
+request however large the fleet; a scrape renders in a worker thread, one at a
+time, so the event loop keeps serving while it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -31,7 +38,9 @@ from prometheus_client.process_collector import ProcessCollector
 
 from policies import Policy
 from router.call import Exchange
-from router.fleet import Fleet, NodeState
+from router.config import MetricsConfig
+from router.errors import error_response
+from router.fleet import ROUTABLE, Fleet, Node, NodeState
 from router.health import HealthMonitor
 from router.prober import Prober
 from router.proxy import Proxy
@@ -43,24 +52,74 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
 )  # fmt: skip
 GIB = 1024**3
-RESUME_REASONS = ("reset", "stalled", "error_event", "truncated")
+RESUME_REASONS = ("reset", "stalled", "error_event", "garbage", "truncated")
 
 disable_created_metrics()  # no *_created series: they double the series count for nothing
+
+
+class ModelLabels:
+    """The ``model`` label of a model name: configured models, then the models with
+    the most routable nodes, up to ``limit`` values; anything else is ``other``.
+    Recomputed when the fleet changes, never per request."""
+
+    def __init__(self, fleet: Fleet, configured: Iterable[str], limit: int) -> None:
+        self.fleet = fleet
+        self.configured = list(configured)[:limit]
+        self.limit = limit
+        self._version = -1
+        self._known: frozenset[str] = frozenset()
+
+    @property
+    def known(self) -> frozenset[str]:
+        if self._version != self.fleet.version:
+            count: Tally[str] = Tally()
+            for node in list(self.fleet.nodes.values()):
+                if node.state in ROUTABLE:
+                    count.update(node.models)
+            chosen = dict.fromkeys(self.configured)
+            for model, _ in count.most_common():
+                if len(chosen) >= self.limit:
+                    break
+                chosen[model] = None
+            self._known = frozenset(chosen)
+            self._version = self.fleet.version
+        return self._known
+
+    def __call__(self, model: str) -> str:
+        if model in self.known:
+            return model
+        return "other" if model else "none"
 
 
 class FleetCollector:
     """Per-node scoreboard and supply: the fleet view's rows, read at scrape time."""
 
     def __init__(
-        self, fleet: Fleet, clock: Callable[[], float], policy: Callable[[], Policy | None]
+        self,
+        fleet: Fleet,
+        clock: Callable[[], float],
+        policy: Callable[[], Policy | None],
+        labels: ModelLabels,
+        max_nodes: int,
     ) -> None:
         self.fleet = fleet
         self.clock = clock
         self.policy = policy
+        self.labels = labels
+        self.max_nodes = max_nodes
 
     def collect(self) -> Iterator[Metric]:
         nodes = list(self.fleet.nodes.values())
-        rows = node_rows(nodes, self.policy(), self.clock())
+        shown = nodes
+        if len(nodes) > self.max_nodes:
+            shown = sorted(nodes, key=lambda n: (n.state not in ROUTABLE, n.id))[: self.max_nodes]
+        omitted = GaugeMetricFamily(
+            "ballast_node_series_omitted",
+            "Nodes without per-node series (beyond metrics.max_nodes)",
+        )
+        omitted.add_metric([], len(nodes) - len(shown))
+        yield omitted
+        rows = node_rows(shown, self.policy(), self.clock())
         attempts = CounterMetricFamily(
             "ballast_upstream_attempts",
             "Attempts sent to nodes, by outcome",
@@ -94,14 +153,14 @@ class FleetCollector:
         yield state
         yield from self._supply(nodes)
 
-    @staticmethod
-    def _supply(nodes: list) -> Iterator[Metric]:
+    def _supply(self, nodes: list[Node]) -> Iterator[Metric]:
         count: Tally[tuple[str, str]] = Tally()
         gpus: Tally[tuple[str, str]] = Tally()
         vram: Tally[tuple[str, str]] = Tally()
         models: set[str] = set()
+        label = self.labels
         for node in nodes:
-            for m in node.models:
+            for m in {label(m) for m in node.models}:
                 models.add(m)
                 key = (m, node.state.value)
                 count[key] += 1
@@ -176,6 +235,8 @@ class Metrics:
         fleet: Fleet,
         store: StateStore,
         active: Callable[[], float],
+        cfg: MetricsConfig,
+        configured_models: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
         proxy: Proxy | None = None,
         health: HealthMonitor | None = None,
@@ -183,6 +244,9 @@ class Metrics:
     ) -> None:
         self.fleet = fleet
         self.active = active
+        self.model_label = ModelLabels(fleet, configured_models, cfg.max_models)
+        self.token = os.environ.get(cfg.token_env) if cfg.token_env else None
+        self._rendering: asyncio.Future[bytes] | None = None
         # With `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set before the fork),
         # counters and histograms live in files shared by all workers and any
         # worker's /metrics reports their sum; fleet and store series are that
@@ -236,7 +300,7 @@ class Metrics:
             ["model", "reason", "outcome"],
             registry=reg,
         )
-        for model in {m for node in fleet.nodes.values() for m in node.models}:
+        for model in {self.model_label(m) for node in fleet.nodes.values() for m in node.models}:
             for reason in RESUME_REASONS:  # zero series from the start, so rate() sees the first
                 self.resumes.labels(model, reason, "continued")
         self.queue_wait = Histogram(
@@ -249,7 +313,9 @@ class Metrics:
         def policy() -> Policy | None:
             return proxy.policy if proxy is not None else None
 
-        self.collectors.register(FleetCollector(fleet, clock, policy))
+        self.collectors.register(
+            FleetCollector(fleet, clock, policy, self.model_label, cfg.max_nodes)
+        )
         self.collectors.register(StoreCollector(store))
         if proxy is not None and health is not None:
             self.collectors.register(RouterCollector(proxy, health, prober))
@@ -258,12 +324,10 @@ class Metrics:
 
     def observe(self, batch: Sequence[Exchange]) -> None:
         """Count a batch of finished requests (from the Recorder)."""
-        fleet, requests, by_model = self.fleet, self._requests, self._by_model
+        label, requests, by_model = self.model_label, self._requests, self._by_model
         retries = 0
         for ex in batch:
-            model = ex.model
-            if not fleet.knows(model):
-                model = "unknown" if model else "none"
+            model = label(ex.model)
             child = requests.get((model, ex.status))
             if child is None:
                 child = requests[(model, ex.status)] = self.requests.labels(model, str(ex.status))
@@ -284,5 +348,30 @@ class Metrics:
         if self.multiprocess:  # each worker's share; summed over live workers
             self.in_flight.set(self.active())
 
-    def render(self) -> bytes:
-        return generate_latest(self.collectors)
+    def denied(self, request: web.Request) -> web.Response | None:
+        """With ``metrics.token_env`` set, a scrape needs that bearer token."""
+        if self.token is None:
+            return None
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+            return None
+        return error_response(
+            401, "missing or wrong metrics token", "authentication_error", "invalid_metrics_token"
+        )
+
+    async def render(self) -> bytes:
+        """The exposition, rendered in a worker thread; scrapes arriving meanwhile
+        share that rendering."""
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(asyncio.to_thread(self._render))
+            self._rendering.add_done_callback(self._rendered)
+        return await asyncio.shield(self._rendering)
+
+    def _rendered(self, _: asyncio.Future[bytes]) -> None:
+        self._rendering = None
+
+    def _render(self) -> bytes:
+        try:
+            return generate_latest(self.collectors)
+        except RuntimeError:  # the loop changed a node's table mid-read: read again
+            return generate_latest(self.collectors)

@@ -2,10 +2,16 @@
 
 A node that joined (or a static node with ``health.verify_static``) is
 ``registered``: claims only. The prober asks its ``/v1/models`` and then runs a
-real tiny inference (a streamed chat completion of up to 4 tokens; embeddings
-for embedding models) for every model it claims. Only when every claimed model
-answers is the node ``verified`` and a candidate. A model the node does not
-list, or an inference that fails, keeps it out, with the reason.
+real small inference (a streamed, greedy chat completion of a prompt drawn from
+:data:`router.challenges.PROMPTS`; embeddings for embedding models) for every
+model it claims. Only when every claimed model answers, and its answers agree
+with those of the other nodes serving the model (:mod:`router.challenges`), is
+the node ``verified`` and a candidate. A model the node does not list, or an
+inference that fails, keeps it out, with the reason. A node in ejection
+back-off (kept across re-registration) is first probed when its back-off ends.
+
+Probes look like traffic: sent like proxied requests (``Upstream.send``), with
+no user agent of their own, varied prompts and jittered timing.
 
 Verified nodes keep being probed at a slower pace (``verified_probe_interval_s``)
 and what they deliver (time to first token, tokens/s) is recorded next to what
@@ -14,7 +20,8 @@ back to ``registered``. When a model has no routable node left (a supply dip),
 its ejected nodes are probed every half second and return as soon as they
 answer, instead of waiting out their back-off.
 
-Probes run with bounded concurrency, jittered intervals and their own timeout.
+Probes run with bounded concurrency, jittered intervals and their own timeout;
+no answer is read beyond a bound, and no redirect is followed.
 
 Optionally (``health.scrape_engine_metrics``) the nodes' own ``/metrics`` are
 scraped: vLLM, SGLang and llama.cpp queue depth, running requests and KV-cache
@@ -36,9 +43,12 @@ import orjson
 from aiohttp import ClientResponse
 
 from router import engines
+from router.addresses import VIA_HEADER
+from router.challenges import PROMPTS, Challenges
 from router.config import HealthConfig
 from router.fleet import ROUTABLE, Fleet, Node, NodeState
 from router.measure import EngineLoad, parse_engine_metrics
+from router.relay import Relay
 from router.store import StateStore
 from router.tasks import cancel_and_wait
 from router.upstream import Upstream
@@ -81,6 +91,11 @@ class Prober:
         self.rng = rng or Random()
         self.timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
         self.outcomes: Counter[str] = Counter()  # probes by outcome (ok, failed)
+        self.challenges = (
+            Challenges(cfg.challenge_min_nodes, cfg.challenge_words, cfg.challenge_strikes)
+            if cfg.challenges
+            else None
+        )
         self._slots = asyncio.Semaphore(cfg.probe_concurrency)
         self._busy: set[str] = set()
         self._due: list[tuple[float, str]] = []  # (when, node id): a heap
@@ -108,7 +123,7 @@ class Prober:
     # -- scheduling ----------------------------------------------------------------
 
     def _interval(self, base: float) -> float:
-        return base * self.rng.uniform(0.8, 1.2)
+        return base * self.rng.uniform(0.5, 1.5)
 
     def _pace(self, node: Node, dip: set[str]) -> float | None:
         """Seconds between probes of ``node`` in its current state; None: not probed."""
@@ -124,6 +139,9 @@ class Prober:
         """The fleet changed: put every node on the heap at its current pace (its
         earlier entry, if later, is then skipped when it comes up)."""
         self._fleet_version = self.fleet.version
+        if self.challenges is not None:
+            for gone in [n for n in self.challenges.strikes if n not in self.fleet.nodes]:
+                self.challenges.forget(gone)
         dip = self._dip()
         for node in self.fleet.nodes.values():
             pace = self._pace(node, dip)
@@ -161,6 +179,11 @@ class Prober:
             pace = self._pace(node, dip)
             if pace is None:
                 continue
+            backoff = node.ejected_until - self.wall()
+            if node.state is NodeState.REGISTERED and backoff > 0:
+                node.next_probe = now + backoff  # re-registered while ejected: wait it out
+                heapq.heappush(due, (node.next_probe, node_id))
+                continue
             node.next_probe = now + self._interval(pace)
             heapq.heappush(due, (node.next_probe, node_id))
             out.append(node)
@@ -187,7 +210,6 @@ class Prober:
                     self.outcomes["failed"] += 1
                     await self._failed(node, state_before, str(e), e.definitive)
                 else:
-                    self.outcomes["ok"] += 1
                     await self._passed(node, state_before, findings)
         except Exception:
             log.exception("probe of %s failed unexpectedly", node.id)
@@ -199,6 +221,15 @@ class Prober:
                     self.settled.set()
 
     async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
+        if self.challenges is not None:
+            for model, (prompt, text) in findings.pop("answers", {}).items():
+                self.challenges.record(model, prompt, node.id, text)
+            why = self.challenges.suspect(node.id, verified=before in ROUTABLE)
+            if why is not None:
+                self.outcomes["failed"] += 1
+                await self._failed(node, before, why, definitive=True)
+                return
+        self.outcomes["ok"] += 1
         node.probe = {"ok": True, "at": self.wall(), **findings}
         node.probe_failures = 0
         if node.id not in self.fleet.nodes or node.state is not before:
@@ -227,7 +258,7 @@ class Prober:
     # -- one probe -------------------------------------------------------------------
 
     def _get_headers(self, node: Node) -> dict[str, str]:
-        h = {"x-request-id": self.upstream.ids.new()}
+        h = {"x-request-id": self.upstream.ids.new(), VIA_HEADER: self.upstream.router_id}
         if node.auth_header:
             h["Authorization"] = node.auth_header
         return h
@@ -241,18 +272,21 @@ class Prober:
         try:
             async with asyncio.timeout(self.cfg.probe_timeout_s):
                 listed = await self._listed_models(node)
-                per_model = {}
+                per_model: dict[str, dict[str, float]] = {}
+                answers: dict[str, tuple[int, str]] = {}
                 for model in node.models:
                     if listed is not None and model not in listed:
                         raise ProbeFailed(
-                            f"claims {model!r} but its /v1/models does not list it",
+                            f"claims {model[:64]!r} but its /v1/models does not list it",
                             definitive=True,
                         )
-                    per_model[model] = await self._tiny_inference(node, model)
+                    per_model[model], answer = await self._tiny_inference(node, model)
+                    if answer is not None:
+                        answers[model] = answer
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise ProbeFailed(f"{type(e).__name__} {e}".strip()) from None
+            raise ProbeFailed(f"{type(e).__name__} {e}"[:300].strip()) from None
         first = next(iter(per_model.values()), {})
-        return {**first, "models": per_model}
+        return {**first, "models": per_model, "answers": answers}
 
     async def _listed_models(self, node: Node) -> set[str] | None:
         """The models the node lists; also what it tells of its engine and context."""
@@ -283,37 +317,50 @@ class Prober:
         deadline = self.clock() + self.cfg.probe_timeout_s
         return await self.upstream.send(node, path, orjson.dumps(doc), headers, deadline)
 
-    async def _tiny_inference(self, node: Node, model: str) -> dict[str, float]:
+    async def _tiny_inference(
+        self, node: Node, model: str
+    ) -> tuple[dict[str, float], tuple[int, str] | None]:
+        """(TTFB and tokens/s, (prompt index, answer text)) of a greedy challenge."""
+        prompt = self.rng.randrange(len(PROMPTS))
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": "Reply with OK."}],
-            "max_tokens": 4,
+            "messages": [{"role": "user", "content": PROMPTS[prompt]}],
+            "max_tokens": 16,
+            "temperature": 0,
             "stream": True,
         }
         t0 = self.clock()
         stamps: list[float] = []
+        relay = Relay(chat=True)
         async with await self._post(node, "/v1/chat/completions", body) as resp:
             if resp.status in (400, 404):  # maybe an embedding model
-                return await self._tiny_embedding(node, model, resp.status)
+                return await self._tiny_embedding(node, model, resp.status), None
             if resp.status != 200:
-                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {resp.status}")
-            async for line in resp.content:
-                if line.startswith(b"data: {"):
-                    if b'"error"' in line:
-                        raise ProbeFailed(f"tiny inference on {model!r}: error event")
-                    stamps.append(self.clock())
-        if not stamps:
-            raise ProbeFailed(f"tiny inference on {model!r}: no tokens")
+                raise ProbeFailed(f"inference on {model[:64]!r}: HTTP {resp.status}")
+            size = 0
+            while chunk := await resp.content.readany():
+                size += len(chunk)
+                if size > MAX_MODELS_BYTES:
+                    raise ProbeFailed(f"inference on {model[:64]!r}: answer too large")
+                for event in relay.feed(chunk):
+                    relay.track(event)
+                    if event.startswith(b"data: {"):
+                        stamps.append(self.clock())
+                if relay.failed_event or relay.garbage:
+                    what = "an error event" if relay.failed_event else "not an SSE answer"
+                    raise ProbeFailed(f"inference on {model[:64]!r}: {what}")
+        if not stamps or not relay.text:
+            raise ProbeFailed(f"inference on {model[:64]!r}: no tokens")
         out = {"ttfb_ms": round((stamps[0] - t0) * 1e3, 1)}
         if len(stamps) > 1 and stamps[-1] > stamps[0]:
             out["tokens_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1)
-        return out
+        return out, (prompt, "".join(relay.text))
 
     async def _tiny_embedding(self, node: Node, model: str, chat_status: int) -> dict[str, float]:
         t0 = self.clock()
         async with await self._post(node, "/v1/embeddings", {"model": model, "input": "ok"}) as r:
             if r.status != 200:
-                raise ProbeFailed(f"tiny inference on {model!r}: HTTP {chat_status}", True)
+                raise ProbeFailed(f"inference on {model[:64]!r}: HTTP {chat_status}", True)
             await self.upstream.read_body(r, MAX_MODELS_BYTES)
         return {"ttfb_ms": round((self.clock() - t0) * 1e3, 1)}
 

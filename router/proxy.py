@@ -40,6 +40,7 @@ import orjson
 from aiohttp import web
 
 from policies import Policy, RequestInfo
+from router.addresses import VIA_HEADER, via_refused
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import Config
@@ -54,6 +55,7 @@ from router.relay import Relay
 from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
+MAX_MODEL_NAME = 256
 
 
 def _bad_request(message: str, code: str, param: str | None = None) -> web.Response:
@@ -93,6 +95,7 @@ class Proxy:
         self.total_s = cfg.timeouts.total_s
         self.max_attempts = cfg.retries.max_attempts
         self.max_body = cfg.limits.max_body_bytes
+        self.body_timeout_s = cfg.limits.body_timeout_s
         self.queue_max = cfg.queue.max_size
         self.queue_wait_s = cfg.queue.max_wait_s
         self.queued = 0  # requests waiting for supply
@@ -104,9 +107,6 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ex = Exchange(*self.upstream.ids.of(request), self.clock())
-        self.retries.active += 1
-        if self.hedging.enabled:
-            self.hedging.budget.earn()
         try:
             resp = await self._serve(request, ex)
             ex.status = resp.status
@@ -124,7 +124,6 @@ class Proxy:
             resp.headers["x-request-id"] = ex.request_id
             return resp
         finally:
-            self.retries.active -= 1
             ex.duration = self.clock() - ex.start
             ex.finished_at = time.time()
             self.record(ex)
@@ -133,17 +132,36 @@ class Proxy:
         call = await self._admit(request, ex)
         if isinstance(call, web.Response):
             return call
-        return await self._route(call)
+        # In progress from here: a body still arriving is not a request in flight.
+        self.retries.active += 1
+        if self.hedging.enabled:
+            self.hedging.budget.earn()
+        try:
+            return await self._route(call)
+        finally:
+            self.retries.active -= 1
 
     # -- 1. admit -------------------------------------------------------------------
 
     async def _admit(self, request: web.Request, ex: Exchange) -> Call | web.Response:
+        via = request.headers.get(VIA_HEADER)
+        if via is not None and via_refused(via, self.upstream.router_id):
+            return error_response(
+                508, "the request came back to a router it already passed (a node points "
+                "at a router)", "invalid_request_error", "loop_detected",
+            )  # fmt: skip
         if request.content_length is not None and request.content_length > self.max_body:
             return self._too_large()
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
+        except TimeoutError:
+            return error_response(
+                408, f"the request body did not arrive within {self.body_timeout_s:g}s",
+                "invalid_request_error", "request_timeout",
+            )  # fmt: skip
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as e:
@@ -153,11 +171,15 @@ class Proxy:
         model = doc.get("model")
         if not isinstance(model, str) or not model:
             return _bad_request("you must provide a model parameter", "missing_model", "model")
+        if len(model) > MAX_MODEL_NAME:
+            return _bad_request(
+                f"model must be at most {MAX_MODEL_NAME} characters", "invalid_model", "model"
+            )
         ex.model = model
         ex.stream = stream = doc.get("stream") is True
         if self.fleet.candidates(model) is None:
             return error_response(
-                404, f"the model {model!r} does not exist or no node serves it",
+                404, f"the model {model[:64]!r} does not exist or no node serves it",
                 "invalid_request_error", "model_not_found", "model",
             )  # fmt: skip
         max_tokens = doc.get("max_tokens") or doc.get("max_completion_tokens")
@@ -175,7 +197,7 @@ class Proxy:
                 "context_length_exceeded",
                 "messages",
             )
-        headers = self.upstream.headers(request.headers, ex.upstream_id)
+        headers = self.upstream.headers(request.headers, ex.upstream_id, compress=not stream)
         return Call(request, ex, info, doc, body, headers, self.clock() + self.total_s, need)
 
     # -- 2. candidates ----------------------------------------------------------------

@@ -1,69 +1,84 @@
 """Nodes that join by themselves, and the operator's membership controls.
 
 * ``POST /v1/nodes/register`` (``Authorization: Bearer <join token>``): a node
-  announces its URL, models and claimed hardware. The URL must resolve only to
-  addresses in ``registry.allowed_networks`` (by default: anything except
-  loopback, link-local, cloud metadata and other special addresses), so the
-  router cannot be pointed at internal services. The answer carries a per-node
-  secret, shown once; Ballast keeps only its SHA-256.
+  announces its URL, models and claimed hardware. Every claim is validated and
+  bounded (:class:`RegisterBody`); the URL must pass
+  :class:`~router.addresses.AddressRules`, here and again at every connection.
+  The answer carries a per-node secret, shown once; Ballast keeps only its
+  SHA-256. Without an ``id`` the router picks one.
 * ``POST /v1/nodes/{id}/heartbeat`` (``Authorization: Bearer <node secret>``):
-  liveness and telemetry. A node can only speak for itself. Nodes silent for
-  ``registry.heartbeat_ttl_s`` leave the candidate set (state ``gone``).
+  liveness and telemetry. A node can only speak for itself, and an unknown id
+  and a wrong secret get the same 401. Nodes silent for
+  ``registry.heartbeat_ttl_s`` leave the candidate set (state ``gone``) and are
+  forgotten after ``registry.gone_retention_s``.
 * ``POST /admin/nodes/{id}/drain``, ``/resume`` and ``DELETE /admin/nodes/{id}``
   behind the admin token.
+
+A node that comes back (a heartbeat after ``gone``, a re-registration, an
+operator's resume) is verified again before it takes traffic; a drain holds
+until an operator resumes the node, and ejection back-off survives
+re-registration.
 
 Tokens and secrets are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
-import socket
-from urllib.parse import urlsplit
+from typing import Annotated
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router.config import Config, NodeId, url_problem
+from router.addresses import AddressRules, check_url
+from router.config import Config, ModelName, NodeId, Text, check_labels
 from router.errors import error_response
 from router.fleet import Node, NodeState, Source
 from router.store import StateStore, codec
 
 log = logging.getLogger("ballast.membership")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MetricName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_:.]+$")]
 
 
 class RegisterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: NodeId
+    id: NodeId | None = None
     url: str = Field(max_length=2048)
-    models: list[str] = Field(min_length=1, max_length=256)
-    gpu: str | None = Field(None, max_length=128)
+    models: list[ModelName] = Field(min_length=1, max_length=256)
+    gpu: Text | None = None
     gpus: int = Field(1, ge=0, le=1024)
     vram_gb: float | None = Field(None, ge=0, le=1_000_000)
-    price_per_mtok: float | None = Field(None, ge=0)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    price_per_mtok: float | None = Field(None, ge=0, le=1_000_000)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
 
 
 class HeartbeatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    free_vram_gb: float | None = Field(None, ge=0)
+    free_vram_gb: float | None = Field(None, ge=0, le=1_000_000)
     gpu_util: float | None = Field(None, ge=0, le=100)
-    queue_len: int | None = Field(None, ge=0)
-    engine: dict[str, float] = Field(default_factory=dict, max_length=64)
+    queue_len: int | None = Field(None, ge=0, le=1_000_000)
+    engine: dict[MetricName, float] = Field(default_factory=dict, max_length=64)
+
+
+def _bytes(value: str) -> bytes:
+    # Header values arrive decoded with surrogate escapes for invalid UTF-8.
+    return value.encode("utf-8", "surrogateescape")
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(_bytes(secret)).hexdigest()
 
 
 def _bearer(request: web.Request) -> str:
@@ -72,49 +87,18 @@ def _bearer(request: web.Request) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(_bytes(a), _bytes(b))
 
 
 def _bad(message: str, code: str, status: int = 400) -> web.Response:
-    types = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+    types = {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "invalid_request_error",
+        429: "rate_limit_error",
+    }
     return error_response(status, message, types.get(status, "invalid_request_error"), code)
-
-
-def address_allowed(
-    addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allowed: list[IPNetwork]
-) -> bool:
-    """Explicitly allowed networks win; otherwise refuse special-purpose addresses."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if allowed:
-        return any(addr in net for net in allowed)
-    return not (
-        addr.is_loopback
-        or addr.is_link_local  # includes 169.254.169.254, the cloud metadata service
-        or addr.is_unspecified
-        or addr.is_multicast
-        or addr.is_reserved
-    )
-
-
-async def check_url(url: str, allowed: list[IPNetwork]) -> str | None:
-    """Why ``url`` may not be registered, or None when it may."""
-    if (problem := url_problem(url)) is not None:
-        return f"url {problem}"
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, port, type=socket.SOCK_STREAM
-        )
-    except OSError:
-        return f"url host {parts.hostname!r} does not resolve"
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not address_allowed(addr, allowed):
-            return f"url resolves to {addr}, outside registry.allowed_networks"
-    return None
 
 
 def admin_denied(request: web.Request, token: str | None) -> web.Response | None:
@@ -133,12 +117,13 @@ class Membership:
         self, cfg: Config, store: StateStore, join_token: str | None, admin_token: str | None
     ) -> None:
         self.cfg = cfg
+        self.reg = cfg.registry
         self.store = store
         self.join_token = join_token
         self.admin_token = admin_token
-        self.allowed: list[IPNetwork] = [
-            ipaddress.ip_network(c, strict=False) for c in cfg.registry.allowed_networks
-        ]
+        self.verify = cfg.health.probe
+        self.rules = AddressRules(cfg.registry.allowed_networks, cfg.listen.port or None)
+        self.rules.learn_own_addresses(cfg.listen.host)
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
         try:
@@ -147,8 +132,17 @@ class Membership:
             return _bad("request body is not valid JSON", "invalid_json")
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            return _bad(f"{where}: {first['msg']}", "invalid_node")
+            where = ".".join(str(p)[:64] for p in first["loc"]) or "body"
+            return _bad(f"{where}: {first['msg'][:200]}", "invalid_node")
+
+    def _claims_refused(self, body: RegisterBody) -> str | None:
+        if len(body.models) > self.reg.max_models_per_node:
+            return f"models: at most {self.reg.max_models_per_node} models per node"
+        if self.reg.allowed_models:
+            foreign = [m for m in body.models if m not in self.reg.allowed_models]
+            if foreign:
+                return f"models: {foreign[0][:64]!r} is not in registry.allowed_models"
+        return None
 
     async def register(self, request: web.Request) -> web.Response:
         if self.join_token is None:
@@ -159,11 +153,14 @@ class Membership:
         if isinstance(body, web.Response):
             return body
         assert isinstance(body, RegisterBody)
+        if (why := self._claims_refused(body)) is not None:
+            return _bad(why, "invalid_node")
         url = body.url.rstrip("/")
-        if (why := await check_url(url, self.allowed)) is not None:
-            log.warning("refused registration of %s: %s", body.id, why)
+        if (why := await check_url(url, self.rules)) is not None:
+            log.warning("refused a registration: %s", why)
             return _bad(why, "url_not_allowed", 403)
-        existing = await self.store.fetch(body.id)
+        node_id = body.id or f"node-{secrets.token_hex(6)}"
+        existing = await self.store.fetch(node_id)
         if existing is None and not self.store.healthy:
             # Whether the id is taken is only known to the shared store.
             return error_response(
@@ -173,14 +170,20 @@ class Membership:
                 "store_unavailable",
                 headers={"Retry-After": "5"},
             )
+        if existing is None and self.store.joined_count() >= self.reg.max_nodes:
+            return _bad(
+                f"the registry is full ({self.reg.max_nodes} self-registered nodes)",
+                "registry_full",
+                429,
+            )
         given = request.headers.get("X-Node-Secret", "")
         secret = None
         if existing is not None:
             if existing.source is not Source.JOINED:
-                return _bad(f"node id {body.id!r} belongs to a static node", "id_taken", 409)
+                return _bad(f"node id {node_id!r} belongs to a static node", "id_taken", 409)
             if not given or not _same(hash_secret(given), existing.secret_hash):
                 return _bad(
-                    f"node id {body.id!r} is registered; re-registering needs its X-Node-Secret",
+                    f"node id {node_id!r} is registered; re-registering needs its X-Node-Secret",
                     "id_taken",
                     409,
                 )
@@ -188,14 +191,16 @@ class Membership:
         else:
             secret = secrets.token_urlsafe(32)
             secret_hash = hash_secret(secret)
-        claims = {**body.model_dump(), "url": url}
-        node = codec.from_registration(claims, self.cfg.scoring, self.cfg.health.probe, secret_hash)
+        claims = {**body.model_dump(), "id": node_id, "url": url}
+        node = codec.from_registration(claims, self.cfg.scoring, self.verify, secret_hash)
+        if existing is not None:
+            codec.carry_over(existing, node)
         await self.store.register(node)
         log.info("node %s registered (%s, %s)", node.id, node.gpu or "gpu unknown", node.url)
         out = {
             "id": node.id,
             "heartbeat_url": f"/v1/nodes/{node.id}/heartbeat",
-            "heartbeat_ttl_s": self.cfg.registry.heartbeat_ttl_s,
+            "heartbeat_ttl_s": self.reg.heartbeat_ttl_s,
         }
         if secret is not None:
             out["secret"] = secret
@@ -205,11 +210,13 @@ class Membership:
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         node = await self.store.fetch(request.match_info["id"])
+        if node is not None and (node.source is not Source.JOINED or not node.secret_hash):
+            node = None
+        # An unknown id and a wrong secret get the same answer, at the same cost.
         given = _bearer(request)
-        if node is None or node.source is not Source.JOINED or not node.secret_hash:
-            return _bad("no such registered node; register first", "unknown_node", 404)
-        if not given or not _same(hash_secret(given), node.secret_hash):
-            return _bad("missing or wrong node secret", "invalid_node_secret", 401)
+        matches = _same(hash_secret(given), node.secret_hash if node else "-")
+        if node is None or not given or not matches:
+            return _bad("unknown node or wrong node secret", "invalid_node_secret", 401)
         body = await self._body(request, HeartbeatBody)
         if isinstance(body, web.Response):
             return body
@@ -221,21 +228,30 @@ class Membership:
             return denied
         node = await self.store.fetch(request.match_info["id"])
         if node is None:
-            return _bad(f"no node {request.match_info['id']!r}", "unknown_node", 404)
+            return _bad(f"no node {request.match_info['id'][:128]!r}", "unknown_node", 404)
         return node
 
-    async def _set(self, request: web.Request, state: NodeState, reason: str) -> web.Response:
+    async def drain(self, request: web.Request) -> web.Response:
         node = await self._admin_node(request)
         if isinstance(node, web.Response):
             return node
-        await self.store.set_state(node.id, state, reason)
-        return web.json_response({"id": node.id, "state": state.value, "reason": reason})
-
-    async def drain(self, request: web.Request) -> web.Response:
-        return await self._set(request, NodeState.DRAINING, "drained by an operator")
+        node.drained = True
+        reason = "drained by an operator"
+        await self.store.set_state(node.id, NodeState.DRAINING, reason)
+        return web.json_response({"id": node.id, "state": "draining", "reason": reason})
 
     async def resume(self, request: web.Request) -> web.Response:
-        return await self._set(request, NodeState.SERVING, "resumed by an operator")
+        """Undo a drain; the node is verified again before it takes traffic."""
+        node = await self._admin_node(request)
+        if isinstance(node, web.Response):
+            return node
+        node.drained = False
+        if self.verify:
+            state, reason = NodeState.REGISTERED, "resumed by an operator; verifying"
+        else:
+            state, reason = NodeState.SERVING, "resumed by an operator"
+        await self.store.set_state(node.id, state, reason)
+        return web.json_response({"id": node.id, "state": state.value, "reason": reason})
 
     async def delete(self, request: web.Request) -> web.Response:
         node = await self._admin_node(request)

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 DONE = b"data: [DONE]"
+SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
 
 
 class Relay:
@@ -41,6 +42,7 @@ class Relay:
         "done",
         "failed_event",
         "finish",
+        "garbage",
         "ident",
         "resumable",
         "role_sent",
@@ -59,6 +61,7 @@ class Relay:
         self.finish: str | None = None
         self.done = False  # [DONE] passed
         self.failed_event = False  # the node sent an error event
+        self.garbage = False  # the node sent something that is not an SSE event of an answer
         self.resumable = True
         self.role_sent = False
         self.started = False  # the answer's first event has been read
@@ -83,12 +86,12 @@ class Relay:
     def track(self, event: bytes) -> None:
         """Read one event of the first answer (passed through unchanged)."""
         if not event.startswith(b"data: {"):
-            if event.startswith(DONE):
-                self.done = True
+            self._other(event)
             return
         try:
             doc = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
+            self.garbage = True
             return
         if self.started:
             # The usual event: one choice, one piece of text, nothing else to note.
@@ -119,6 +122,14 @@ class Relay:
             self.ident = {k: doc[k] for k in ("id", "created", "model", "system_fingerprint")
                           if k in doc}  # fmt: skip
         self._read(doc)
+
+    def _other(self, event: bytes) -> None:
+        """An event that is not a JSON chunk: [DONE], a comment or another SSE field
+        pass; anything else is garbage."""
+        if event.startswith(DONE):
+            self.done = True
+        elif not event.lstrip().startswith(SSE_FIELDS):
+            self.garbage = True
 
     def _read(self, doc: dict[str, Any]) -> None:
         choices = doc.get("choices")
@@ -178,13 +189,12 @@ class Relay:
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""
         if not event.startswith(b"data: {"):
-            if event.startswith(DONE):
-                self.done = True
-                return event
-            return None
+            self._other(event)
+            return event if event.startswith(DONE) else None
         try:
             doc = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
+            self.garbage = True
             return None
         if not isinstance(doc, dict):
             return None

@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Mapping
 
+import orjson
 from aiohttp import (
     ClientConnectionResetError,
     ClientConnectorError,
@@ -26,6 +27,7 @@ from aiohttp import (
 )
 from multidict import CIMultiDict
 
+from router.addresses import VIA_HEADER
 from router.call import Call, Failed
 from router.config import Config
 from router.errors import retry_after_s
@@ -47,8 +49,13 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
-DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# The client's headers a node receives: the body's type, what the client accepts
+# (compression only for answers read whole: a stream must stay readable event by
+# event) and trace context. Everything else (keys, cookies, organisation ids, the
+# client's user agent) stays here; Ballast adds x-request-id and x-ballast-via.
+FORWARD_REQUEST = frozenset({"content-type", "accept", "traceparent", "tracestate", "baggage"})
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
 # 404 too: a node that claims the model but does not know it is broken for this
 # request, and another node may well serve it.
 RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
@@ -115,6 +122,39 @@ class Opened:
         self.attempt.end(outcome)
 
 
+def _connection_names(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names a ``Connection`` header declares hop-by-hop (RFC 9110 §7.6.1)."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(n.strip().lower() for n in value.split(","))
+
+
+def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """A node's response headers a client may see: no hop-by-hop headers (nor any
+    the node's ``Connection`` names), no cookies, no length (set again)."""
+    named = _connection_names(headers)
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if (low := k.lower()) not in DROP_RESPONSE and low not in named
+    )
+
+
+def valid_answer(path: str, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Whether a 2xx body read whole is an answer for ``path``: a JSON object with
+    ``choices`` (completions) or ``data`` (embeddings). A compressed body (the client
+    asked for compression) is passed on unread."""
+    if headers.get("Content-Encoding", "identity") != "identity":
+        return True
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    key = "data" if path.endswith("/embeddings") else "choices"
+    return isinstance(doc, dict) and isinstance(doc.get(key), list)
+
+
 def stale_connection(e: BaseException) -> bool:
     """The node closed a pooled connection we then reused: it never saw the request,
     or closed before answering. Refused connections are not this."""
@@ -151,13 +191,24 @@ class Upstream:
         self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         self.stale_retries = 0  # requests sent again after a node closed a pooled connection
         self.ids = RequestIds()
+        self.router_id = secrets.token_hex(6)  # this process, in x-ballast-via
 
-    def headers(self, request_headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
-        """What every attempt of a request sends: the client's end-to-end headers."""
-        headers = CIMultiDict(
-            (k, v) for k, v in request_headers.items() if k.lower() not in DROP_REQUEST
-        )
+    def headers(
+        self, request_headers: Mapping[str, str], request_id: str, compress: bool = False
+    ) -> CIMultiDict[str]:
+        """What every attempt of a request sends: the allowed client headers (less
+        any the client's ``Connection`` names), the request id and the routers passed."""
+        named = _connection_names(request_headers)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in request_headers.items():
+            low = k.lower()
+            if (low in FORWARD_REQUEST or (compress and low == "accept-encoding")) and (
+                not named or low not in named
+            ):
+                headers.add(k, v)
         headers["x-request-id"] = request_id
+        via = request_headers.get(VIA_HEADER)
+        headers[VIA_HEADER] = f"{via}, {self.router_id}" if via else self.router_id
         return headers
 
     def _timeout(self, deadline: float) -> ClientTimeout:
@@ -219,9 +270,13 @@ class Upstream:
             if call.info.stream and status < 400:
                 first = await response.content.readany()
                 attempt.first_byte()
+                if not first.lstrip().startswith(SSE_START):
+                    raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not SSE")
                 return Opened(attempt, response, first, whole=False)
             attempt.first_byte()
             body = await self.read_body(response, self.max_response, call.deadline)
+            if status < 300 and not valid_answer(call.request.path, body, response.headers):
+                raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer")
             return Opened(attempt, response, body, whole=True)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)

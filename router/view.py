@@ -34,7 +34,7 @@ def node_row(node: Node, policy: Policy | None, now: float, total_requests: int)
         "cost": round(node_cost(policy, node, now), 6),
         "requests": st.requests_total,
         "failures": st.failures_total,
-        "outcomes": {o.value: n for o, n in st.outcomes.items() if n},
+        "outcomes": {o.value: n for o, n in dict(st.outcomes).items() if n},
         "consecutive_failures": st.consecutive_failures,
         "last_error": st.last_error or None,
         "share": round(st.requests_total / (total_requests or 1), 4),

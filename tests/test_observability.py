@@ -84,7 +84,7 @@ async def test_request_and_node_metrics(
         assert resp.status == 400
     text = await scrape(http, r.url)
     assert metric_value(text, "ballast_requests_total", model=MODEL, code="200") == 3
-    assert metric_value(text, "ballast_requests_total", model="unknown", code="404") == 1
+    assert metric_value(text, "ballast_requests_total", model="other", code="404") == 1
     assert metric_value(text, "ballast_requests_total", model="none", code="400") == 1
     assert metric_value(text, "ballast_request_duration_seconds_count", model=MODEL) == 3
     assert metric_value(text, "ballast_ttfb_seconds_count", model=MODEL) == 3
@@ -124,7 +124,7 @@ async def test_distinct_request_ids_and_models_add_no_series(
         await asyncio.gather(*(bounded(i) for i in range(4, 10_000)))
         after_text = await scrape(http, r.url)
     assert series(after_text) == before
-    assert metric_value(after_text, "ballast_requests_total", model="unknown", code="404") == 5000
+    assert metric_value(after_text, "ballast_requests_total", model="other", code="404") == 5000
 
 
 def test_dashboard_is_importable_with_a_datasource_variable() -> None:

@@ -159,8 +159,8 @@ def test_score_tries_a_new_node_once_but_does_not_flood_it(rng: Random) -> None:
 
 def test_score_price_weight_prefers_cheap_supply(rng: Random) -> None:
     cands = measured([0.1, 0.1])
-    cands[0].labels["price_per_mtok"] = "2.0"
-    cands[1].labels["price_per_mtok"] = "0.2"
+    cands[0].price_per_mtok = 2.0
+    cands[1].price_per_mtok = 0.2
     score = build_policy("score", {"price_weight": 1.0})
     assert all(score.rank(REQ, cands, 1, rng, 0.0)[0].id == "n1" for _ in range(20))
     with pytest.raises(PolicyError):

@@ -50,7 +50,7 @@ async def test_client_authorization_is_not_forwarded_node_key_is(
     async def handler(request: web.Request) -> web.Response:
         seen.append(request.headers.get("Authorization"))
         assert "Connection" not in request.headers or request.headers["Connection"] != "upgrade"
-        return web.json_response({"ok": True})
+        return web.json_response({"choices": [{"index": 0, "message": {"content": "ok"}}]})
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)

@@ -14,6 +14,7 @@ class Outcome(StrEnum):
     HTTP_429 = "http_429"
     HTTP_404 = "http_404"  # the node does not know a model (or path) it claims
     STREAM_ERROR = "stream_error"  # failed after the first byte
+    BAD_ANSWER = "bad_answer"  # 200 with a body that is not an answer (not JSON, not SSE)
     # 4xx for a request that a node of another kind then served: the node's fault
     REJECTED = "rejected"
     CANCELLED = "cancelled"  # the client went away; says nothing about the node
@@ -27,6 +28,7 @@ FAILURES = frozenset(
         Outcome.HTTP_429,
         Outcome.HTTP_404,
         Outcome.STREAM_ERROR,
+        Outcome.BAD_ANSWER,
         Outcome.REJECTED,
     }
 )

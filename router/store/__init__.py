@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Signals
+from router.store import codec
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
@@ -56,6 +57,10 @@ class StateStore(Protocol):
         """The node, looked up in the shared state if this process has not seen it yet."""
         ...
 
+    def joined_count(self) -> int:
+        """Self-registered nodes known (in any state, until forgotten)."""
+        ...
+
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         """Make every router process switch to this policy (a no-op for one process)."""
         ...
@@ -63,21 +68,17 @@ class StateStore(Protocol):
     on_policy: Callable[[str, dict[str, Any]], None] | None
 
 
-def apply_heartbeat(fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float) -> None:
+def apply_heartbeat(
+    fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float, verify: bool
+) -> None:
     node.last_seen = now
     node.telemetry = telemetry
     if node.state is NodeState.GONE:
-        fleet.set_state(node.id, NodeState.SERVING, "heartbeats resumed")
+        fleet.set_state(node.id, *codec.returning(node, verify))
 
 
-def expired(fleet: Fleet, ttl_s: float, now: float) -> list[Node]:
-    """Joined nodes whose heartbeats stopped more than ``ttl_s`` ago."""
-    limit = now - ttl_s
-    return [
-        n
-        for n in fleet.nodes.values()
-        if n.source is Source.JOINED and n.state is not NodeState.GONE and n.last_seen < limit
-    ]
+def joined_count(fleet: Fleet) -> int:
+    return sum(1 for n in fleet.nodes.values() if n.source is Source.JOINED)
 
 
 class MemoryStore:
@@ -87,9 +88,18 @@ class MemoryStore:
     errors = 0
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
 
-    def __init__(self, heartbeat_ttl_s: float = 30.0, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        heartbeat_ttl_s: float = 30.0,
+        wall: Callable[[], float] = time.time,
+        *,
+        verify: bool = True,
+        retention_s: float = 3600.0,
+    ) -> None:
         self.ttl = heartbeat_ttl_s
         self.wall = wall
+        self.verify = verify  # a node whose heartbeats resume is verified again
+        self.retention_s = retention_s
         self.fleet = Fleet()
         self._task: asyncio.Task[None] | None = None
 
@@ -109,7 +119,7 @@ class MemoryStore:
         self.fleet.adopt(node)
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
-        apply_heartbeat(self.fleet, self.fleet.nodes[node_id], telemetry, self.wall())
+        apply_heartbeat(self.fleet, self.fleet.nodes[node_id], telemetry, self.wall(), self.verify)
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
         self.fleet.set_state(node_id, state, reason)
@@ -120,11 +130,26 @@ class MemoryStore:
     async def fetch(self, node_id: str) -> Node | None:
         return self.fleet.nodes.get(node_id)
 
+    def joined_count(self) -> int:
+        return joined_count(self.fleet)
+
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         return None
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.ttl / 4))
-            for node in expired(self.fleet, self.ttl, self.wall()):
+            self.expire(self.wall())
+
+    def expire(self, now: float) -> None:
+        """Joined nodes silent for the heartbeat TTL are gone; gone for the
+        retention time, forgotten."""
+        gone_before = now - self.ttl
+        forget_before = gone_before - self.retention_s
+        for node in [n for n in self.fleet.nodes.values() if n.source is Source.JOINED]:
+            if node.last_seen >= gone_before:
+                continue
+            if node.state is not NodeState.GONE:
                 self.fleet.set_state(node.id, NodeState.GONE, f"no heartbeat for {self.ttl:g}s")
+            elif node.last_seen < forget_before:
+                self.fleet.remove(node.id)

@@ -7,8 +7,9 @@ are pydantic models; a Redis hash was written by :func:`fields`).
 
 In Redis a node is one hash: ``spec`` (its claims as JSON, no secrets),
 ``state`` / ``reason``, ``until`` / ``ejections`` (ejection back-off),
-``secret`` (SHA-256 of a joined node's secret), ``seen`` / ``tel`` (last
-heartbeat, telemetry), the merged counters of :mod:`router.measure.merge`, and
+``drained`` (1 while an operator's drain holds), ``secret`` (SHA-256 of a
+joined node's secret), ``seen`` / ``tel`` (last heartbeat, telemetry), the
+merged counters of :mod:`router.measure.merge`, and
 ``if:<replica>`` / ``ift:<replica>`` (each replica's in-flight count and when
 it reported it).
 """
@@ -75,6 +76,24 @@ def from_registration(
     return node
 
 
+def carry_over(old: Node, new: Node) -> None:
+    """A node registering again keeps its ejection back-off and an operator's drain."""
+    new.ejections = old.ejections
+    new.ejected_until = old.ejected_until
+    new.drained = old.drained
+    if old.drained:
+        new.state, new.state_reason = NodeState.DRAINING, "drained by an operator"
+
+
+def returning(node: Node, verify: bool) -> tuple[NodeState, str]:
+    """The state of a node whose heartbeats resume after it was ``gone``."""
+    if node.drained:
+        return NodeState.DRAINING, "drained by an operator"
+    if verify:
+        return NodeState.REGISTERED, "heartbeats resumed; verifying again"
+    return NodeState.SERVING, "heartbeats resumed"
+
+
 def spec(node: Node) -> dict[str, object]:
     """The node's claims, as shared between router processes (no secrets)."""
     return {
@@ -92,7 +111,8 @@ def spec(node: Node) -> dict[str, object]:
 def fields(node: Node) -> list[Any]:
     """The hash fields describing ``node`` (claims, state, membership), flat."""
     out: list[Any] = ["spec", orjson.dumps(spec(node)), "state", node.state.value]
-    out += ["reason", node.state_reason]
+    out += ["reason", node.state_reason, "drained", int(node.drained)]
+    out += ["until", repr(node.ejected_until), "ejections", node.ejections]
     if node.secret_hash:
         out += ["secret", node.secret_hash]
     if node.source is Source.JOINED:

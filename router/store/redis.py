@@ -14,7 +14,8 @@ The request path never awaits Redis. Each process:
 * is **woken** by pub/sub on urgent changes (join, drain, removal, expiry), and
   otherwise pulls every ``state.sync_interval_s``;
 * **expires** self-registered nodes whose heartbeats stopped, through a sorted
-  set of last-seen times (only the expired ones are read).
+  set of last-seen times (only the expired ones are read), and forgets them
+  after ``registry.gone_retention_s`` through a second one.
 
 When Redis is unreachable the process keeps routing on its last snapshot,
 reports itself degraded and keeps its unflushed measurements. When Redis comes
@@ -47,7 +48,7 @@ from router.config import Scoring, StateConfig
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Pending, Signals
 from router.measure.merge import MERGE_LUA
-from router.store import apply_heartbeat, codec, scripts
+from router.store import apply_heartbeat, codec, joined_count, scripts
 from router.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.store")
@@ -80,6 +81,8 @@ class RedisStore:
         scoring: Scoring,
         heartbeat_ttl_s: float,
         *,
+        verify: bool = True,
+        retention_s: float = 3600.0,
         client: Any = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -87,12 +90,15 @@ class RedisStore:
         self.cfg = cfg
         self.scoring = scoring
         self.ttl = heartbeat_ttl_s
+        self.verify = verify  # a node whose heartbeats resume is verified again
+        self.retention_s = retention_s
         self.clock = clock
         self.wall = wall
         self.client = client if client is not None else make_client(cfg)
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         p = f"{cfg.key_prefix}{{fleet}}:"
         self.k_changes, self.k_seq, self.k_seen = p + "changes", p + "seq", p + "seen"
+        self.k_gone = p + "gone"
         self.k_epoch, self.channel, self.k_node = p + "epoch", p + "events", p + "node:"
         self.k_policy = p + "policy"
         self.on_policy: Callable[[str, dict[str, Any]], None] | None = None
@@ -148,7 +154,7 @@ class RedisStore:
     # -- membership (admin and registration paths; these may await Redis) -----
 
     def _keys(self, node_id: str) -> list[str]:
-        return [self.k_node + node_id, self.k_changes, self.k_seq, self.k_seen]
+        return [self.k_node + node_id, self.k_changes, self.k_seq, self.k_seen, self.k_gone]
 
     async def _write(self, node: Node, only_if_missing: bool, keep_state: bool) -> None:
         args = [node.id, self.channel, int(only_if_missing), int(keep_state), *codec.fields(node)]
@@ -197,8 +203,10 @@ class RedisStore:
 
     async def heartbeat(self, node_id: str, telemetry: dict[str, Any]) -> None:
         now = self.wall()
-        apply_heartbeat(self.fleet, self.fleet.nodes[node_id], telemetry, now)
-        args = [node_id, self.channel, repr(now), orjson.dumps(telemetry)]
+        node = self.fleet.nodes[node_id]
+        apply_heartbeat(self.fleet, node, telemetry, now, self.verify)
+        back, why = codec.returning(node, self.verify)
+        args = [node_id, self.channel, repr(now), orjson.dumps(telemetry), back.value, why]
         await self._guard(lambda: self._beat(keys=self._keys(node_id), args=args))
 
     async def set_state(self, node_id: str, state: NodeState, reason: str) -> None:
@@ -206,6 +214,7 @@ class RedisStore:
         node = self.fleet.nodes[node_id]
         args = [node_id, self.channel, 0, 0, "state", state.value, "reason", reason]
         args += ["until", repr(node.ejected_until), "ejections", node.ejections]
+        args += ["drained", int(node.drained)]
         await self._guard(lambda: self._put(keys=self._keys(node_id), args=args))
 
     async def remove(self, node_id: str) -> None:
@@ -222,6 +231,9 @@ class RedisStore:
             await self.client.publish(self.channel, "*policy")
 
         await self._guard(write)
+
+    def joined_count(self) -> int:
+        return joined_count(self.fleet)
 
     async def fetch(self, node_id: str) -> Node | None:
         node = self.fleet.nodes.get(node_id)
@@ -376,17 +388,26 @@ class RedisStore:
         return commands
 
     async def _expire_silent(self) -> int:
+        """Mark joined nodes silent past the TTL gone; forget those gone for the
+        retention time."""
         limit = self.wall() - self.ttl
         old = await self.client.zrangebyscore(self.k_seen, "-inf", f"({limit!r}", start=0, num=500)
-        if not old:
-            return 1
+        forget_before = limit - self.retention_s
+        forgotten = await self.client.zrangebyscore(
+            self.k_gone, "-inf", f"({forget_before!r}", start=0, num=500
+        )
+        if not old and not forgotten:
+            return 2
         reason = f"no heartbeat for {self.ttl:g}s"
         calls = []
         for member in old:
             nid = member.decode()
             calls.append((self._expire, self._keys(nid), [nid, self.channel, repr(limit), reason]))
+        for member in forgotten:
+            nid = member.decode()
+            calls.append((self._remove, self._keys(nid), [nid, self.channel]))
         await self._run_scripts(calls)
-        return 1 + len(old)
+        return 2 + len(calls)
 
     # -- applying shared state locally ---------------------------------------------
 
@@ -412,6 +433,7 @@ class RedisStore:
             fleet.set_state(node_id, state, reason)
         node.ejected_until = codec.number(h.get(b"until"), node.ejected_until)
         node.ejections = int(h.get(b"ejections", node.ejections))
+        node.drained = h.get(b"drained") == b"1"
         node.secret_hash = codec.text(h.get(b"secret"))
         node.last_seen = codec.number(h.get(b"seen"), 0.0)
         if b"tel" in h:

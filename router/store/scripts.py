@@ -8,7 +8,8 @@ scripts run on Redis Cluster too. The merge of measured outcomes is
 :data:`router.measure.merge.MERGE_LUA`, beside its Python twin.
 
 KEYS, for every script: 1 node hash, 2 changes, 3 sequence, 4 *seen* (sorted
-set of joined nodes by last heartbeat).
+set of live joined nodes by last heartbeat), 5 *gone* (sorted set of gone
+joined nodes by last heartbeat, until they are forgotten).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ for i = 5, #ARGV, 2 do
   if not (ARGV[4] == '1' and exists and (k == 'state' or k == 'reason')) then
     table.insert(fields, k)
     table.insert(fields, ARGV[i + 1])
-    if k == 'seen' then redis.call('ZADD', seen, ARGV[i + 1], ARGV[1]) end
+    if k == 'seen' then
+      redis.call('ZADD', seen, ARGV[i + 1], ARGV[1])
+      redis.call('ZREM', KEYS[5], ARGV[1])
+    end
   end
 end
 if #fields > 0 then redis.call('HSET', node, unpack(fields)) end
@@ -36,30 +40,43 @@ redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
 """
 
-# A heartbeat: last seen and telemetry; revives a node that had expired.
-# ARGV: 1 node id, 2 events channel, 3 now (wall seconds), 4 telemetry JSON.
+# A heartbeat: last seen and telemetry. A node that had expired comes back
+# draining (if an operator drained it) or in the given state (registered: to be
+# verified again; serving when verification is off).
+# ARGV: 1 node id, 2 events channel, 3 now (wall seconds), 4 telemetry JSON,
+#       5 state of a returning node, 6 its reason.
 BEAT = """
 local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('EXISTS', node) == 0 then return 0 end
 redis.call('HSET', node, 'seen', ARGV[3], 'tel', ARGV[4])
 redis.call('ZADD', seen, ARGV[3], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 if redis.call('HGET', node, 'state') == 'gone' then
-  redis.call('HSET', node, 'state', 'serving', 'reason', 'heartbeats resumed')
+  if redis.call('HGET', node, 'drained') == '1' then
+    redis.call('HSET', node, 'state', 'draining', 'reason', 'drained by an operator')
+  else
+    redis.call('HSET', node, 'state', ARGV[5], 'reason', ARGV[6])
+  end
   redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
   redis.call('PUBLISH', ARGV[2], ARGV[1])
 end
 return 1
 """
 
-# Expire one joined node whose last heartbeat is older than a limit.
+# Expire one joined node whose last heartbeat is older than a limit: it moves
+# from *seen* to *gone*.
 # ARGV: 1 node id, 2 events channel, 3 limit (wall seconds), 4 reason.
 EXPIRE = """
 local node, changes, seq, seen = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 redis.call('ZREM', seen, ARGV[1])
 local last = tonumber(redis.call('HGET', node, 'seen'))
-if last == nil or last >= tonumber(ARGV[3]) or redis.call('HGET', node, 'state') == 'gone' then
+if last == nil then return 0 end
+if last >= tonumber(ARGV[3]) then
+  redis.call('ZADD', seen, last, ARGV[1])
   return 0
 end
+redis.call('ZADD', KEYS[5], last, ARGV[1])
+if redis.call('HGET', node, 'state') == 'gone' then return 0 end
 redis.call('HSET', node, 'state', 'gone', 'reason', ARGV[4])
 redis.call('ZADD', changes, redis.call('INCR', seq), ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
@@ -70,6 +87,7 @@ return 1
 REMOVE = """
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
