@@ -247,6 +247,7 @@ class Runner(web.AppRunner):
             keepalive_timeout=limits.idle_timeout_s,
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes,
+            lingering_time=1.0,  # after an early answer (408, 413), unread body bytes
             **kwargs,
         )
 

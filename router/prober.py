@@ -59,7 +59,6 @@ DIP_PROBE_INTERVAL_S = 0.5
 IDLE_TICK_S = 0.25  # longest sleep of the scheduler
 MAX_MODELS_BYTES = 1 << 20  # a /v1/models (or probe) answer larger than this fails the probe
 MAX_METRICS_BYTES = 4 << 20  # a /metrics page larger than this is not read
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ProbeFailed(Exception):
@@ -313,7 +312,7 @@ class Prober:
             return listed
 
     async def _post(self, node: Node, path: str, doc: dict[str, object]) -> ClientResponse:
-        headers = self.upstream.headers(JSON_HEADERS, self.upstream.ids.new())
+        headers = self.upstream.headers({}, self.upstream.ids.new())
         deadline = self.clock() + self.cfg.probe_timeout_s
         return await self.upstream.send(node, path, orjson.dumps(doc), headers, deadline)
 

@@ -158,10 +158,12 @@ class Proxy:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         except TimeoutError:
-            return error_response(
+            resp = error_response(
                 408, f"the request body did not arrive within {self.body_timeout_s:g}s",
                 "invalid_request_error", "request_timeout",
             )  # fmt: skip
+            resp.force_close()  # the rest of the body is not waited for
+            return resp
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as e:

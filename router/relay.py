@@ -185,6 +185,8 @@ class Relay:
         self.strip = "".join(self.text) if style == "prefill" else ""
         self.base = self.delivered
         self.continued += 1
+        self.buf = b""  # what the failed node left half-sent is not the new node's
+        self.failed_event = self.garbage = False
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""

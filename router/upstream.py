@@ -49,11 +49,12 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# The client's headers a node receives: the body's type, what the client accepts
-# (compression only for answers read whole: a stream must stay readable event by
-# event) and trace context. Everything else (keys, cookies, organisation ids, the
-# client's user agent) stays here; Ballast adds x-request-id and x-ballast-via.
-FORWARD_REQUEST = frozenset({"content-type", "accept", "traceparent", "tracestate", "baggage"})
+# The client's headers a node receives: trace context, and the compression the
+# client accepts for answers read whole (a stream must stay readable event by
+# event). Everything else (keys, cookies, organisation ids, the client's user
+# agent) stays here. Ballast sets Content-Type (the body is JSON: it was parsed),
+# x-request-id and x-ballast-via.
+FORWARD_REQUEST = frozenset({"traceparent", "tracestate", "baggage"})
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
 SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
 # 404 too: a node that claims the model but does not know it is broken for this
@@ -206,6 +207,7 @@ class Upstream:
                 not named or low not in named
             ):
                 headers.add(k, v)
+        headers["Content-Type"] = "application/json"
         headers["x-request-id"] = request_id
         via = request_headers.get(VIA_HEADER)
         headers[VIA_HEADER] = f"{via}, {self.router_id}" if via else self.router_id

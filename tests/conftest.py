@@ -18,7 +18,7 @@ from aiohttp import web
 
 from loadtest.common import free_port
 from loadtest.simnode import Fault, Profile, SimNode, sim_config
-from router.app import ROUTER, Router, create_app
+from router.app import ROUTER, Router, Runner, create_app
 from router.config import parse_config
 
 MODEL = "tiny-llama"
@@ -56,6 +56,7 @@ def node_entry(sim: SimNode, **extra: Any) -> dict[str, Any]:
 class RouterHandle:
     url: str
     app: web.Application
+    runner: web.AppRunner
 
     @property
     def router(self) -> Router:
@@ -96,12 +97,14 @@ async def make_router() -> AsyncIterator[MakeRouter]:
         # Active probes would add requests to the simulated nodes that tests count;
         # the tests of health and verification turn them on.
         cfg.setdefault("health", {"probe": False})
-        app = create_app(parse_config({"nodes": nodes, **cfg}), rng=Random(seed))
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        config = parse_config({"nodes": nodes, **cfg})
+        app = create_app(config, rng=Random(seed))
+        runner = Runner(app, config)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = config.listen.port if "listen" in cfg else 0
+        await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
-        return RouterHandle(f"http://127.0.0.1:{runner.addresses[0][1]}", app)
+        return RouterHandle(f"http://127.0.0.1:{runner.addresses[0][1]}", app, runner)
 
     yield make
     for runner in runners:
