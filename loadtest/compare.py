@@ -157,6 +157,9 @@ def summarize(records: list[Record], duration: float, retries: float) -> dict[st
         "goodput_rps": round(len(ok) / duration, 2),
         "retries": retries,
         "per_node_share": {n: round(c / len(ok), 4) for n, c in sorted(share.items())},
+        "per_node_requests": dict(sorted(share.items())),
+        # seconds into the run of each node's last good answer (when it left rotation)
+        "per_node_last_s": {n: round(max(r.t for r in ok if r.node == n), 2) for n in share},
         "statuses": dict(sorted(Counter(str(r.status) for r in records).items())),
         "errors": dict(sorted(Counter(r.error for r in records if r.error).items())),
     }

@@ -15,6 +15,7 @@ Fleet file (YAML)::
         count: 4
         claims: [tiny-llama, big-model]   # lying: claims a model it does not serve
         claimed_vram_gb: 80               # lying: claims VRAM it lacks
+        serves_as: small-model            # substitute: greedy answers are another model's
         join_at: 5                        # not up until t=5 s
         leave_at: 20                      # crashes for good at t=20 s
         faults:
@@ -24,6 +25,7 @@ Fleet file (YAML)::
           - {mode: midstream, rate: 0.3, after_tokens: 2}
           - {mode: crash, at: 8, for: 4}     # connection refused
           - {mode: flap, period: 2, at: 0, for: 20}  # crash and recover every period
+          - {mode: garbage, at: 5}           # 200 with a body that is no answer
     random_faults:                  # on top: faults on a share of nodes at random times
       fraction: 0.3
       modes: [crash, hang, error, slow, midstream, flap]
@@ -52,7 +54,7 @@ import yaml
 from loadtest.simnode import PROFILES, Fault, SimNode, sim_config
 from router.tasks import cancel_and_wait
 
-FAULT_MODES = ("crash", "hang", "error", "slow", "midstream", "flap")
+FAULT_MODES = ("crash", "hang", "error", "slow", "midstream", "flap", "garbage")
 
 
 @dataclass(order=True)
@@ -79,8 +81,9 @@ class Fleet:
                 models = list(entry.get("models", default_models))
                 profile = PROFILES[entry.get("profile", "RTX 4090")]
                 cfg = sim_config(
-                    nid, models, profile, time_scale=scale, seed=self.rng.randrange(1 << 30)
-                )
+                    nid, models, profile, time_scale=scale, seed=self.rng.randrange(1 << 30),
+                    serves_as=entry.get("serves_as"),
+                )  # fmt: skip
                 self.sims[nid] = SimNode(cfg)
                 self.claims[nid] = {
                     "models": list(entry.get("claims", models)),

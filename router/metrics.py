@@ -107,17 +107,30 @@ class FleetCollector:
         self.policy = policy
         self.labels = labels
         self.max_nodes = max_nodes
+        self._version = -1
+        self._shown: list[Node] = []
+        self._omitted = 0
+        self._supplied: list[Metric] = []
 
     def collect(self) -> Iterator[Metric]:
-        nodes = list(self.fleet.nodes.values())
-        shown = nodes
-        if len(nodes) > self.max_nodes:
-            shown = sorted(nodes, key=lambda n: (n.state not in ROUTABLE, n.id))[: self.max_nodes]
+        version = self.fleet.version
+        if version != self._version:
+            # Which nodes get series, and the supply picture, change only with the
+            # fleet (membership, state, claims): computed once per change.
+            nodes = list(self.fleet.nodes.values())
+            shown = nodes
+            if len(nodes) > self.max_nodes:
+                shown = sorted(nodes, key=lambda n: (n.state not in ROUTABLE, n.id))
+                shown = shown[: self.max_nodes]
+            self._shown, self._omitted = shown, len(nodes) - len(shown)
+            self._supplied = list(self._supply(nodes))
+            self._version = version
+        shown = self._shown
         omitted = GaugeMetricFamily(
             "ballast_node_series_omitted",
             "Nodes without per-node series (beyond metrics.max_nodes)",
         )
-        omitted.add_metric([], len(nodes) - len(shown))
+        omitted.add_metric([], self._omitted)
         yield omitted
         rows = node_rows(shown, self.policy(), self.clock())
         attempts = CounterMetricFamily(
@@ -151,7 +164,7 @@ class FleetCollector:
         yield attempts
         yield from (fam for fam, _, _ in gauges)
         yield state
-        yield from self._supply(nodes)
+        yield from self._supplied
 
     def _supply(self, nodes: list[Node]) -> Iterator[Metric]:
         count: Tally[tuple[str, str]] = Tally()

@@ -320,7 +320,10 @@ class Prober:
         self, node: Node, model: str
     ) -> tuple[dict[str, float], tuple[int, str] | None]:
         """(TTFB and tokens/s, (prompt index, answer text)) of a greedy challenge."""
-        prompt = self.rng.randrange(len(PROMPTS))
+        # Nodes probed in the same window mostly get the same two prompts, so their
+        # answers can be compared at once; the prompts change from window to window.
+        window = int(self.wall() / self.cfg.verified_probe_interval_s)
+        prompt = (2 * window + self.rng.randrange(2)) % len(PROMPTS)
         body = {
             "model": model,
             "messages": [{"role": "user", "content": PROMPTS[prompt]}],
