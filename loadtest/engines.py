@@ -88,11 +88,12 @@ def build(cache: Path) -> tuple[Path, Path]:
     return server, python
 
 
-def tiny_model(cache: Path, python: Path) -> Path:
-    path = cache / "tiny.gguf"
+def tiny_model(cache: Path, python: Path, seed: int = 0) -> Path:
+    """The tiny GGUF; another ``seed`` gives other weights (a substitute model)."""
+    path = cache / ("tiny.gguf" if not seed else f"tiny-{seed}.gguf")
     if not path.exists():
         script = Path(__file__).with_name("tiny_gguf.py")
-        subprocess.run([str(python), str(script), str(path)], check=True)
+        subprocess.run([str(python), str(script), str(path), str(seed)], check=True)
     return path
 
 
@@ -110,6 +111,18 @@ class EngineNode:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def llama_server(cache: Path, server: Path, model: Path, node_id: str) -> EngineNode:
+    """One more llama-server serving ``model`` as MODEL."""
+    port = free_port()
+    cmd = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+           "-a", MODEL, "-c", "4096", "-np", "4", "-t", "1"]  # fmt: skip
+    log = (cache / f"{node_id}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    node = EngineNode(node_id, "llamacpp", MODEL, port, proc)
+    wait_port(port, proc, timeout=60)
+    return node
 
 
 def start_fleet(cache: Path, server: Path, python: Path, model: Path) -> list[EngineNode]:
@@ -151,9 +164,14 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
                 # Round robin, so that every engine sees every feature.
                 "policy": {"name": "round_robin"},
                 "nodes": [{"id": n.id, "url": n.url, "models": [n.model]} for n in nodes],
+                "registry": {
+                    "join_token_env": "BALLAST_JOIN_TOKEN",
+                    "allowed_networks": ["127.0.0.0/8"],
+                },
                 "health": {
                     "verify_static": True,
                     "probe_interval_s": 0.5,
+                    "verified_probe_interval_s": 2,
                     "scrape_engine_metrics": True,
                     "engine_metrics_interval_s": 1,
                 },
@@ -362,6 +380,44 @@ class Checks:
                 return node.id, result
         return "", "FAIL: no stream landed on a llama.cpp node"
 
+    async def substitution(self, sub: EngineNode, within: float = 90) -> str:
+        """A llama-server with other weights joins under the same model name: it
+        must not be verified, and the honest nodes must stay routable."""
+        import aiohttp
+
+        join = {"Authorization": f"Bearer {os.environ['BALLAST_JOIN_TOKEN']}"}
+        admin = {"Authorization": f"Bearer {self.token}"}
+        claims = {"id": sub.id, "url": sub.url, "models": [MODEL]}
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.router + "/v1/nodes/register", json=claims,
+                                 headers=join) as resp:  # fmt: skip
+                if resp.status != 201:
+                    return f"FAIL: registration answered {resp.status}"
+                own = {"Authorization": f"Bearer {(await resp.json())['secret']}"}
+            row: dict[str, Any] = {}
+            while time.monotonic() - t0 < within:
+                beat = self.router + f"/v1/nodes/{sub.id}/heartbeat"
+                async with http.post(beat, json={}, headers=own):
+                    pass
+                rows = {r["id"]: r for r in await self.fleet()}
+                row = rows[sub.id]
+                if "substitution" in row["reason"]:
+                    break
+                await asyncio.sleep(0.5)
+            async with http.delete(self.router + f"/admin/nodes/{sub.id}", headers=admin):
+                pass
+        honest = [r for r in rows.values() if r["models"] == [MODEL] and r["id"] != sub.id]
+        kept = all(r["state"] in ("verified", "serving") for r in honest)
+        caught = "substitution" in row.get("reason", "")
+        took = time.monotonic() - t0
+        routable = [r["id"] for r in honest if r["state"] in ("verified", "serving")]
+        return (
+            f"{'ok' if caught and kept else 'FAIL'}: {'unverified' if caught else 'not caught'} "
+            f"after {took:.1f} s ({row.get('state')}: {row.get('reason', '')[:90]}); "
+            f"honest nodes of the model routable: {len(routable)}/{len(honest)}"
+        )
+
     def table(self, fleet_rows: list[tuple[str, str]]) -> str:
         lines = ["| feature | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
         for feature, by_engine in self.results.items():
@@ -372,7 +428,9 @@ class Checks:
         return "\n".join(lines)
 
 
-async def conformance(router: str, token: str, nodes: list[EngineNode]) -> str:
+async def conformance(
+    router: str, token: str, nodes: list[EngineNode], substitute: EngineNode
+) -> str:
     checks = Checks(router, token, nodes)
     await checks.wait_verified()
     await checks.probes()
@@ -386,11 +444,14 @@ async def conformance(router: str, token: str, nodes: list[EngineNode]) -> str:
         await checks.each(feature, 6, call)
     await checks.each("embeddings", 4, checks.embedding)
     await checks.engine_metrics()
+    substituted = await checks.substitution(substitute)
+    substitute.proc.kill()
     streamed_on, mid_stream = await checks.kill_mid_stream()
     victim = next(n for n in nodes if n.engine == "llamacpp" and n.model == MODEL
                   and n.id != streamed_on)  # fmt: skip
     killed = await checks.kill_mid_run(victim)
     return checks.table([
+        ("a llama-server with other weights joins under the same model name", substituted),
         ("a 3000-token stream whose llama.cpp node is killed after its first tokens",
          mid_stream),
         ("then 60 chat requests, 4 at a time, the other llama.cpp node killed after 20",
@@ -415,14 +476,18 @@ def main() -> None:
     try:
         nodes = start_fleet(args.cache, server, python, model)
         procs += [n.proc for n in nodes]
+        other = tiny_model(args.cache, python, seed=1)
+        substitute = llama_server(args.cache, server, other, "lcpp-substitute")
+        procs.append(substitute.proc)
         port = free_port()
         token = secrets.token_urlsafe(16)
         os.environ["BALLAST_ADMIN_TOKEN"] = token
+        os.environ["BALLAST_JOIN_TOKEN"] = secrets.token_urlsafe(16)
         conf = ballast_config(tmp, port, nodes)
         ballast = spawn([sys.executable, "-m", "router.cli", "serve", "--config", str(conf)])
         procs.append(ballast)
         wait_port(port, ballast)
-        table = asyncio.run(conformance(f"http://127.0.0.1:{port}", token, nodes))
+        table = asyncio.run(conformance(f"http://127.0.0.1:{port}", token, nodes, substitute))
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)

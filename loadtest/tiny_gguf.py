@@ -86,4 +86,4 @@ def write_model(path: str, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    write_model(sys.argv[1])
+    write_model(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from router.config import url_problem
+from router.config import Config, url_problem
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,6 +60,13 @@ class AddressRules:
         ]
         self.own_port = own_port
         self.own_addresses: set[IPAddress] = set()
+
+    @classmethod
+    def of(cls, cfg: Config) -> AddressRules:
+        """The rules of a router configuration, its own listen address learnt."""
+        rules = cls(cfg.registry.allowed_networks, cfg.listen.port or None)
+        rules.learn_own_addresses(cfg.listen.host)
+        return rules
 
     def learn_own_addresses(self, host: str) -> None:
         """The addresses this router listens on (its host name's, for a wildcard)."""

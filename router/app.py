@@ -183,9 +183,7 @@ def new_session(cfg: Config, pooled: bool = True) -> ClientSession:
     ``pooled`` false, a new connection for every request (see ``Upstream``). Its
     resolver refuses addresses a self-registered node may not have
     (:mod:`router.addresses`); it adds no User-Agent or Accept-Encoding of its own."""
-    rules = AddressRules(cfg.registry.allowed_networks, cfg.listen.port or None)
-    rules.learn_own_addresses(cfg.listen.host)
-    resolver = GuardedResolver(rules, hosts_of(n.url for n in cfg.nodes))
+    resolver = GuardedResolver(AddressRules.of(cfg), hosts_of(n.url for n in cfg.nodes))
     if pooled:
         connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60, resolver=resolver)
     else:

@@ -2,9 +2,12 @@
 
 Every probe (:mod:`router.prober`) is a *challenge*: a prompt drawn from
 :data:`PROMPTS`, asked greedily (``temperature: 0``), whose answer is kept per
-(model, prompt). Greedy decoding of the same weights gives the same text, so
-nodes serving the same model agree, and a node serving a smaller model, another
-model under the claimed name, or garbage disagrees.
+(model, engine, prompt). Greedy decoding of the same weights by the same engine
+gives the same text, so nodes serving the same model agree, and a node serving
+a smaller model, another model under the claimed name, or garbage disagrees.
+Answers are compared within one engine: engines apply chat templates and
+sampling defaults of their own, and on the same GGUF llama.cpp's server and
+llama-cpp-python's answer differently at temperature 0.
 
 Once at least ``min_nodes`` nodes have answered a prompt and a strict majority
 of them gave the same answer (its first ``words`` words, case and spacing
@@ -12,10 +15,11 @@ ignored), each node whose answer differs has a *strike* on that prompt; an
 agreeing answer clears it. A node with a strike is not verified; a routable node
 with ``strikes_to_unverify`` strikes (on different prompts) loses ``verified``.
 
-Limits: it needs ``min_nodes`` nodes per model (a model served by one or two
-nodes is not checked); a majority of substitutes wins; engines or quantisations
-of the same model may decode differently and are then told apart too (compare
-fewer words); and a node that recognises probes can answer them honestly.
+Limits: it needs ``min_nodes`` nodes per model and engine (fewer are not
+checked, so a substitute that presents itself as a rare engine escapes); a
+majority of substitutes wins; quantisations of the same model may decode
+differently and are then told apart too (compare fewer words); and a node that
+recognises probes can answer them honestly.
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ class Challenges:
         self.min_nodes = min_nodes
         self.words = words
         self.strikes_to_unverify = strikes_to_unverify
-        self.answers: dict[tuple[str, int], dict[str, str]] = {}
-        self.strikes: dict[str, set[tuple[str, int]]] = {}  # node id -> (model, prompt)
+        self.answers: dict[tuple[str, str, int], dict[str, str]] = {}
+        # node id -> (model, engine, prompt) it disagreed on
+        self.strikes: dict[str, set[tuple[str, str, int]]] = {}
 
-    def record(self, model: str, prompt: int, node_id: str, text: str) -> None:
-        """Keep ``node_id``'s answer and re-judge every node that answered ``prompt``."""
-        key = (model, prompt)
+    def record(self, model: str, engine: str, prompt: int, node_id: str, text: str) -> None:
+        """Keep ``node_id``'s answer and re-judge every node that answered ``prompt``
+        for ``model`` on ``engine``."""
+        key = (model, engine, prompt)
         answers = self.answers.setdefault(key, {})
         answers.pop(node_id, None)
         answers[node_id] = normalise(text, self.words)
@@ -82,7 +88,7 @@ class Challenges:
             return None
         if verified and len(strikes) < self.strikes_to_unverify:
             return None
-        models = sorted({m for m, _ in strikes})
+        models = sorted({m for m, _, _ in strikes})
         return (
             f"its greedy answers to {len(strikes)} challenge prompt(s) disagree with the "
             f"majority of nodes serving {', '.join(models)} (model substitution suspected)"

@@ -220,9 +220,11 @@ class Prober:
                     self.settled.set()
 
     async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
+        answers = findings.pop("answers", {})
+        assert isinstance(answers, dict)
         if self.challenges is not None:
-            for model, (prompt, text) in findings.pop("answers", {}).items():
-                self.challenges.record(model, prompt, node.id, text)
+            for model, (prompt, text) in answers.items():
+                self.challenges.record(model, node.engine, prompt, node.id, text)
             why = self.challenges.suspect(node.id, verified=before in ROUTABLE)
             if why is not None:
                 self.outcomes["failed"] += 1
@@ -351,8 +353,8 @@ class Prober:
                 if relay.failed_event or relay.garbage:
                     what = "an error event" if relay.failed_event else "not an SSE answer"
                     raise ProbeFailed(f"inference on {model[:64]!r}: {what}")
-        if not stamps or not relay.text:
-            raise ProbeFailed(f"inference on {model[:64]!r}: no tokens")
+        if not stamps:  # an empty answer (an end of sequence at once) is an answer
+            raise ProbeFailed(f"inference on {model[:64]!r}: no answer")
         out = {"ttfb_ms": round((stamps[0] - t0) * 1e3, 1)}
         if len(stamps) > 1 and stamps[-1] > stamps[0]:
             out["tokens_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1)

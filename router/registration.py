@@ -122,8 +122,7 @@ class Membership:
         self.join_token = join_token
         self.admin_token = admin_token
         self.verify = cfg.health.probe
-        self.rules = AddressRules(cfg.registry.allowed_networks, cfg.listen.port or None)
-        self.rules.learn_own_addresses(cfg.listen.host)
+        self.rules = AddressRules.of(cfg)
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
         try:

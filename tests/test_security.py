@@ -516,20 +516,22 @@ async def test_a_substitute_model_loses_verified(fleet: MakeSim, make_router: Ma
 
 def test_challenges_judge_only_by_a_strict_majority() -> None:
     c = Challenges(min_nodes=3, words=3, strikes_to_unverify=2)
-    c.record("m", 0, "a", "The sea is blue and calm")
-    c.record("m", 0, "b", "the  sea IS blue today")
+    c.record("m", "vllm", 0, "a", "The sea is blue and calm")
+    c.record("m", "vllm", 0, "b", "the  sea IS blue today")
     assert c.suspect("a", verified=True) is None  # two answers: too few to judge
-    c.record("m", 0, "x", "Potato potato potato")
+    c.record("m", "vllm", 0, "x", "Potato potato potato")
     assert c.suspect("x", verified=False) is not None  # one strike keeps it unverified
     assert c.suspect("x", verified=True) is None  # ... but does not unverify it yet
-    c.record("m", 1, "a", "one two three")
-    c.record("m", 1, "b", "four five six")
-    c.record("m", 1, "x", "seven eight nine")
+    c.record("m", "vllm", 1, "a", "one two three")
+    c.record("m", "vllm", 1, "b", "four five six")
+    c.record("m", "vllm", 1, "x", "seven eight nine")
     assert c.strikes.get("a", set()) == set()  # no majority on prompt 1
     for nid in ("a", "b"):
-        c.record("m", 2, nid, "same words here")
-    c.record("m", 2, "x", "other words here")
+        c.record("m", "vllm", 2, nid, "same words here")
+    c.record("m", "vllm", 2, "x", "other words here")
     assert "substitution" in str(c.suspect("x", verified=True))
+    c.record("m", "llama-cpp-python", 2, "y", "its own template, its own words")
+    assert c.suspect("y", verified=False) is None  # compared within its engine only
 
 
 # -- 9: slow clients -----------------------------------------------------------------------
