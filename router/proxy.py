@@ -153,8 +153,11 @@ class Proxy:
         if request.content_length is not None and request.content_length > self.max_body:
             return self._too_large()
         try:
-            async with asyncio.timeout(self.body_timeout_s):
+            if request.content.is_eof():  # all arrived with the headers: no timer needed
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         except TimeoutError:
