@@ -32,7 +32,8 @@ import yaml
 
 from loadtest.common import free_port, percentile
 from loadtest.fleet import Fleet
-from loadtest.loadgen import LoadSpec, Record, run_load
+from loadtest.loadgen import LoadSpec, Record, run_conversations, run_load
+from loadtest.simnode import PROFILES
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -120,12 +121,16 @@ async def run_policy(
     procs: list[asyncio.subprocess.Process] = []
     try:
         await fleet.start()
+        # "<policy>-noaffinity": the policy with cache-aware placement off
+        name = policy.removesuffix("-noaffinity")
         cfg: dict[str, Any] = {
             **scenario.get("router", {}),
             "nodes": fleet.router_nodes(),
-            "policy": {"name": policy},
+            "policy": {"name": name},
             "logging": {"level": "warning", "access_log": access_log is not None},
         }
+        if policy.endswith("-noaffinity"):
+            cfg["affinity"] = {"enabled": False}
         if redis:
             proc, url = await start_redis(tmp)
             procs.append(proc)
@@ -136,7 +141,11 @@ async def run_policy(
             procs.append(proc)
             urls.append(url)
         spec = LoadSpec.from_dict(scenario.get("load", {}))
-        records = await run_load(urls, spec, duration, seed=int(scenario.get("seed", 0)))
+        seed = int(scenario.get("seed", 0))
+        if spec.mode == "conversations":
+            records = await run_conversations(urls, spec, seed)
+        else:
+            records = await run_load(urls, spec, duration, seed=seed)
         retries = sum([await scrape_retries(u) for u in urls])
         return records, list(fleet.log), retries
     finally:
@@ -145,10 +154,45 @@ async def run_policy(
         await fleet.close()
 
 
-def summarize(records: list[Record], duration: float, retries: float) -> dict[str, Any]:
+def fleet_size(scenario: dict[str, Any]) -> int:
+    return sum(int(n.get("count", 1)) for n in scenario.get("fleet", {}).get("nodes", []))
+
+
+def vram_shares(scenario: dict[str, Any]) -> dict[str, float]:
+    """Each simulated node's share of the fleet's VRAM (node ids as the fleet names them)."""
+    vram: dict[str, float] = {}
+    for entry in scenario.get("fleet", {}).get("nodes", []):
+        count = int(entry.get("count", 1))
+        gb = PROFILES[entry.get("profile", "RTX 4090")].vram_gb
+        for i in range(count):
+            vram[entry["id"] if count == 1 else f"{entry['id']}-{i}"] = gb
+    total = sum(vram.values()) or 1.0
+    return {n: gb / total for n, gb in vram.items()}
+
+
+def summarize(
+    records: list[Record],
+    duration: float,
+    retries: float,
+    nodes: int = 0,
+    vram: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    vram = vram or {}
     ok = [r for r in records if r.ok]
     share = Counter(r.node for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
+    mean_load = len(ok) / max(nodes, len(share), 1)
     return {
+        # prompt tokens served from the nodes' prefix caches (answers with usage)
+        "cache_hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
+        # the busiest node's answers over the mean per node of the fleet, and over its
+        # share of the fleet's VRAM
+        "max_load_over_mean": round(max(share.values()) / mean_load, 2) if share else None,
+        "max_load_over_vram_share": round(
+            max(c / (len(ok) * vram[n]) for n, c in share.items() if n in vram), 2
+        )
+        if share and vram
+        else None,
         "requests": len(records),
         "ok": len(ok),
         "success_rate": round(len(ok) / len(records), 4) if records else None,
@@ -183,6 +227,20 @@ def report_md(scenario: str, duration: float, summary: dict[str, dict[str, Any]]
             f"| {lat['p95']} | {lat['p99']} | {ttfb['p50']} | {ttfb['p99']} "
             f"| {s['goodput_rps']} | {s['retries']:g} |"
         )
+    if any(s["cache_hit_rate"] is not None for s in summary.values()):
+        lines += [
+            "",
+            "| policy | TTFT p50 ms | TTFT p99 ms | prefix cache hit rate | max node load / mean "
+            "| max node load / its VRAM share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, s in summary.items():
+            hit = s["cache_hit_rate"]
+            lines.append(
+                f"| {name} | {s['ttfb_ms']['p50']} | {s['ttfb_ms']['p99']} "
+                f"| {'-' if hit is None else f'{hit * 100:.1f}%'} | {s['max_load_over_mean']} "
+                f"| {s['max_load_over_vram_share']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -269,7 +327,10 @@ async def run_all(
         for policy in policies:
             log = logs / f"access-{policy}.jsonl" if logs is not None else None
             runs[policy] = await run_policy(scenario, policy, duration, redis, tmp, log)
-            s = summarize(runs[policy][0], duration, runs[policy][2])
+            s = summarize(
+                runs[policy][0], duration, runs[policy][2], fleet_size(scenario),
+                vram_shares(scenario),
+            )  # fmt: skip
             print(
                 f"{policy}: {s['requests']} requests, success {s['success_rate']}, "
                 f"p99 {s['latency_ms']['p99']} ms",
@@ -287,7 +348,8 @@ def compare(
     scenario = yaml.safe_load(scenario_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
     runs = asyncio.run(run_all(scenario, policies, duration, redis, out))
-    summary = {p: summarize(r, duration, retries) for p, (r, _, retries) in runs.items()}
+    n, vram = fleet_size(scenario), vram_shares(scenario)
+    summary = {p: summarize(r, duration, retries, n, vram) for p, (r, _, retries) in runs.items()}
     doc = {
         "scenario": scenario.get("name", scenario_path.stem),
         "duration_s": duration,

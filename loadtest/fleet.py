@@ -6,6 +6,7 @@ Fleet file (YAML)::
     seed: 7
     time_scale: 1.0                 # multiply every simulated delay
     models: [tiny-llama]            # default models of every node
+    prefix_cache: true              # nodes keep recent prompts' KV (prefill skips them)
     nodes:
       - id: h100                    # with count > 1: h100-0, h100-1, ...
         profile: H100               # H100, A100, L40S, RTX 4090, RTX 3090, T4
@@ -83,6 +84,7 @@ class Fleet:
                 cfg = sim_config(
                     nid, models, profile, time_scale=scale, seed=self.rng.randrange(1 << 30),
                     serves_as=entry.get("serves_as"),
+                    prefix_cache=bool(spec.get("prefix_cache", False)),
                 )  # fmt: skip
                 self.sims[nid] = SimNode(cfg)
                 self.claims[nid] = {

@@ -24,6 +24,7 @@ import socket
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -167,6 +168,51 @@ class SimConfig:
     # The model it really runs (a substitute): greedy answers (temperature 0) are that
     # model's, whatever the request names.
     serves_as: str | None = None
+    # Prefix caching (vLLM's, SGLang's): the KV of recent prompts is kept, in blocks,
+    # in half of the profile's KV cache; a prompt's cached leading blocks skip prefill.
+    prefix_cache: bool = False
+
+
+CACHE_BLOCK_CHARS = 256  # a prefix-cache block: 64 tokens at 4 characters a token
+
+
+def _prompt_text(doc: dict[str, Any]) -> str:
+    if isinstance(doc.get("messages"), list):
+        return "".join(
+            f"<{m.get('role')}>{m.get('content', '')}"
+            for m in doc["messages"]
+            if isinstance(m, dict)
+        )
+    return str(doc.get("prompt", doc.get("input", "")))
+
+
+class PrefixCache:
+    """An LRU of prompt blocks, each named by the hash of the prompt up to its end."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity = max(1, capacity_tokens * 4 // CACHE_BLOCK_CHARS)
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.queried = 0  # prompt tokens asked for
+        self.hit = 0  # of them, found cached
+
+    def lookup(self, text: str, prompt_tokens: int) -> int:
+        """Cached tokens at the start of ``text``; its blocks become the most recent."""
+        chain, cached, missed = 0, 0, False
+        for start in range(0, len(text) - CACHE_BLOCK_CHARS + 1, CACHE_BLOCK_CHARS):
+            chain = zlib.crc32(text[start : start + CACHE_BLOCK_CHARS].encode(), chain)
+            h = chain | (start << 32)
+            if not missed and h in self.blocks:
+                cached += CACHE_BLOCK_CHARS // 4
+                self.blocks.move_to_end(h)
+            else:
+                missed = True
+                self.blocks[h] = None
+                if len(self.blocks) > self.capacity:
+                    self.blocks.popitem(last=False)
+        cached = min(cached, prompt_tokens)
+        self.queried += prompt_tokens
+        self.hit += cached
+        return cached
 
 
 def _prompt_tokens(doc: dict[str, Any], words: bool = False) -> int:
@@ -191,6 +237,7 @@ class SimNode:
         self.arrived = asyncio.Event()  # set once a request has reached the node
         self.port = 0
         self._slots = asyncio.Semaphore(cfg.profile.max_seqs)
+        self.cache = PrefixCache(cfg.profile.kv_tokens // 2) if cfg.prefix_cache else None
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         app = web.Application()
@@ -300,15 +347,17 @@ class SimNode:
             self.waiting -= 1
         self.running += 1
         try:
-            await asyncio.sleep(self._delay(p.ttft_s + prompt / p.prefill_tok_per_s))
+            cached = self.cache.lookup(_prompt_text(doc), prompt) if self.cache else 0
+            await asyncio.sleep(self._delay(p.ttft_s + (prompt - cached) / p.prefill_tok_per_s))
             rid = f"sim-{self.cfg.id}-{self.requests}"
             tok_s = self._delay(1.0 / p.tokens_per_s)
             start, echo = self._continues(doc, chat)
             greedy = self._greedy(doc)
+            usage = {"prompt_tokens": prompt, "completion_tokens": n_out,
+                     "total_tokens": prompt + n_out,
+                     "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
             if doc.get("stream") is True:
                 opts = doc.get("stream_options")
-                usage = {"prompt_tokens": prompt, "completion_tokens": n_out,
-                         "total_tokens": prompt + n_out}  # fmt: skip
                 with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
                 return await self._stream(
                     request, doc["model"], rid, chat, n_out, tok_s, start, echo,
@@ -328,11 +377,7 @@ class SimNode:
                 "created": int(time.time()),
                 "model": doc["model"],
                 "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": n_out,
-                    "total_tokens": prompt + n_out,
-                },
+                "usage": usage,
                 "system_fingerprint": self.cfg.id,
             }
             return web.Response(body=orjson.dumps(body), content_type="application/json")
@@ -477,6 +522,11 @@ class SimNode:
             f'vllm:num_requests_waiting{{model_name="{model}"}} {self.waiting}\n'
             f'vllm:kv_cache_usage_perc{{model_name="{model}"}} {usage}\n'
         )
+        if self.cache is not None:  # in tokens, as vLLM counts them
+            text += (
+                f'vllm:prefix_cache_queries_total{{model_name="{model}"}} {self.cache.queried}\n'
+                f'vllm:prefix_cache_hits_total{{model_name="{model}"}} {self.cache.hit}\n'
+            )
         return web.Response(text=text, content_type="text/plain")
 
 

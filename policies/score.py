@@ -37,6 +37,7 @@ HUNG = 1000.0  # cost factor of a node that looks hung
 
 class Score:
     name = "score"
+    uses_affinity = True  # the request path places requests by their affinity key first
     description = (
         "P2C on latency x load x reliability x memory headroom x queue x price, with slow start."
     )

@@ -25,6 +25,7 @@ class Exchange:
     """What happened to one client request; handed to observers when it ends."""
 
     __slots__ = (
+        "affinity",
         "attempts",
         "duration",
         "finished_at",
@@ -56,6 +57,7 @@ class Exchange:
         self.finished_at = 0.0  # wall-clock time the answer ended
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
+        self.affinity = "none"  # hit, spill or none (router.affinity)
         self.outcomes: list[Outcome] = []
         # (node, reason, outcome) for each node that failed a stream mid-answer
         self.resumed: list[tuple[str, str, str]] = []
@@ -80,6 +82,7 @@ class Call:
     headers: CIMultiDict[str]  # what every attempt sends upstream (before the node's key)
     deadline: float  # clock() after which the request has failed
     need: int | None = None  # tokens of context and KV cache the request needs, if known
+    affinity: int | None = None  # the affinity key (router.affinity), when placement uses it
     failures: list[Failed] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
     # A 4xx held back while a node of another kind tries the request: whose fault?

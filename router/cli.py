@@ -129,14 +129,15 @@ def render_fleet(doc: dict[str, Any]) -> str:
         ("SUCCESS", "success_ratio"),
         ("COST", "cost"),
         ("SHARE", "share"),
+        ("AFFINITY", "affinity_share"),
     ]
 
     def cell(row: dict[str, Any], key: str) -> str:
         v = row.get(key)
         if key == "models":
             return ",".join(v or [])
-        if key == "share":
-            return f"{v * 100:.1f}%"
+        if key in ("share", "affinity_share"):
+            return f"{(v or 0) * 100:.1f}%"
         if key == "success_ratio":
             return f"{v:.3f}"
         if key == "cost":

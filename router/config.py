@@ -273,6 +273,13 @@ class ResumeConfig(_Strict):
     straggler_factor: float = Field(3.0, ge=0)
 
 
+class AffinityConfig(_Strict):
+    """Cache-aware routing (router.affinity), with the policies that use it (score)."""
+
+    enabled: bool = True
+    epsilon: float = Field(0.25, ge=0, le=10)
+
+
 class QueueConfig(_Strict):
     max_size: int = Field(1000, ge=0)
     max_wait_s: float = Field(10.0, ge=0)
@@ -306,6 +313,7 @@ class Config(_Strict):
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     resume: ResumeConfig = Field(default_factory=ResumeConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")

@@ -65,6 +65,7 @@ class AccessLog:
                     "status": ex.status,
                     "node": ex.node,
                     "attempts": ex.attempts,
+                    "affinity": ex.affinity,
                     "failed": ex.outcomes,
                     "resumed": [f"{n}:{why}:{how}" for n, why, how in ex.resumed] or None,
                     "duration_ms": round(ex.duration * 1e3, 3),
@@ -76,7 +77,7 @@ class AccessLog:
         return (
             f"{when.isoformat(timespec='milliseconds')} {ex.request_id} "
             f"{printable(ex.model) or '-'} "
-            f"{ex.status} {ex.node or '-'} attempts={ex.attempts} "
+            f"{ex.status} {ex.node or '-'} attempts={ex.attempts} affinity={ex.affinity} "
             f"duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
         ).encode()
 

@@ -318,6 +318,15 @@ class Metrics:
         for model in {self.model_label(m) for node in fleet.nodes.values() for m in node.models}:
             for reason in RESUME_REASONS:  # zero series from the start, so rate() sees the first
                 self.resumes.labels(model, reason, "continued")
+        self.affinity = Counter(
+            "ballast_affinity",
+            "Requests placed by their affinity key: hit (the key's own node), spill "
+            "(another node: the key's was over its load bound), none (no key, or a policy "
+            "without affinity)",
+            ["model", "outcome"],
+            registry=reg,
+        )
+        self._affinity: dict[tuple[str, str], Counter] = {}
         self.queue_wait = Histogram(
             "ballast_queue_wait_seconds",
             "Time requests waited for supply (only those that waited)",
@@ -354,6 +363,13 @@ class Metrics:
             if ex.ttfb >= 0:
                 hists[1].observe(ex.ttfb)
             retries += max(0, ex.attempts - 1)
+            if ex.attempts:
+                child = self._affinity.get((model, ex.affinity))
+                if child is None:
+                    child = self._affinity[(model, ex.affinity)] = self.affinity.labels(
+                        model, ex.affinity
+                    )
+                child.inc()
             if ex.queued_s:
                 self.queue_wait.observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:

@@ -41,6 +41,7 @@ from aiohttp import web
 
 from policies import Policy, RequestInfo
 from router.addresses import VIA_HEADER, via_refused
+from router.affinity import HIT, affinity_key, place
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import Config
@@ -96,6 +97,8 @@ class Proxy:
         self.max_attempts = cfg.retries.max_attempts
         self.max_body = cfg.limits.max_body_bytes
         self.body_timeout_s = cfg.limits.body_timeout_s
+        self.affinity = cfg.affinity.enabled
+        self.epsilon = cfg.affinity.epsilon
         self.queue_max = cfg.queue.max_size
         self.queue_wait_s = cfg.queue.max_wait_s
         self.queued = 0  # requests waiting for supply
@@ -203,7 +206,11 @@ class Proxy:
                 "messages",
             )
         headers = self.upstream.headers(request.headers, ex.upstream_id, compress=not stream)
-        return Call(request, ex, info, doc, body, headers, self.clock() + self.total_s, need)
+        key = None
+        if self.affinity and getattr(self.policy, "uses_affinity", False):
+            key = affinity_key(doc, request.headers.get("x-session-id"), model)
+        deadline = self.clock() + self.total_s
+        return Call(request, ex, info, doc, body, headers, deadline, need, key)
 
     # -- 2. candidates ----------------------------------------------------------------
 
@@ -223,6 +230,8 @@ class Proxy:
             candidates = self._candidates(call)
             if candidates and left > 0:
                 ranked = self.policy.rank(call.info, candidates, left, self.rng, self.clock())
+                if call.affinity is not None and not call.ex.attempts:
+                    ranked = self._place(call, candidates, ranked)
                 before = call.ex.attempts
                 # After a wait for supply the first attempt is a new start, not a retry.
                 resp = await self._attempts(call, ranked, first_is_retry=queue_until is None)
@@ -241,6 +250,18 @@ class Proxy:
         if not call.failures:
             return no_capacity(call.info.model)
         return exhausted(call.failures, call.deadline - self.clock() <= 0)
+
+    def _place(self, call: Call, candidates: Sequence[Node], ranked: list[Node]) -> list[Node]:
+        """Put the affinity key's node first (``router.affinity``); the policy's
+        ranking follows for retries."""
+        assert call.affinity is not None
+        node, call.ex.affinity = place(call.affinity, candidates, self.epsilon, self.clock())
+        if node is None:
+            return ranked
+        if call.ex.affinity == HIT:
+            node.stats.affinity_hits += 1
+        rest = [n for n in ranked if n is not node]
+        return [node, *rest[: len(ranked) - 1]]
 
     async def _attempts(
         self, call: Call, ranked: list[Node], first_is_retry: bool

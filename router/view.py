@@ -38,6 +38,7 @@ def node_row(node: Node, policy: Policy | None, now: float, total_requests: int)
         "consecutive_failures": st.consecutive_failures,
         "last_error": st.last_error or None,
         "share": round(st.requests_total / (total_requests or 1), 4),
+        "affinity_share": round(st.affinity_hits / (st.requests_total or 1), 4),
         "ejections": node.ejections,
         "telemetry": node.telemetry,
         "engine": node.engine,

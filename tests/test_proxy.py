@@ -118,8 +118,9 @@ async def test_failover_300_sequential_requests_all_succeed(
         ]
     )
     served: dict[str, int] = {}
-    for _ in range(300):
-        async with await post(http, r.url, chat(max_tokens=1)) as resp:
+    for i in range(300):  # conversations of their own: affinity keys spread over the nodes
+        body = chat(max_tokens=1, messages=[{"role": "user", "content": f"q{i}"}])
+        async with await post(http, r.url, body) as resp:
             assert resp.status == 200, await resp.text()
             served[resp.headers["x-ballast-node"]] = (
                 served.get(resp.headers["x-ballast-node"], 0) + 1
@@ -127,7 +128,7 @@ async def test_failover_300_sequential_requests_all_succeed(
     assert "refusing" not in served
     stats = r.router.fleet.nodes["refusing"].stats
     assert stats.failures_total == stats.requests_total >= 1
-    assert served["good"] > served["flaky"]
+    assert served["good"] > served.get("flaky", 0)
 
 
 async def test_stream_failover_before_first_byte(

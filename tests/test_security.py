@@ -463,8 +463,9 @@ async def test_a_node_answering_garbage_with_200_loses_the_request(
     good = await fleet("good")
     r = await make_router([node_entry(bad), node_entry(good)])
     for stream in (False, True, False, True):
-        for _ in range(5):
-            async with http.post(r.url + "/v1/chat/completions", json=chat(stream=stream)) as rs:
+        for i in range(5):
+            body = chat(stream=stream, messages=[{"role": "user", "content": f"q{i}"}])
+            async with http.post(r.url + "/v1/chat/completions", json=body) as rs:
                 assert rs.status == 200 and rs.headers["x-ballast-node"] == "good"
                 body = await rs.read()
                 assert b"lorem" not in body
@@ -491,8 +492,9 @@ async def test_garbage_in_the_middle_of_a_stream_is_continued_elsewhere(
     rotten = {"id": "rotten", "url": url, "models": [MODEL]}
     r = await make_router([rotten, node_entry(good, engine="vllm")])
     rotten_first = 0
-    for _ in range(20):
-        async with http.post(r.url + "/v1/chat/completions", json=chat(stream=True)) as resp:
+    for i in range(20):
+        ask = chat(stream=True, messages=[{"role": "user", "content": f"q{i}"}])
+        async with http.post(r.url + "/v1/chat/completions", json=ask) as resp:
             body = await resp.read()
         assert b"GARBAGE" not in body and body.endswith(b"data: [DONE]\n\n")
         rotten_first += resp.headers["x-ballast-node"] == "rotten"

@@ -82,6 +82,7 @@ class NodeStats:
     router processes have in flight to the node, as the store last saw."""
 
     __slots__ = (
+        "affinity_hits",
         "awaiting",
         "awaiting_since",
         "consecutive_failures",
@@ -110,6 +111,7 @@ class NodeStats:
         self.success = DecayedRatio(scoring.success_half_life_s)
         self.floor = scoring.latency_floor_s
         self.in_flight = 0
+        self.affinity_hits = 0  # requests sent here as their affinity key's own node
         self.requests_total = 0
         self.failures_total = 0
         self.consecutive_failures = 0
