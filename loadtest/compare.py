@@ -273,6 +273,28 @@ def plot(
     plt.close(fig)
     written.append(path)
 
+    if any(r.prompt_tokens for records, _, _ in runs.values() for r in records):
+        fig, ax = plt.subplots(figsize=(8, 5))  # answers with usage: prefix caching at work
+        for name, (records, _, _) in runs.items():
+            ttft = sorted(r.ttfb * 1e3 for r in records if r.ok and r.ttfb >= 0)
+            hit = sum(r.cached_tokens for r in records) / max(
+                1, sum(r.prompt_tokens for r in records)
+            )
+            ax.step(
+                ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], where="post",
+                label=f"{name} (prefix cache hits {hit:.0%})",
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first token (ms, log scale)")
+        ax.set_ylabel("share of requests")
+        ax.set_title("Time to first token per policy")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        path = out / "ttft_cdf.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
     for name, (records, events, _) in runs.items():
         bins = max(1, int(duration))
         per_bin: list[Counter[str]] = [Counter() for _ in range(bins)]

@@ -418,6 +418,48 @@ class Checks:
             f"honest nodes of the model routable: {len(routable)}/{len(honest)}"
         )
 
+    async def conversations(self, n: int = 4, turns: int = 4) -> str:
+        """Multi-turn chats under the ``score`` policy (cache-aware placement): every
+        turn of a conversation should reach the same node, and llama.cpp's server
+        should reuse the cached prompt (its ``timings.cache_n``) from turn 2 on."""
+        import aiohttp
+
+        admin = {"Authorization": f"Bearer {self.token}"}
+        same = reused = later = 0
+        async with aiohttp.ClientSession() as http:
+            policy = {"name": "score", "params": {}}
+            async with http.put(self.router + "/admin/policy", json=policy, headers=admin):
+                pass
+            for c in range(n):
+                messages = [
+                    {"role": "system", "content": "You answer questions. " * 40},
+                    {"role": "user", "content": f"Conversation {c}: tell me a story."},
+                ]
+                first = ""
+                for turn in range(turns):
+                    body = {"model": MODEL, "messages": messages, "max_tokens": 16}
+                    async with http.post(self.router + "/v1/chat/completions", json=body) as r:
+                        node = r.headers.get("x-ballast-node", "")
+                        doc = await r.json()
+                    answer = doc["choices"][0]["message"]["content"] or ""
+                    if turn == 0:
+                        first = node
+                    else:
+                        later += 1
+                        same += node == first
+                        cache_n = (doc.get("timings") or {}).get("cache_n", 0)
+                        reused += self.engine_of.get(node) == "llamacpp" and cache_n > 0
+                    messages += [{"role": "assistant", "content": answer},
+                                 {"role": "user", "content": f"And then? ({turn})"}]  # fmt: skip
+            policy = {"name": "round_robin", "params": {}}
+            async with http.put(self.router + "/admin/policy", json=policy, headers=admin):
+                pass
+        ok = same == later
+        return (
+            f"{'ok' if ok else 'FAIL'}: later turns on their conversation's node {same}/{later}; "
+            f"llama.cpp reused the cached prompt (timings.cache_n > 0) on {reused} of them"
+        )
+
     def table(self, fleet_rows: list[tuple[str, str]]) -> str:
         lines = ["| feature | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
         for feature, by_engine in self.results.items():
@@ -445,6 +487,7 @@ async def conformance(
     await checks.each("embeddings", 4, checks.embedding)
     await checks.engine_metrics()
     substituted = await checks.substitution(substitute)
+    conversed = await checks.conversations()
     substitute.proc.kill()
     streamed_on, mid_stream = await checks.kill_mid_stream()
     victim = next(n for n in nodes if n.engine == "llamacpp" and n.model == MODEL
@@ -452,6 +495,7 @@ async def conformance(
     killed = await checks.kill_mid_run(victim)
     return checks.table([
         ("a llama-server with other weights joins under the same model name", substituted),
+        ("4 chats of 4 turns under the score policy (cache-aware placement)", conversed),
         ("a 3000-token stream whose llama.cpp node is killed after its first tokens",
          mid_stream),
         ("then 60 chat requests, 4 at a time, the other llama.cpp node killed after 20",

@@ -25,8 +25,10 @@ node (failure, ejection, drain) moves only the keys it held. The first node in
 that order whose load (requests in flight here and, through the shared store,
 on other replicas) is within ``ceil((1 + epsilon) x its weighted share of the
 total load)`` takes the request: consistent hashing with bounded loads
-(Mirrokni, Thorup and Zadimoghaddam, 2018), weighted. A claim of huge VRAM
-attracts keys only up to that bound, and only while the node answers well. A node
+(Mirrokni, Thorup and Zadimoghaddam, 2018), weighted. Weights are capped at
+:data:`MAX_WEIGHT_OVER_MEDIAN` times the candidates' median claim, so a node
+claiming huge VRAM gets at most that many times a typical node's keys, and only
+while it answers well. A node
 is passed over when it looks hung, when its recent success ratio is below
 :data:`MIN_SUCCESS` (a cached prefix is worth less than an answer), or when it
 generates over :data:`MAX_SLOWDOWN` times slower than the fastest candidate (its
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -46,6 +49,7 @@ BLOCK_CHARS = 1024  # a completion prompt's key covers its first this many chara
 MASK = (1 << 64) - 1
 HIT, SPILL, NONE = "hit", "spill", "none"
 MIN_SUCCESS = 0.8  # decayed success ratio below which a node is not an affinity target
+MAX_WEIGHT_OVER_MEDIAN = 4.0  # a node's weight is at most this times the median claim
 MAX_SLOWDOWN = 2.5  # an affinity target decodes at most this much slower than the fastest
 
 
@@ -90,11 +94,16 @@ def affinity_key(doc: Mapping[str, Any], session: str | None, model: str) -> int
     return None
 
 
-def _mix(x: int) -> int:
-    """SplitMix64's finaliser: a 64-bit integer, well scrambled."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
-    return x ^ (x >> 31)
+M1, M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+UNIT = 2.0**-53
+
+
+def _u(key: int, node: int) -> float:
+    """A uniform number in (0, 1) from a key and a node's hash (a multiply-xorshift
+    mix: the same in every process)."""
+    x = ((key ^ node) * M1) & MASK
+    x = ((x ^ (x >> 29)) * M2) & MASK
+    return ((x >> 11) | 1) * UNIT
 
 
 class Placeable(Protocol):
@@ -116,23 +125,27 @@ def node_hash(node_id: str) -> int:
 
 
 def weights(candidates: Sequence[Placeable]) -> list[float]:
-    """Each candidate's claimed VRAM; all 1 when any claims none."""
+    """Each candidate's claimed VRAM, at most :data:`MAX_WEIGHT_OVER_MEDIAN` times the
+    candidates' median (a claim is only a claim); all 1 when any claims none."""
     vram = [getattr(c, "vram_gb", None) for c in candidates]
     if any(not v for v in vram):
         return [1.0] * len(candidates)
-    return [float(v) for v in vram]  # type: ignore[arg-type]
-
-
-def _score(key: int, node_id: str, weight: float) -> float:
-    u = (_mix(key ^ node_hash(node_id)) + 0.5) / 2.0**64  # in (0, 1)
-    return -weight / math.log(u)
+    cap = MAX_WEIGHT_OVER_MEDIAN * statistics.median(vram)  # type: ignore[type-var]
+    return [min(float(v), cap) for v in vram]  # type: ignore[arg-type]
 
 
 def order(key: int, candidates: Sequence[P]) -> list[tuple[P, float]]:
     """``candidates`` with their weights, in the key's rendezvous order."""
-    pairs = list(zip(candidates, weights(candidates), strict=True))
-    pairs.sort(key=lambda p: _score(key, p[0].id, p[1]), reverse=True)
-    return pairs
+    scored = [
+        (-w / math.log(_u(key, node_hash(c.id))), c, w)
+        for c, w in zip(candidates, weights(candidates), strict=True)
+    ]
+    scored.sort(key=_first, reverse=True)
+    return [(c, w) for _, c, w in scored]
+
+
+def _first(item: tuple[float, object, float]) -> float:
+    return item[0]
 
 
 def load(node: Placeable) -> int:
@@ -143,21 +156,39 @@ def load(node: Placeable) -> int:
 def place(key: int, candidates: Sequence[P], epsilon: float, now: float) -> tuple[P | None, str]:
     """The node for ``key`` and how it was chosen: ``hit`` (the key's own node) or
     ``spill`` (a later node in the key's order, its first ones being over their
-    bound or passed over; None when no node qualifies: the policy decides)."""
-    if not candidates:
+    bound or passed over; None when no node qualifies: the policy decides).
+
+    One pass finds the key's own node and the fleet's load and speed; the full
+    order is sorted only when that node does not qualify."""
+    ws = weights(candidates)
+    total, fastest, wsum = 1, math.inf, 0.0  # this request included
+    top, top_w, best = None, 0.0, -1.0
+    for c, w in zip(candidates, ws, strict=True):
+        st = c.stats
+        total += st.in_flight + st.remote_in_flight
+        if 0 < st.token_gap < fastest:
+            fastest = st.token_gap
+        wsum += w
+        score = -w / math.log(_u(key, node_hash(c.id)))
+        if score > best:
+            top, top_w, best = c, w, score
+    if top is None:
         return None, SPILL
-    ranked = order(key, candidates)
-    total = sum(load(c) for c in candidates) + 1  # this request included
-    share = (1.0 + epsilon) * total / sum(w for _, w in ranked)
-    gaps = [g for c in candidates if (g := c.stats.token_gap) > 0]
-    limit = MAX_SLOWDOWN * min(gaps) if gaps else float("inf")
-    for i, (node, weight) in enumerate(ranked):
+    share = (1.0 + epsilon) * total / wsum
+    limit = MAX_SLOWDOWN * fastest
+
+    def qualifies(node: P, weight: float) -> bool:
         st = node.stats
-        if (
+        return (
             load(node) + 1 <= math.ceil(share * weight)
-            and st.success.value(now) >= MIN_SUCCESS
             and st.token_gap <= limit
+            and st.success.value(now) >= MIN_SUCCESS
             and not st.hung(now)
-        ):
-            return node, HIT if i == 0 else SPILL
+        )
+
+    if qualifies(top, top_w):
+        return top, HIT
+    for node, weight in order(key, candidates)[1:]:
+        if qualifies(node, weight):
+            return node, SPILL
     return None, SPILL

@@ -63,6 +63,9 @@ def test_keys_follow_claimed_vram() -> None:
     fleet[0].vram_gb = 72.0  # three times the others
     share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
     assert 2.6 <= share["n0"] / share["n1"] <= 3.4
+    fleet[0].vram_gb = 1_000_000.0  # a lie: weighs at most 4 times the median claim
+    share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
+    assert 3.4 <= share["n0"] / share["n1"] <= 4.6
     fleet[2].vram_gb = None  # a node claiming nothing: all weigh the same
     share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
     assert 0.9 <= share["n0"] / share["n1"] <= 1.1
