@@ -6,22 +6,27 @@ skips most of its prefill. So requests that share a prefix should land on the
 same node, without piling onto it.
 
 **The key** (:func:`affinity_key`), computed once per request from the parsed
-body: an explicit session (the ``x-session-id`` header, else the body's
-``user``) when there is one; else a hash of the conversation's leading
-messages: the system prompt and the first user turn. Every later turn of a
-conversation repeats those, so all its turns share the key, while conversations
-that share only a long system prompt get different keys (and each node that
-serves one caches that system prompt too). A completion prompt's key is its
-first :data:`BLOCK_CHARS` characters. Hashes are stable across processes
-(BLAKE2b), so every replica computes the same key.
+body, is a pair (group, conversation). With an explicit session (the
+``x-session-id`` header, else the body's ``user``) both are the session. A chat
+with a system prompt has the system prompt as its group and the system prompt
+with the first user turn as its conversation: every later turn repeats those,
+so all its turns share the key, and conversations that share a system prompt
+share the group. Without a system prompt both are the first message; a
+completion prompt's are its first :data:`BLOCK_CHARS` characters. Hashes are
+stable across processes (BLAKE2b), so every replica computes the same key.
 
 **Placement** (:func:`place`): weighted rendezvous hashing (highest random
-weight) orders the candidates for the key: each node's score is ``-w / ln(u)``
-with ``u`` a mix of the key and the node's id and ``w`` its claimed VRAM (its
+weight) orders the candidates: each node's score for a hash is ``-w / ln(u)``
+with ``u`` a mix of the hash and the node's id and ``w`` its claimed VRAM (its
 KV cache, so its room for cached prefixes; 1 for all when some node claims
-none). Every replica, seeing the same candidates, gets the same order without
-asking anyone, a node gets keys in proportion to its weight, and removing a
-node (failure, ejection, drain) moves only the keys it held. The first node in
+none). A group's *home* is its first :data:`HOME_SHARE` of the candidates by
+the group's scores (at least two nodes); a conversation's order is its home
+nodes, then the others, each by the conversation's scores. So a conversation
+returns to the node that holds its history, its first turn lands where its
+system prompt is likely cached already, and a system prompt is cached on a few
+nodes rather than all. Every replica, seeing the same candidates, gets the same
+order without asking anyone, a node gets keys in proportion to its weight, and
+removing a node (failure, ejection, drain) moves only the keys it held. The first node in
 that order whose load (requests in flight here and, through the shared store,
 on other replicas) is within ``ceil((1 + epsilon) x its weighted share of the
 total load)`` takes the request: consistent hashing with bounded loads
@@ -49,6 +54,7 @@ BLOCK_CHARS = 1024  # a completion prompt's key covers its first this many chara
 MASK = (1 << 64) - 1
 HIT, SPILL, NONE = "hit", "spill", "none"
 MIN_SUCCESS = 0.8  # decayed success ratio below which a node is not an affinity target
+HOME_SHARE = 0.25  # a group's home: this share of the candidates (at least two nodes)
 MAX_WEIGHT_OVER_MEDIAN = 4.0  # a node's weight is at most this times the median claim
 MAX_SLOWDOWN = 2.5  # an affinity target decodes at most this much slower than the fastest
 
@@ -74,23 +80,30 @@ def _text(message: Any) -> str:
     return ""
 
 
-def affinity_key(doc: Mapping[str, Any], session: str | None, model: str) -> int | None:
-    """The request's affinity key, or None when it has nothing to key on."""
+Key = tuple[int, int]  # (group, conversation)
+
+
+def affinity_key(doc: Mapping[str, Any], session: str | None, model: str) -> Key | None:
+    """The request's affinity key (group, conversation), or None when it has
+    nothing to key on."""
     if not session:
         user = doc.get("user")
         session = user if isinstance(user, str) and user else None
     if session:
-        return stable_hash(model, "session", session[:256])
+        h = stable_hash(model, "session", session[:256])
+        return h, h
     messages = doc.get("messages")
     if isinstance(messages, list) and messages:
-        lead = [_text(messages[0])]
+        first = _text(messages[0])
+        group = stable_hash(model, "chat", first)
         if len(messages) > 1 and isinstance(messages[0], dict):
             if messages[0].get("role") == "system":
-                lead.append(_text(messages[1]))
-        return stable_hash(model, "chat", *lead)
+                return group, stable_hash(model, "chat", first, _text(messages[1]))
+        return group, group
     prompt = doc.get("prompt")
     if isinstance(prompt, str) and prompt:
-        return stable_hash(model, "prompt", prompt[:BLOCK_CHARS])
+        h = stable_hash(model, "prompt", prompt[:BLOCK_CHARS])
+        return h, h
     return None
 
 
@@ -134,18 +147,34 @@ def weights(candidates: Sequence[Placeable]) -> list[float]:
     return [min(float(v), cap) for v in vram]  # type: ignore[arg-type]
 
 
-def order(key: int, candidates: Sequence[P]) -> list[tuple[P, float]]:
-    """``candidates`` with their weights, in the key's rendezvous order."""
+def home_size(n: int) -> int:
+    return min(n, max(2, math.ceil(HOME_SHARE * n)))
+
+
+def order(key: Key, candidates: Sequence[P]) -> list[tuple[P, float]]:
+    """``candidates`` with their weights, in the key's order: the group's home
+    nodes, then the rest, each by the conversation's rendezvous scores."""
+    group, conversation = key
+    ws = weights(candidates)
+    if group != conversation:
+        by_group = sorted(
+            range(len(candidates)),
+            key=lambda i: -ws[i] / math.log(_u(group, node_hash(candidates[i].id))),
+            reverse=True,
+        )
+        home = set(by_group[: home_size(len(candidates))])
+    else:
+        home = set(range(len(candidates)))
     scored = [
-        (-w / math.log(_u(key, node_hash(c.id))), c, w)
-        for c, w in zip(candidates, weights(candidates), strict=True)
+        (i in home, -w / math.log(_u(conversation, node_hash(c.id))), c, w)
+        for i, (c, w) in enumerate(zip(candidates, ws, strict=True))
     ]
-    scored.sort(key=_first, reverse=True)
-    return [(c, w) for _, c, w in scored]
+    scored.sort(key=_rank, reverse=True)
+    return [(c, w) for _, _, c, w in scored]
 
 
-def _first(item: tuple[float, object, float]) -> float:
-    return item[0]
+def _rank(item: tuple[bool, float, object, float]) -> tuple[bool, float]:
+    return item[0], item[1]
 
 
 def load(node: Placeable) -> int:
@@ -153,42 +182,28 @@ def load(node: Placeable) -> int:
     return int(st.in_flight + st.remote_in_flight)
 
 
-def place(key: int, candidates: Sequence[P], epsilon: float, now: float) -> tuple[P | None, str]:
+def place(key: Key, candidates: Sequence[P], epsilon: float, now: float) -> tuple[P | None, str]:
     """The node for ``key`` and how it was chosen: ``hit`` (the key's own node) or
     ``spill`` (a later node in the key's order, its first ones being over their
-    bound or passed over; None when no node qualifies: the policy decides).
-
-    One pass finds the key's own node and the fleet's load and speed; the full
-    order is sorted only when that node does not qualify."""
-    ws = weights(candidates)
-    total, fastest, wsum = 1, math.inf, 0.0  # this request included
-    top, top_w, best = None, 0.0, -1.0
-    for c, w in zip(candidates, ws, strict=True):
+    bound or passed over; None when no node qualifies: the policy decides)."""
+    if not candidates:
+        return None, SPILL
+    ranked = order(key, candidates)
+    total, fastest = 1, math.inf  # this request included
+    for c in candidates:
         st = c.stats
         total += st.in_flight + st.remote_in_flight
         if 0 < st.token_gap < fastest:
             fastest = st.token_gap
-        wsum += w
-        score = -w / math.log(_u(key, node_hash(c.id)))
-        if score > best:
-            top, top_w, best = c, w, score
-    if top is None:
-        return None, SPILL
-    share = (1.0 + epsilon) * total / wsum
+    share = (1.0 + epsilon) * total / sum(w for _, w in ranked)
     limit = MAX_SLOWDOWN * fastest
-
-    def qualifies(node: P, weight: float) -> bool:
+    for i, (node, weight) in enumerate(ranked):
         st = node.stats
-        return (
+        if (
             load(node) + 1 <= math.ceil(share * weight)
             and st.token_gap <= limit
             and st.success.value(now) >= MIN_SUCCESS
             and not st.hung(now)
-        )
-
-    if qualifies(top, top_w):
-        return top, HIT
-    for node, weight in order(key, candidates)[1:]:
-        if qualifies(node, weight):
-            return node, SPILL
+        ):
+            return node, HIT if i == 0 else SPILL
     return None, SPILL

@@ -82,7 +82,8 @@ class Call:
     headers: CIMultiDict[str]  # what every attempt sends upstream (before the node's key)
     deadline: float  # clock() after which the request has failed
     need: int | None = None  # tokens of context and KV cache the request needs, if known
-    affinity: int | None = None  # the affinity key (router.affinity), when placement uses it
+    # the affinity key (router.affinity): (group, conversation), when placement uses it
+    affinity: tuple[int, int] | None = None
     failures: list[Failed] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
     # A 4xx held back while a node of another kind tries the request: whose fault?

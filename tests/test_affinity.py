@@ -23,9 +23,10 @@ def nodes(n: int, vram: float | None = 24.0) -> list[Node]:
     ]
 
 
-def keys(n: int, seed: int = 1) -> list[int]:
+def keys(n: int, seed: int = 1) -> list[tuple[int, int]]:
+    """Keys of sessions (group and conversation the same)."""
     rng = Random(seed)
-    return [rng.getrandbits(64) for _ in range(n)]
+    return [(k, k) for k in (rng.getrandbits(64) for _ in range(n))]
 
 
 def test_keys_follow_the_conversation_not_the_turn() -> None:
@@ -38,6 +39,7 @@ def test_keys_follow_the_conversation_not_the_turn() -> None:
     k1 = affinity_key(turn1, None, MODEL)
     assert k1 is not None and k1 == affinity_key(turn3, None, MODEL)
     assert affinity_key(other, None, MODEL) != k1  # same system prompt, another chat
+    assert affinity_key(other, None, MODEL)[0] == k1[0]  # ... in the same group
     assert affinity_key(turn1, None, "other-model") != k1
     by_session = affinity_key(turn1, "s-42", MODEL)
     assert by_session == affinity_key(other, "s-42", MODEL) != k1
@@ -56,6 +58,14 @@ def test_removing_one_node_of_ten_moves_only_its_keys() -> None:
     assert all(before[k] == "n0" for k in moved)  # only the removed node's keys move
     assert 0.08 <= len(moved) / len(before) <= 0.12  # about 1/N
     assert set(Counter(before.values())) == {n.id for n in fleet}
+
+
+def test_conversations_of_one_system_prompt_share_its_home_nodes() -> None:
+    fleet = nodes(8)
+    group = 0x5EED
+    homes = {order((group, c), fleet)[0][0].id for c in range(200)}
+    assert len(homes) == 2  # a quarter of the fleet caches this system prompt
+    assert len({order((g, g + 1), fleet)[0][0].id for g in range(200)}) == 8
 
 
 def test_keys_follow_claimed_vram() -> None:
@@ -128,7 +138,8 @@ async def test_a_conversation_stays_on_its_node_and_replicas_agree(
                     assert resp.status == 200
                     placed.setdefault(conversation, set()).add(resp.headers["x-ballast-node"])
     assert all(len(on) == 1 for on in placed.values())  # every turn, both replicas
-    assert len({next(iter(on)) for on in placed.values()}) >= 3  # conversations spread
+    # one system prompt: its conversations spread over its home, half of four nodes
+    assert len({next(iter(on)) for on in placed.values()}) == 2
     a.router.recorder.flush()
     async with http.get(a.url + "/metrics") as resp:
         text = await resp.text()
