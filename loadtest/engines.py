@@ -425,14 +425,14 @@ class Checks:
         import aiohttp
 
         admin = {"Authorization": f"Bearer {self.token}"}
-        same = reused = later = 0
+        same = reused = later = on_llamacpp = 0
         async with aiohttp.ClientSession() as http:
             policy = {"name": "score", "params": {}}
             async with http.put(self.router + "/admin/policy", json=policy, headers=admin):
                 pass
             for c in range(n):
                 messages = [
-                    {"role": "system", "content": "You answer questions. " * 40},
+                    {"role": "system", "content": f"You answer questions on topic {c}. " * 5},
                     {"role": "user", "content": f"Conversation {c}: tell me a story."},
                 ]
                 first = ""
@@ -447,17 +447,19 @@ class Checks:
                     else:
                         later += 1
                         same += node == first
-                        cache_n = (doc.get("timings") or {}).get("cache_n", 0)
-                        reused += self.engine_of.get(node) == "llamacpp" and cache_n > 0
+                        if self.engine_of.get(node) == "llamacpp":
+                            on_llamacpp += 1
+                            reused += (doc.get("timings") or {}).get("cache_n", 0) > 0
                     messages += [{"role": "assistant", "content": answer},
                                  {"role": "user", "content": f"And then? ({turn})"}]  # fmt: skip
             policy = {"name": "round_robin", "params": {}}
             async with http.put(self.router + "/admin/policy", json=policy, headers=admin):
                 pass
-        ok = same == later
+        ok = same == later and reused == on_llamacpp
         return (
             f"{'ok' if ok else 'FAIL'}: later turns on their conversation's node {same}/{later}; "
-            f"llama.cpp reused the cached prompt (timings.cache_n > 0) on {reused} of them"
+            f"of the {on_llamacpp} on llama.cpp servers, {reused} reused the cached prompt "
+            "(timings.cache_n > 0)"
         )
 
     def table(self, fleet_rows: list[tuple[str, str]]) -> str:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -54,6 +53,7 @@ BLOCK_CHARS = 1024  # a completion prompt's key covers its first this many chara
 MASK = (1 << 64) - 1
 HIT, SPILL, NONE = "hit", "spill", "none"
 MIN_SUCCESS = 0.8  # decayed success ratio below which a node is not an affinity target
+MAX_CACHED = 4096  # candidate sets, and groups per set, remembered
 HOME_SHARE = 0.25  # a group's home: this share of the candidates (at least two nodes)
 MAX_WEIGHT_OVER_MEDIAN = 4.0  # a node's weight is at most this times the median claim
 MAX_SLOWDOWN = 2.5  # an affinity target decodes at most this much slower than the fastest
@@ -137,44 +137,80 @@ def node_hash(node_id: str) -> int:
     return h
 
 
-def weights(candidates: Sequence[Placeable]) -> list[float]:
+def weights(candidates: Sequence[Placeable]) -> list[float] | None:
     """Each candidate's claimed VRAM, at most :data:`MAX_WEIGHT_OVER_MEDIAN` times the
-    candidates' median (a claim is only a claim); all 1 when any claims none."""
-    vram = [getattr(c, "vram_gb", None) for c in candidates]
-    if any(not v for v in vram):
-        return [1.0] * len(candidates)
-    cap = MAX_WEIGHT_OVER_MEDIAN * statistics.median(vram)  # type: ignore[type-var]
-    return [min(float(v), cap) for v in vram]  # type: ignore[arg-type]
+    candidates' median (a claim is only a claim); None (all weigh the same) when
+    all claim the same or any claims none."""
+    vram = [getattr(c, "vram_gb", None) or 0.0 for c in candidates]
+    low, high = min(vram), max(vram)
+    if low <= 0 or low == high:
+        return None
+    cap = MAX_WEIGHT_OVER_MEDIAN * sorted(vram)[len(vram) // 2]
+    return [min(v, cap) for v in vram]
 
 
 def home_size(n: int) -> int:
     return min(n, max(2, math.ceil(HOME_SHARE * n)))
 
 
-def order(key: Key, candidates: Sequence[P]) -> list[tuple[P, float]]:
-    """``candidates`` with their weights, in the key's order: the group's home
-    nodes, then the rest, each by the conversation's rendezvous scores."""
+def _scores(h: int, candidates: Sequence[Placeable], ws: list[float] | None) -> list[float]:
+    """Rendezvous scores of ``candidates`` for the hash ``h`` (``-w / ln(u)``; with
+    equal weights ``u`` itself, which orders the same)."""
+    if ws is None:
+        return [_u(h, node_hash(c.id)) for c in candidates]
+    return [-w / math.log(_u(h, node_hash(c.id))) for c, w in zip(candidates, ws, strict=True)]
+
+
+class _Set:
+    """What placement reuses for one set of candidates: weights, and each group's
+    home nodes (groups, system prompts, repeat across many conversations)."""
+
+    __slots__ = ("homes", "total_weight", "ws")
+
+    def __init__(self, candidates: Sequence[Placeable]) -> None:
+        self.ws = weights(candidates)
+        self.total_weight = sum(self.ws) if self.ws is not None else float(len(candidates))
+        self.homes: dict[int, list[int]] = {}
+
+    def home(self, group: int, candidates: Sequence[Placeable]) -> list[int]:
+        found = self.homes.get(group)
+        if found is None:
+            gs = _scores(group, candidates, self.ws)
+            by_group = sorted(range(len(candidates)), key=gs.__getitem__, reverse=True)
+            if len(self.homes) >= MAX_CACHED:
+                self.homes.clear()
+            found = self.homes[group] = by_group[: home_size(len(candidates))]
+        return found
+
+
+_SETS: dict[tuple[tuple[str, float | None], ...], _Set] = {}
+
+
+def _set_of(candidates: Sequence[Placeable]) -> _Set:
+    sig = tuple((c.id, getattr(c, "vram_gb", None)) for c in candidates)
+    found = _SETS.get(sig)
+    if found is None:
+        if len(_SETS) >= MAX_CACHED:
+            _SETS.clear()
+        found = _SETS[sig] = _Set(candidates)
+    return found
+
+
+def _ranking(key: Key, candidates: Sequence[Placeable], cset: _Set) -> list[int]:
+    """Candidate indices in the key's order: the group's home nodes, then the rest,
+    each by the conversation's scores."""
     group, conversation = key
-    ws = weights(candidates)
-    if group != conversation:
-        by_group = sorted(
-            range(len(candidates)),
-            key=lambda i: -ws[i] / math.log(_u(group, node_hash(candidates[i].id))),
-            reverse=True,
-        )
-        home = set(by_group[: home_size(len(candidates))])
-    else:
-        home = set(range(len(candidates)))
-    scored = [
-        (i in home, -w / math.log(_u(conversation, node_hash(c.id))), c, w)
-        for i, (c, w) in enumerate(zip(candidates, ws, strict=True))
-    ]
-    scored.sort(key=_rank, reverse=True)
-    return [(c, w) for _, _, c, w in scored]
+    n = len(candidates)
+    cs = _scores(conversation, candidates, cset.ws)
+    if group == conversation or n <= 2:
+        return sorted(range(n), key=cs.__getitem__, reverse=True)
+    home = set(cset.home(group, candidates))
+    return sorted(range(n), key=lambda i: (i in home, cs[i]), reverse=True)
 
 
-def _rank(item: tuple[bool, float, object, float]) -> tuple[bool, float]:
-    return item[0], item[1]
+def order(key: Key, candidates: Sequence[P]) -> list[P]:
+    """``candidates`` in the key's order."""
+    return [candidates[i] for i in _ranking(key, candidates, _set_of(candidates))]
 
 
 def load(node: Placeable) -> int:
@@ -185,25 +221,45 @@ def load(node: Placeable) -> int:
 def place(key: Key, candidates: Sequence[P], epsilon: float, now: float) -> tuple[P | None, str]:
     """The node for ``key`` and how it was chosen: ``hit`` (the key's own node) or
     ``spill`` (a later node in the key's order, its first ones being over their
-    bound or passed over; None when no node qualifies: the policy decides)."""
-    if not candidates:
+    bound or passed over; None when no node qualifies: the policy decides).
+
+    The key's own node is found among the group's home nodes alone (cached per
+    group); the whole order is built only when it does not qualify."""
+    n = len(candidates)
+    if not n:
         return None, SPILL
-    ranked = order(key, candidates)
+    cset = _set_of(candidates)
+    ws = cset.ws
     total, fastest = 1, math.inf  # this request included
     for c in candidates:
         st = c.stats
         total += st.in_flight + st.remote_in_flight
         if 0 < st.token_gap < fastest:
             fastest = st.token_gap
-    share = (1.0 + epsilon) * total / sum(w for _, w in ranked)
+    share = (1.0 + epsilon) * total / cset.total_weight
     limit = MAX_SLOWDOWN * fastest
-    for i, (node, weight) in enumerate(ranked):
-        st = node.stats
-        if (
-            load(node) + 1 <= math.ceil(share * weight)
+
+    def qualifies(i: int) -> bool:
+        st = candidates[i].stats
+        return (
+            st.in_flight + st.remote_in_flight + 1
+            <= math.ceil(share * (ws[i] if ws is not None else 1.0))
             and st.token_gap <= limit
             and st.success.value(now) >= MIN_SUCCESS
             and not st.hung(now)
-        ):
-            return node, HIT if i == 0 else SPILL
+        )
+
+    group, conversation = key
+    home = range(n) if group == conversation or n <= 2 else cset.home(group, candidates)
+    own = max(home, key=lambda i: _score(conversation, candidates[i], ws, i))
+    if qualifies(own):
+        return candidates[own], HIT
+    for i in _ranking(key, candidates, cset)[1:]:
+        if qualifies(i):
+            return candidates[i], SPILL
     return None, SPILL
+
+
+def _score(h: int, node: Placeable, ws: list[float] | None, i: int) -> float:
+    u = _u(h, node_hash(node.id))
+    return u if ws is None else -ws[i] / math.log(u)

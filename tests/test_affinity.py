@@ -52,8 +52,8 @@ def test_keys_follow_the_conversation_not_the_turn() -> None:
 
 def test_removing_one_node_of_ten_moves_only_its_keys() -> None:
     fleet = nodes(10)
-    before = {k: order(k, fleet)[0][0].id for k in keys(20_000)}
-    after = {k: order(k, fleet[1:])[0][0].id for k in before}
+    before = {k: order(k, fleet)[0].id for k in keys(20_000)}
+    after = {k: order(k, fleet[1:])[0].id for k in before}
     moved = [k for k in before if before[k] != after[k]]
     assert all(before[k] == "n0" for k in moved)  # only the removed node's keys move
     assert 0.08 <= len(moved) / len(before) <= 0.12  # about 1/N
@@ -63,34 +63,34 @@ def test_removing_one_node_of_ten_moves_only_its_keys() -> None:
 def test_conversations_of_one_system_prompt_share_its_home_nodes() -> None:
     fleet = nodes(8)
     group = 0x5EED
-    homes = {order((group, c), fleet)[0][0].id for c in range(200)}
+    homes = {order((group, c), fleet)[0].id for c in range(200)}
     assert len(homes) == 2  # a quarter of the fleet caches this system prompt
-    assert len({order((g, g + 1), fleet)[0][0].id for g in range(200)}) == 8
+    assert len({order((g, g + 1), fleet)[0].id for g in range(200)}) == 8
 
 
 def test_keys_follow_claimed_vram() -> None:
     fleet = nodes(3)
     fleet[0].vram_gb = 72.0  # three times the others
-    share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
+    share = Counter(order(k, fleet)[0].id for k in keys(30_000))
     assert 2.6 <= share["n0"] / share["n1"] <= 3.4
     fleet[0].vram_gb = 1_000_000.0  # a lie: weighs at most 4 times the median claim
-    share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
+    share = Counter(order(k, fleet)[0].id for k in keys(30_000))
     assert 3.4 <= share["n0"] / share["n1"] <= 4.6
     fleet[2].vram_gb = None  # a node claiming nothing: all weigh the same
-    share = Counter(order(k, fleet)[0][0].id for k in keys(30_000))
+    share = Counter(order(k, fleet)[0].id for k in keys(30_000))
     assert 0.9 <= share["n0"] / share["n1"] <= 1.1
 
 
 def test_a_hot_key_spills_past_its_bound_and_returns() -> None:
     fleet = nodes(4)
     key = keys(1)[0]
-    own = order(key, fleet)[0][0]
+    own = order(key, fleet)[0]
     node, how = place(key, fleet, 0.25, 0.0)
     assert node is own and how == HIT
     # Its node is over ceil(1.25 x its share of the load): the next in the key's order.
     own.stats.in_flight = 3
     node, how = place(key, fleet, 0.25, 0.0)
-    assert node is order(key, fleet)[1][0] and how == SPILL
+    assert node is order(key, fleet)[1] and how == SPILL
     for n in fleet:  # everyone busy: the bound grows with the mean
         n.stats.in_flight = 3
     node, how = place(key, fleet, 0.25, 0.0)
@@ -104,13 +104,13 @@ def test_a_hot_key_spills_past_its_bound_and_returns() -> None:
 def test_a_failing_or_slow_node_is_no_affinity_target() -> None:
     fleet = nodes(3)
     key = keys(1)[0]
-    own = order(key, fleet)[0][0]
+    own = order(key, fleet)[0]
     for _ in range(10):
         own.stats.success.record(False, 0.0)
     node, how = place(key, fleet, 0.25, 0.0)
     assert node is not own and how == SPILL
     fleet = nodes(3)
-    own = order(key, fleet)[0][0]
+    own = order(key, fleet)[0]
     for n in fleet:
         n.stats.token_gap = 0.01
     own.stats.token_gap = 0.04  # decodes four times slower than the fastest
