@@ -69,15 +69,17 @@ def stable_hash(*parts: str) -> int:
 
 
 def _text(message: Any) -> str:
+    """A message's role and text, at most :data:`BLOCK_CHARS` x 8 characters (the
+    key's cost is bounded whatever the prompt's length)."""
     if not isinstance(message, dict):
         return ""
     content = message.get("content")
-    if isinstance(content, str):
-        return f"{message.get('role')}:{content}"
     if isinstance(content, list):  # content parts: their text
         texts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        return f"{message.get('role')}:" + "".join(t for t in texts if isinstance(t, str))
-    return ""
+        content = "".join(t for t in texts if isinstance(t, str))
+    if not isinstance(content, str):
+        return ""
+    return f"{message.get('role')}:{content[: BLOCK_CHARS * 8]}"
 
 
 Key = tuple[int, int]  # (group, conversation)
