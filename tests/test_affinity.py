@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from random import Random
 
@@ -185,3 +188,34 @@ async def test_the_simulator_caches_prefixes(fleet: MakeSim, http: aiohttp.Clien
     assert cached[0][0] == 0
     assert all(0.8 * p <= c < p for c, p in cached[1:])  # all but the newest turn
     assert sim.cache is not None and sim.cache.hit == sum(c for c, _ in cached)
+
+
+def test_another_process_places_the_same_way() -> None:
+    """Keys and orders are the same in every process (no per-process hash seed)."""
+    script = (
+        "from router.affinity import affinity_key, order\n"
+        "from router.config import Scoring\n"
+        "from router.fleet import Node\n"
+        "ns = [Node(id=f'n{i}', url='http://n', models=['m'], scoring=Scoring(),"
+        " vram_gb=24 + 8 * (i % 3)) for i in range(8)]\n"
+        "for c in range(20):\n"
+        "    doc = {'messages': [{'role': 'system', 'content': f'S{c % 3}'},"
+        " {'role': 'user', 'content': f'U{c}'}]}\n"
+        "    print(order(affinity_key(doc, None, 'm'), ns)[0].id)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    ns = [
+        Node(id=f"n{i}", url="http://n", models=["m"], scoring=Scoring(), vram_gb=24 + 8 * (i % 3))
+        for i in range(8)
+    ]
+    here = []
+    for c in range(20):
+        doc = {"messages": [{"role": "system", "content": f"S{c % 3}"},
+                            {"role": "user", "content": f"U{c}"}]}  # fmt: skip
+        key = affinity_key(doc, None, "m")
+        assert key is not None
+        here.append(order(key, ns)[0].id)
+    assert out == here
