@@ -170,6 +170,14 @@ def vram_shares(scenario: dict[str, Any]) -> dict[str, float]:
     return {n: gb / total for n, gb in vram.items()}
 
 
+def cache_hit_rate(records: list[Record]) -> float | None:
+    """Share of the successful answers' prompt tokens served from the nodes' prefix
+    caches (answers that report usage); None without any."""
+    ok = [r for r in records if r.ok]
+    prompt = sum(r.prompt_tokens for r in ok)
+    return round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None
+
+
 def summarize(
     records: list[Record],
     duration: float,
@@ -180,11 +188,9 @@ def summarize(
     vram = vram or {}
     ok = [r for r in records if r.ok]
     share = Counter(r.node for r in ok)
-    prompt = sum(r.prompt_tokens for r in ok)
     mean_load = len(ok) / max(nodes, len(share), 1)
     return {
-        # prompt tokens served from the nodes' prefix caches (answers with usage)
-        "cache_hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
+        "cache_hit_rate": cache_hit_rate(ok),
         # the busiest node's answers over the mean per node of the fleet, and over its
         # share of the fleet's VRAM
         "max_load_over_mean": round(max(share.values()) / mean_load, 2) if share else None,
@@ -254,46 +260,46 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (records, _, _) in runs.items():
-        lat = sorted(r.latency * 1e3 for r in records if r.ok)
-        if lat:
-            ax.step(
-                lat, [(i + 1) / len(records) for i in range(len(lat))], where="post", label=name
-            )
-    ax.set_xscale("log")
-    ax.set_xlabel("latency (ms, log scale)")
-    ax.set_ylabel("share of all requests answered successfully")
-    ax.set_title("Latency CDF per policy (failed requests never reach the top)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    path = out / "latency_cdf.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
-
-    if any(r.prompt_tokens for records, _, _ in runs.values() for r in records):
-        fig, ax = plt.subplots(figsize=(8, 5))  # answers with usage: prefix caching at work
-        for name, (records, _, _) in runs.items():
-            ttft = sorted(r.ttfb * 1e3 for r in records if r.ok and r.ttfb >= 0)
-            hit = sum(r.cached_tokens for r in records) / max(
-                1, sum(r.prompt_tokens for r in records)
-            )
-            ax.step(
-                ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], where="post",
-                label=f"{name} (prefix cache hits {hit:.0%})",
-            )  # fmt: skip
+    def cdf(
+        name: str, curves: list[tuple[str, list[float], int]], x: str, y: str, title: str
+    ) -> None:
+        """One CDF plot: per curve a label, its values in ms and the count they are a share of."""
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for label, values, of in curves:
+            if values:
+                values = sorted(values)
+                ax.step(values, [(i + 1) / of for i in range(len(values))], where="post",
+                        label=label)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("time to first token (ms, log scale)")
-        ax.set_ylabel("share of requests")
-        ax.set_title("Time to first token per policy")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        path = out / "ttft_cdf.png"
+        path = out / name
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
+
+    written: list[Path] = []
+    cdf(
+        "latency_cdf.png",
+        [
+            (p, [r.latency * 1e3 for r in recs if r.ok], len(recs))
+            for p, (recs, _, _) in runs.items()
+        ],
+        "latency (ms, log scale)",
+        "share of all requests answered successfully",
+        "Latency CDF per policy (failed requests never reach the top)",
+    )
+    if any(r.prompt_tokens for records, _, _ in runs.values() for r in records):
+        curves = []  # answers with usage: prefix caching at work
+        for name, (records, _, _) in runs.items():
+            ttft = [r.ttfb * 1e3 for r in records if r.ok and r.ttfb >= 0]
+            hit = cache_hit_rate(records) or 0.0
+            curves.append((f"{name} (prefix cache hits {hit:.0%})", ttft, len(ttft)))
+        cdf("ttft_cdf.png", curves, "time to first token (ms, log scale)", "share of requests",
+            "Time to first token per policy")  # fmt: skip
 
     for name, (records, events, _) in runs.items():
         bins = max(1, int(duration))

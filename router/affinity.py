@@ -215,11 +215,6 @@ def order(key: Key, candidates: Sequence[P]) -> list[P]:
     return [candidates[i] for i in _ranking(key, candidates, _set_of(candidates))]
 
 
-def load(node: Placeable) -> int:
-    st = node.stats
-    return int(st.in_flight + st.remote_in_flight)
-
-
 def place(key: Key, candidates: Sequence[P], epsilon: float, now: float) -> tuple[P | None, str]:
     """The node for ``key`` and how it was chosen: ``hit`` (the key's own node) or
     ``spill`` (a later node in the key's order, its first ones being over their

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
+from typing import Any
 
 import orjson
 from aiohttp import ClientSession, TCPConnector, web
@@ -184,10 +185,8 @@ def new_session(cfg: Config, pooled: bool = True) -> ClientSession:
     resolver refuses addresses a self-registered node may not have
     (:mod:`router.addresses`); it adds no User-Agent or Accept-Encoding of its own."""
     resolver = GuardedResolver(AddressRules.of(cfg), hosts_of(n.url for n in cfg.nodes))
-    if pooled:
-        connector = TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60, resolver=resolver)
-    else:
-        connector = TCPConnector(limit=0, ttl_dns_cache=60, force_close=True, resolver=resolver)
+    reuse: dict[str, Any] = {"keepalive_timeout": 30} if pooled else {"force_close": True}
+    connector = TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver, **reuse)
     return ClientSession(
         connector=connector,
         auto_decompress=False,

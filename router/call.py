@@ -15,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from policies import RequestInfo
+from router.affinity import NONE
 from router.measure import Outcome
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class Exchange:
         self.finished_at = 0.0  # wall-clock time the answer ended
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
-        self.affinity = "none"  # hit, spill or none (router.affinity)
+        self.affinity = NONE  # hit, spill or none (router.affinity)
         self.outcomes: list[Outcome] = []
         # (node, reason, outcome) for each node that failed a stream mid-answer
         self.resumed: list[tuple[str, str, str]] = []

@@ -145,16 +145,16 @@ class Deliver:
                 if pass_through:
                     for event in events:
                         relay.track(event)
-                    if relay.failed_event or relay.garbage:
-                        return "garbage" if relay.garbage else "error_event"
+                    if relay.failure:
+                        return relay.failure
                     if events:
                         # Whole events only: a chunk that ends mid-event waits for the rest.
                         whole = not held and not relay.buf and chunk.endswith(b"\n\n")
                         await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
                 else:
                     rewritten = [e for e in map(relay.rewrite, events) if e is not None]
-                    if relay.failed_event or relay.garbage:
-                        return "garbage" if relay.garbage else "error_event"
+                    if relay.failure:
+                        return relay.failure
                     if rewritten:
                         await write(b"\n\n".join(rewritten) + b"\n\n")
                 now = clock()

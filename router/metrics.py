@@ -242,6 +242,14 @@ class StoreCollector:
         yield errors
 
 
+def _child(cache: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:
+    """``metric``'s child for ``labels``, looked up once and kept in ``cache``."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
 class Metrics:
     """The process's metrics; ``observe`` takes finished requests in batches."""
 
@@ -326,7 +334,7 @@ class Metrics:
             ["model", "outcome"],
             registry=reg,
         )
-        self._affinity: dict[tuple[str, str], Counter] = {}
+        self._affinity: dict[tuple[str, ...], Counter] = {}
         self.queue_wait = Histogram(
             "ballast_queue_wait_seconds",
             "Time requests waited for supply (only those that waited)",
@@ -343,7 +351,7 @@ class Metrics:
         self.collectors.register(StoreCollector(store))
         if proxy is not None and health is not None:
             self.collectors.register(RouterCollector(proxy, health, prober))
-        self._requests: dict[tuple[str, int], Counter] = {}
+        self._requests: dict[tuple[str, ...], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
 
     def observe(self, batch: Sequence[Exchange]) -> None:
@@ -352,10 +360,7 @@ class Metrics:
         retries = 0
         for ex in batch:
             model = label(ex.model)
-            child = requests.get((model, ex.status))
-            if child is None:
-                child = requests[(model, ex.status)] = self.requests.labels(model, str(ex.status))
-            child.inc()
+            _child(requests, self.requests, model, str(ex.status)).inc()
             hists = by_model.get(model)
             if hists is None:
                 hists = by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
@@ -364,12 +369,7 @@ class Metrics:
                 hists[1].observe(ex.ttfb)
             retries += max(0, ex.attempts - 1)
             if ex.attempts:
-                child = self._affinity.get((model, ex.affinity))
-                if child is None:
-                    child = self._affinity[(model, ex.affinity)] = self.affinity.labels(
-                        model, ex.affinity
-                    )
-                child.inc()
+                _child(self._affinity, self.affinity, model, ex.affinity).inc()
             if ex.queued_s:
                 self.queue_wait.observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:

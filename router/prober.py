@@ -61,6 +61,9 @@ MAX_MODELS_BYTES = 1 << 20  # a /v1/models (or probe) answer larger than this fa
 MAX_METRICS_BYTES = 4 << 20  # a /metrics page larger than this is not read
 
 
+Answers = dict[str, tuple[int, str]]  # model -> (challenge prompt, the node's answer)
+
+
 class ProbeFailed(Exception):
     """A failed probe. ``definitive``: the node contradicts its claims (a model it
     does not list or cannot serve), as opposed to a timeout or a 5xx that may pass."""
@@ -204,12 +207,12 @@ class Prober:
             async with self._slots:
                 state_before = node.state
                 try:
-                    findings = await self.probe(node)
+                    findings, answers = await self.probe(node)
                 except ProbeFailed as e:
                     self.outcomes["failed"] += 1
                     await self._failed(node, state_before, str(e), e.definitive)
                 else:
-                    await self._passed(node, state_before, findings)
+                    await self._passed(node, state_before, findings, answers)
         except Exception:
             log.exception("probe of %s failed unexpectedly", node.id)
         finally:
@@ -219,9 +222,9 @@ class Prober:
                 if not self._first_round:
                     self.settled.set()
 
-    async def _passed(self, node: Node, before: NodeState, findings: dict[str, object]) -> None:
-        answers = findings.pop("answers", {})
-        assert isinstance(answers, dict)
+    async def _passed(
+        self, node: Node, before: NodeState, findings: dict[str, object], answers: Answers
+    ) -> None:
         if self.challenges is not None:
             for model, (prompt, text) in answers.items():
                 self.challenges.record(model, node.engine, prompt, node.id, text)
@@ -264,8 +267,9 @@ class Prober:
             h["Authorization"] = node.auth_header
         return h
 
-    async def probe(self, node: Node) -> dict[str, object]:
+    async def probe(self, node: Node) -> tuple[dict[str, object], Answers]:
         """Check every claimed model with a real tiny inference; raise ProbeFailed.
+        Returns what was measured and the node's answers to the challenges.
 
         The inference is built and sent like proxied traffic (``Upstream.send``:
         the same headers, request id, key and connection handling), so a node
@@ -274,7 +278,7 @@ class Prober:
             async with asyncio.timeout(self.cfg.probe_timeout_s):
                 listed = await self._listed_models(node)
                 per_model: dict[str, dict[str, float]] = {}
-                answers: dict[str, tuple[int, str]] = {}
+                answers: Answers = {}
                 for model in node.models:
                     if listed is not None and model not in listed:
                         raise ProbeFailed(
@@ -287,7 +291,7 @@ class Prober:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise ProbeFailed(f"{type(e).__name__} {e}"[:300].strip()) from None
         first = next(iter(per_model.values()), {})
-        return {**first, "models": per_model, "answers": answers}
+        return {**first, "models": per_model}, answers
 
     async def _listed_models(self, node: Node) -> set[str] | None:
         """The models the node lists; also what it tells of its engine and context."""
@@ -350,9 +354,8 @@ class Prober:
                     relay.track(event)
                     if event.startswith(b"data: {"):
                         stamps.append(self.clock())
-                if relay.failed_event or relay.garbage:
-                    what = "an error event" if relay.failed_event else "not an SSE answer"
-                    raise ProbeFailed(f"inference on {model[:64]!r}: {what}")
+                if relay.failure:
+                    raise ProbeFailed(f"inference on {model[:64]!r}: {relay.failure}")
         if not stamps:  # an empty answer (an end of sequence at once) is an answer
             raise ProbeFailed(f"inference on {model[:64]!r}: no answer")
         out = {"ttfb_ms": round((stamps[0] - t0) * 1e3, 1)}

@@ -40,9 +40,8 @@ class Relay:
         "continued",
         "delivered",
         "done",
-        "failed_event",
+        "failure",
         "finish",
-        "garbage",
         "ident",
         "resumable",
         "role_sent",
@@ -60,8 +59,9 @@ class Relay:
         self.delivered = 0
         self.finish: str | None = None
         self.done = False  # [DONE] passed
-        self.failed_event = False  # the node sent an error event
-        self.garbage = False  # the node sent something that is not an SSE event of an answer
+        # Why the node's stream went bad: "error_event" (it sent an error event) or
+        # "garbage" (something that is not an SSE event of an answer); None: it did not.
+        self.failure: str | None = None
         self.resumable = True
         self.role_sent = False
         self.started = False  # the answer's first event has been read
@@ -91,7 +91,7 @@ class Relay:
         try:
             doc = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
-            self.garbage = True
+            self.failure = "garbage"
             return
         if self.started:
             # The usual event: one choice, one piece of text, nothing else to note.
@@ -115,7 +115,7 @@ class Relay:
         if not isinstance(doc, dict):
             return
         if "error" in doc:
-            self.failed_event = True
+            self.failure = "error_event"
             return
         if not self.started:
             self.started = True
@@ -129,7 +129,7 @@ class Relay:
         if event.startswith(DONE):
             self.done = True
         elif not event.lstrip().startswith(SSE_FIELDS):
-            self.garbage = True
+            self.failure = "garbage"
 
     def _read(self, doc: dict[str, Any]) -> None:
         choices = doc.get("choices")
@@ -186,7 +186,7 @@ class Relay:
         self.base = self.delivered
         self.continued += 1
         self.buf = b""  # what the failed node left half-sent is not the new node's
-        self.failed_event = self.garbage = False
+        self.failure = None
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""
@@ -196,12 +196,12 @@ class Relay:
         try:
             doc = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
-            self.garbage = True
+            self.failure = "garbage"
             return None
         if not isinstance(doc, dict):
             return None
         if "error" in doc:
-            self.failed_event = True
+            self.failure = "error_event"
             return None
         usage = doc.get("usage")
         if isinstance(usage, dict):
