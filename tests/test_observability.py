@@ -169,7 +169,9 @@ async def test_prometheus_scrapes_the_router_and_sees_the_traffic(
 ) -> None:
     binary = shutil.which("prometheus")
     assert binary, "prometheus missing: the test command installs Debian's prometheus"
-    a = await fleet("a", time_scale=1.0)  # H100 profile: ~45 ms per 4-token request
+    # H100 profile: about 80 ms per 8-token request, clear of the 50 and 100 ms bucket
+    # bounds (4 tokens took 45 to 50 ms: a slow machine put the median on the 50 ms bound)
+    a = await fleet("a", time_scale=1.0)
     r = await make_router([node_entry(a)])
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
@@ -198,7 +200,8 @@ async def test_prometheus_scrapes_the_router_and_sees_the_traffic(
         latencies = []
         for _ in range(30):
             t0 = time.perf_counter()
-            async with http.post(r.url + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
+            body = orjson.dumps(chat(max_tokens=8))
+            async with http.post(r.url + "/v1/chat/completions", data=body) as resp:
                 assert resp.status == 200
                 await resp.read()
             latencies.append(time.perf_counter() - t0)
