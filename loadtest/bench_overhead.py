@@ -347,8 +347,9 @@ def ballast_conf(
         yaml.safe_dump(
             {
                 "listen": {"host": "127.0.0.1", "port": port},
+                "shutdown": {"grace_s": 0},
                 "nodes": [{"id": "bench-node", "url": node_url, "models": [MODEL]}],
-                "logging": {"level": "warning", "access_log": observability},
+                "logging": {"level": "info", "access_log": observability},
                 "metrics": {"enabled": observability},
                 "resume": {"enabled": resume},
             }

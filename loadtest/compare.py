@@ -64,7 +64,7 @@ async def start_router(
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``ballast serve`` on a free port; its access log (stdout) into ``access_log``."""
     port = free_port()
-    cfg = {**cfg, "listen": {"host": "127.0.0.1", "port": port}}
+    cfg = {**cfg, "listen": {"host": "127.0.0.1", "port": port}, "shutdown": {"grace_s": 0}}
     path = tmp / f"router-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = access_log.open("ab") if access_log is not None else asyncio.subprocess.DEVNULL
@@ -127,7 +127,7 @@ async def run_policy(
             **scenario.get("router", {}),
             "nodes": fleet.router_nodes(),
             "policy": {"name": name},
-            "logging": {"level": "warning", "access_log": access_log is not None},
+            "logging": {"level": "info", "access_log": access_log is not None},
         }
         if policy.endswith("-noaffinity"):
             cfg["affinity"] = {"enabled": False}

@@ -8,6 +8,7 @@ import secrets
 
 from loadtest.simnode import SimNode, sim_config
 from router.app import serve
+from router.cli import command
 from router.config import parse_config
 
 DEMO_MODEL = "tiny-llama"
@@ -56,7 +57,8 @@ async def run_demo(host: str, port: int) -> None:
             f'"content": "Hello"}}], "max_tokens": 8}}\' -i',
             flush=True,
         )
-        print(f"Fleet table:  BALLAST_ADMIN_TOKEN={token} ballast nodes --router {url}")
+        print(f"Fleet table:  BALLAST_ADMIN_TOKEN={token} {command()} nodes --router {url}")
+        print(f"Status page:  {url}/ui  (admin token {token})")
         print(f"Metrics:      curl -s {url}/metrics")
         print("Press Ctrl-C to stop.", flush=True)
 

@@ -161,6 +161,7 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
         yaml.safe_dump(
             {
                 "listen": {"host": "127.0.0.1", "port": port},
+                "shutdown": {"grace_s": 0},
                 # Round robin, so that every engine sees every feature.
                 "policy": {"name": "round_robin"},
                 "nodes": [{"id": n.id, "url": n.url, "models": [n.model]} for n in nodes],
@@ -176,7 +177,7 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
                     "engine_metrics_interval_s": 1,
                 },
                 "admin": {"token_env": "BALLAST_ADMIN_TOKEN"},
-                "logging": {"level": "warning", "access_log": False},
+                "logging": {"level": "info", "access_log": False},
             }
         )
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from policies import Policy, PolicyError, build_policy
 from router.addresses import AddressRules, GuardedResolver, hosts_of
 from router.config import Config, ConfigError, load_config
-from router.errors import error_body, error_response
+from router.errors import ROUTER_NODE, error_body, error_response
 from router.fleet import Fleet
 from router.health import HealthMonitor
 from router.logs import AccessLog
@@ -61,6 +62,7 @@ class Router:
     prober: Prober | None
     clock: Callable[[], float]
     config_path: Path | None = None
+    draining: bool = False  # SIGTERM received: /readyz fails, connections close after use
     _models_body: bytes = b""
     _models_version: int = -1
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -91,16 +93,27 @@ class Router:
         log.warning("policy %s adopted from the shared store", name)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and apply (and share) the policy from it."""
+        """SIGHUP: re-read the config file, apply (and share) its policy, and name the
+        sections that changed but take effect only after a restart."""
         if self.config_path is None:
             return
         try:
             cfg = load_config(self.config_path)
             self.swap_policy(cfg.policy.name, cfg.policy.params)
         except (ConfigError, PolicyError) as e:
-            log.error("reload failed, keeping the current policy: %s", e)
+            log.error("reload failed, keeping the current config: %s", e)
             return
-        log.warning("reloaded %s: policy %s", self.config_path, cfg.policy.name)
+        pending = [
+            name
+            for name in type(cfg).model_fields
+            if name != "policy"
+            and getattr(cfg, name) != getattr(self.cfg, name)
+            and not (name == "listen" and cfg.listen.host == self.cfg.listen.host)  # --port
+        ]
+        log.warning(
+            "reloaded %s: policy %s applied%s", self.config_path, cfg.policy.name,
+            f"; changed but applied only after a restart: {', '.join(pending)}" if pending else "",
+        )  # fmt: skip
         task = asyncio.get_running_loop().create_task(
             self.store.publish_policy(cfg.policy.name, cfg.policy.params)
         )
@@ -109,7 +122,14 @@ class Router:
 
 
 ROUTER = web.AppKey("router", Router)
+
+
+class ListenError(Exception):
+    """The listening socket could not be opened (the message says what to do)."""
+
+
 STARTUP_PROBE_S = 3.0  # longest wait at start for the first probes of static nodes
+DRAIN_POLL_S = 0.05  # how often a drain looks whether requests in flight have finished
 GC_GEN0 = 20_000  # allocations between young-generation collections (CPython's default: 700)
 
 
@@ -279,8 +299,10 @@ def create_app(
                     async with asyncio.timeout(min(cfg.health.probe_timeout_s, STARTUP_PROBE_S)):
                         await router.prober.settled.wait()
             router.recorder.start()
+            router.metrics.start()
             yield
             await router.recorder.stop()
+            await router.metrics.stop()
             if router.prober is not None:
                 await router.prober.stop()
             await router.health.stop()
@@ -289,21 +311,36 @@ def create_app(
     app.cleanup_ctx.append(pool)
 
     async def inference(request: web.Request) -> web.StreamResponse:
-        return await request.app[ROUTER].proxy.handle(request)
+        router = request.app[ROUTER]
+        response = await router.proxy.handle(request)
+        if router.draining:  # the client's next request opens a connection elsewhere
+            response.force_close()
+        return response
 
     async def models(request: web.Request) -> web.Response:
         body = request.app[ROUTER].models_body()
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", headers=ROUTER_NODE)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        """Whether this process takes traffic: it is up, its config and first state are
+        loaded (it answers only then), and it is not draining. A store outage leaves it
+        ready (the request path never waits on the store) and a fleet without routable
+        nodes too (requests then queue and get 503 with Retry-After): both are reported
+        here and in the metrics, for alerts, not for the load balancer."""
         router = request.app[ROUTER]
         n = router.fleet.routable_count()
         store = f"{router.store.backend}:{'ok' if router.store.healthy else 'degraded'}"
-        body = {"status": "ready" if n else "not_ready", "routable_nodes": n, "store": store}
-        return web.json_response(body, status=200 if n else 503)
+        body: dict[str, object] = {
+            "status": "draining" if router.draining else "ready",
+            "routable_nodes": n,
+            "store": store,
+        }
+        if "verbose" in request.query:
+            body["models"] = router.fleet.supply_by_model()
+        return web.json_response(body, status=503 if router.draining else 200)
 
     async def metrics(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
@@ -395,14 +432,23 @@ async def serve(
     stop: asyncio.Event | None = None,
     reuse_port: bool = False,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop``); SIGHUP reloads the policy."""
+    """Run until SIGINT/SIGTERM (or ``stop``), then drain (see :func:`drain`); SIGHUP
+    reloads the config file."""
     app = create_app(cfg, config_path)
-    runner = Runner(app, cfg, shutdown_timeout=30)
+    runner = Runner(app, cfg, shutdown_timeout=1.0)  # after drain(): what is left is cut
     await runner.setup()
     site = web.TCPSite(
         runner, cfg.listen.host, cfg.listen.port, backlog=2048, reuse_port=reuse_port or None
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        where = f"{cfg.listen.host}:{cfg.listen.port}"
+        hint = "another process holds it; stop it or choose another port with --port"
+        if e.errno != errno.EADDRINUSE:
+            hint = "check listen.host and listen.port"
+        raise ListenError(f"cannot listen on {where}: {e.strerror}; {hint}") from None
     port = runner.addresses[0][1]
     # What start-up built lives as long as the process: keep the cyclic garbage
     # collector off it, and let it run less often (requests make few cycles).
@@ -410,16 +456,54 @@ async def serve(
     gc.freeze()
     gc.set_threshold(GC_GEN0, 20, 20)
     stop = stop or asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, app[ROUTER].reload)
-    log.warning("ballast listening on http://%s:%d", cfg.listen.host, port)
+    log.info("ballast listening on http://%s:%d", cfg.listen.host, port)
     if ready is not None:
         ready(port)
     try:
         await stop.wait()
+        stop.clear()
+        # Ctrl-C is someone at a terminal: no load balancer to wait for.
+        grace = 0.0 if signals[:1] == [signal.SIGINT] else cfg.shutdown.grace_s
+        await drain(app[ROUTER], runner, grace, stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+async def drain(router: Router, runner: web.AppRunner, grace: float, again: asyncio.Event) -> None:
+    """Graceful stop. For ``grace`` seconds (``shutdown.grace_s``) keep serving while
+    ``/readyz`` fails and every answer closes its connection, so load balancers move
+    new requests elsewhere; a second signal cuts that short. Then stop accepting,
+    close idle connections, and give requests in flight ``shutdown.drain_s`` to
+    finish; streams still running then end with an error event."""
+    router.draining = True
+    proxy, drain_s = router.proxy, router.cfg.shutdown.drain_s
+    log.info(
+        "draining: not ready; accepting for %.0f s, then %.0f s for %d request(s) in flight",
+        grace, drain_s, proxy.active,
+    )  # fmt: skip
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(again.wait(), grace)
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections close now
+    end = time.monotonic() + drain_s
+    while proxy.active and time.monotonic() < end:  # noqa: ASYNC110 - once, at exit
+        await asyncio.sleep(DRAIN_POLL_S)
+    if ended := proxy.deliver.end_streams():
+        log.warning("drain time over: %d stream(s) ended with an error event", ended)
+        await asyncio.wait(list(proxy.deliver.streams), timeout=1.0)
+    if proxy.active:
+        log.warning("drain time over: %d request(s) cut", proxy.active)

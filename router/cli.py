@@ -30,8 +30,20 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
         runner = asyncio.Runner()
+    from router.app import ListenError
+
     with runner:
-        runner.run(coro)
+        try:
+            runner.run(coro)
+        except ListenError as e:
+            raise SystemExit(f"ballast: {e}") from None
+
+
+def command() -> str:
+    """How to run this command again, as the user started it."""
+    if Path(sys.argv[0]).name == "ballast":
+        return sys.argv[0]
+    return f"{sys.executable} -m router.cli"
 
 
 def _load(path: str) -> Any:
@@ -93,9 +105,15 @@ def cmd_policies(args: argparse.Namespace) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     cfg = _load(args.config)
+    if cfg.state.sentinel:
+        state = f"redis sentinel {cfg.state.sentinel.service}"
+    elif cfg.state.redis_url:
+        state = "redis cluster" if cfg.state.cluster else "redis"
+    else:
+        state = "in-memory"
     print(
         f"{args.config}: ok ({len(cfg.nodes)} static node(s), policy {cfg.policy.name}, "
-        f"state {'redis' if cfg.state.redis_url else 'in-memory'})"
+        f"state {state})"
     )
 
 
@@ -138,6 +156,8 @@ def render_fleet(doc: dict[str, Any]) -> str:
             return ",".join(v or [])
         if key in ("share", "affinity_share"):
             return f"{(v or 0) * 100:.1f}%"
+        if key in ("cost", "latency_ms", "success_ratio") and not row.get("requests"):
+            return "-"  # untried: its estimates are priors, not measurements
         if key == "success_ratio":
             return f"{v:.3f}"
         if key == "cost":
@@ -193,12 +213,23 @@ def cmd_agent(args: argparse.Namespace) -> None:
     _run(run_agent(cfg))
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ballast")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ballast", description="Inference request router for unreliable GPU fleets."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p = sub.add_parser("serve", help="run the router")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--port", type=int, help="override listen.port")

@@ -292,6 +292,13 @@ class MetricsConfig(_Strict):
     max_nodes: int = Field(1000, ge=0, le=100_000)  # nodes with per-node series
 
 
+class ShutdownConfig(_Strict):
+    # On SIGTERM: keep accepting for grace_s while /readyz fails (load balancers take
+    # the router out), then stop accepting and give requests in flight drain_s.
+    grace_s: float = Field(5.0, ge=0, le=300)
+    drain_s: float = Field(60.0, gt=0, le=3600)
+
+
 class AdminConfig(_Strict):
     token_env: str | None = None
 
@@ -315,6 +322,7 @@ class Config(_Strict):
     resume: ResumeConfig = Field(default_factory=ResumeConfig)
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -323,11 +331,15 @@ class Config(_Strict):
             if node.id in seen:
                 raise ValueError(f"nodes[{i}].id: duplicate node id {node.id!r}")
             seen.add(node.id)
-        from policies import POLICIES
+        from policies import POLICIES, build_policy
 
         if self.policy.name not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy.name: unknown policy {self.policy.name!r} (known: {known})")
+        try:  # the parameters as `serve` will take them
+            build_policy(self.policy.name, self.policy.params)
+        except ValueError as e:
+            raise ValueError(f"policy.params: {e}") from None
         return self
 
 

@@ -11,6 +11,7 @@ can, the stream ends with an SSE error event.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientError, web
@@ -47,6 +48,14 @@ class Deliver:
         self.resume = resume
         self.track = track  # False (resume.enabled: false): bytes pass as they come
         self.straggler_factor = straggler_factor  # 0: never move a slow stream
+        self.streams: set[asyncio.Task[object]] = set()  # relaying now (ended on shutdown)
+
+    def end_streams(self) -> int:
+        """Shutdown, after the drain time: end every stream still relaying with an
+        error event (the client can read it; the connection then closes)."""
+        for task in self.streams:
+            task.cancel()
+        return len(self.streams)
 
     async def __call__(self, call: Call, opened: Opened) -> web.StreamResponse:
         response = opened.response
@@ -74,6 +83,9 @@ class Deliver:
         current: Opened | None = opened
         chunk = opened.first
         pace = self.straggler_factor > 0
+        task = asyncio.current_task()
+        if task is not None:
+            self.streams.add(task)
         try:
             await out.prepare(call.request)
             while current is not None:
@@ -107,10 +119,19 @@ class Deliver:
         except ConnectionResetError:
             if current is not None:
                 current.close(Outcome.CANCELLED)  # the client went away
+        except asyncio.CancelledError:
+            # The router is stopping (end_streams) or the client left: end the
+            # stream properly where the client can still read it.
+            if current is not None:
+                current.close(Outcome.CANCELLED)
+            await _end_stream(out, "the router stopped before the answer ended", "router_stopped")
+            raise
         except BaseException:
             if current is not None:
                 current.close(Outcome.CANCELLED)
             raise
+        finally:
+            self.streams.discard(task)  # type: ignore[arg-type]
 
     async def _copy(
         self,
@@ -209,5 +230,5 @@ async def _end_stream(out: web.StreamResponse, message: str, code: str) -> None:
     try:
         await out.write(sse_error_event(message, code))
         await out.write_eof()
-    except ConnectionResetError:
+    except (ConnectionResetError, RuntimeError):  # the client left; the response closed
         pass

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from router.call import Failed
 
 
+ROUTER_NODE = {"x-ballast-node": "ballast"}  # answers the router gives itself
+
+
 def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> bytes:
@@ -30,11 +33,12 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
+    """An error the router gives itself: ``x-ballast-node: ballast`` says so."""
     return web.Response(
         status=status,
         body=error_body(message, type_, code, param),
         content_type="application/json",
-        headers=headers,
+        headers={**headers, **ROUTER_NODE} if headers else ROUTER_NODE,
     )
 
 

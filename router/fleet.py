@@ -194,6 +194,16 @@ class Fleet:
     def routable_count(self) -> int:
         return sum(1 for n in self.nodes.values() if n.state in ROUTABLE)
 
+    def supply_by_model(self) -> dict[str, dict[str, int]]:
+        """Per model: nodes claiming it, and how many of them are routable."""
+        out: dict[str, dict[str, int]] = {}
+        for node in self.nodes.values():
+            for model in node.models:
+                row = out.setdefault(model, {"nodes": 0, "routable": 0})
+                row["nodes"] += 1
+                row["routable"] += node.state in ROUTABLE
+        return dict(sorted(out.items()))
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Apply many changes with one index rebuild at the end."""

@@ -36,6 +36,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from policies import Policy
 from router.call import Exchange
@@ -46,6 +47,7 @@ from router.health import HealthMonitor
 from router.prober import Prober
 from router.proxy import Proxy
 from router.store import StateStore
+from router.tasks import cancel_and_wait
 from router.view import node_rows
 
 # LLM latencies: tens of milliseconds (a cached embedding) to minutes (long generations).
@@ -53,6 +55,8 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
 )  # fmt: skip
 GIB = 1024**3
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIRROR_INTERVAL_S = 1.0  # with --workers: how often a worker copies its per-process series
 RENDER_SWITCH_S = 0.0005
 RESUME_REASONS = ("reset", "stalled", "error_event", "garbage", "truncated")
 
@@ -242,6 +246,105 @@ class StoreCollector:
         yield errors
 
 
+class OwnProcessCollector:
+    """This process's CPU time and resident memory under Ballast's own names, so one
+    dashboard query is right with and without ``--workers`` (where prometheus-client's
+    process series are absent)."""
+
+    def collect(self) -> Iterator[Metric]:
+        t = os.times()
+        cpu = CounterMetricFamily("ballast_process_cpu_seconds", "CPU time of router processes")
+        cpu.add_metric([], t.user + t.system)
+        yield cpu
+        rss = GaugeMetricFamily(
+            "ballast_process_resident_memory_bytes", "Resident memory of router processes"
+        )
+        rss.add_metric([], _rss_bytes())
+        yield rss
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return float(f.read().split()[1]) * PAGE
+    except OSError:
+        return 0.0
+
+
+# Per-process values (counters, and gauges that add up over processes): with
+# --workers they are copied into prometheus-client's shared files (see Mirror).
+PER_PROCESS = frozenset(
+    {
+        "ballast_upstream_attempts",
+        "ballast_node_in_flight",
+        "ballast_ejections",
+        "ballast_probes",
+        "ballast_hedges",
+        "ballast_hedges_won",
+        "ballast_queue_length",
+        "ballast_process_cpu_seconds",
+        "ballast_process_resident_memory_bytes",
+    }
+)
+
+
+class Without:
+    """A collector's families but those named in ``names``."""
+
+    def __init__(self, collector: Collector, names: frozenset[str]) -> None:
+        self.collector = collector
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        return (f for f in self.collector.collect() if f.name not in self.names)
+
+
+class Mirror:
+    """With ``serve --workers N``: this worker's per-process series, copied into the
+    files all workers share, so any worker's ``/metrics`` reports their sum.
+    Counters grow by what this process added since the last copy (a node forgotten
+    and seen again restarts its local count; the shared one never goes back);
+    gauges are summed over live workers. Copied every ``MIRROR_INTERVAL_S`` and
+    before a scrape, off the request path."""
+
+    def __init__(self, sources: Sequence[Collector], registry: CollectorRegistry) -> None:
+        self.sources = sources
+        self.registry = registry
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def sync(self) -> None:
+        for source in self.sources:
+            for fam in source.collect():
+                if fam.name not in PER_PROCESS:
+                    continue
+                for sample in fam.samples:
+                    labels = tuple(sample.labels.values())
+                    metric = self._metric(fam, list(sample.labels))
+                    child = metric.labels(*labels) if labels else metric
+                    if isinstance(child, Gauge):
+                        child.set(sample.value)
+                        continue
+                    key = (fam.name, labels)
+                    delta = sample.value - self._last.get(key, 0.0)
+                    self._last[key] = sample.value
+                    if delta > 0:
+                        child.inc(delta)
+
+    def _metric(self, fam: Metric, labels: list[str]) -> Counter | Gauge:
+        metric = self._metrics.get(fam.name)
+        if metric is None:
+            if fam.type == "counter":
+                metric = Counter(fam.name, fam.documentation, labels, registry=self.registry)
+            else:
+                metric = Gauge(
+                    fam.name, fam.documentation, labels, registry=self.registry,
+                    multiprocess_mode="livesum",
+                )  # fmt: skip
+            self._metrics[fam.name] = metric
+        return metric
+
+
 def _child(cache: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:
     """``metric``'s child for ``labels``, looked up once and kept in ``cache``."""
     child = cache.get(labels)
@@ -345,14 +448,39 @@ class Metrics:
         def policy() -> Policy | None:
             return proxy.policy if proxy is not None else None
 
-        self.collectors.register(
-            FleetCollector(fleet, clock, policy, self.model_label, cfg.max_nodes)
-        )
-        self.collectors.register(StoreCollector(store))
+        local: list[Collector] = [
+            FleetCollector(fleet, clock, policy, self.model_label, cfg.max_nodes),
+            OwnProcessCollector(),
+        ]
         if proxy is not None and health is not None:
-            self.collectors.register(RouterCollector(proxy, health, prober))
+            local.append(RouterCollector(proxy, health, prober))
+        self.mirror: Mirror | None = None
+        if self.multiprocess:
+            self.mirror = Mirror(local, reg)
+            local = [Without(c, PER_PROCESS) for c in local]
+        for collector in local:
+            self.collectors.register(collector)
+        self.collectors.register(StoreCollector(store))
+        self._mirroring: asyncio.Task[None] | None = None
         self._requests: dict[tuple[str, ...], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def start(self) -> None:
+        if self.mirror is not None:
+            self._mirroring = asyncio.get_running_loop().create_task(self._mirror(self.mirror))
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._mirroring)
+        if self.mirror is not None:
+            self.mirror.sync()  # what this worker counted last outlives it
+
+    async def _mirror(self, mirror: Mirror) -> None:
+        while True:
+            await asyncio.sleep(MIRROR_INTERVAL_S)
+            try:
+                mirror.sync()
+            except RuntimeError:  # a node table changed mid-read: next time
+                pass
 
     def observe(self, batch: Sequence[Exchange]) -> None:
         """Count a batch of finished requests (from the Recorder)."""
@@ -394,6 +522,8 @@ class Metrics:
         """The exposition, rendered in a worker thread; scrapes arriving meanwhile
         share that rendering."""
         if self._rendering is None:
+            if self.mirror is not None:
+                self.mirror.sync()
             self._rendering = asyncio.ensure_future(asyncio.to_thread(self._render))
             self._rendering.add_done_callback(self._rendered)
         return await asyncio.shield(self._rendering)

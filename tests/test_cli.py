@@ -82,7 +82,13 @@ def serve_config(tmp_path: Path, sim: SimNode) -> tuple[int, Path]:
     port = free_port()
     cfg = tmp_path / "ballast.yaml"
     cfg.write_text(
-        yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": port}, "nodes": [node_entry(sim)]})
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "nodes": [node_entry(sim)],
+                "shutdown": {"grace_s": 0},
+            }
+        )
     )
     return port, cfg
 

@@ -298,7 +298,7 @@ async def test_access_log_lines(fleet: MakeSim, tmp_path: Path) -> None:
     async with asyncio.timeout(30):
         while b"listening on" not in (first := await proc.stderr.readline()):
             pass
-    assert orjson.loads(first)["level"] == "warning"  # the process log is JSON
+    assert orjson.loads(first)["level"] == "info"  # the process log is JSON
     prompt = "my very private prompt"
     async with aiohttp.ClientSession() as http:
         body = orjson.dumps(

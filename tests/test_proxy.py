@@ -270,8 +270,8 @@ async def test_no_routable_node_is_503_with_retry_after(
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert_error(await resp.json(), "no_capacity")
-    async with http.get(r.url + "/readyz") as resp:
-        assert resp.status == 503
+    async with http.get(r.url + "/readyz") as resp:  # ready: it answers, with 503s
+        assert resp.status == 200 and (await resp.json())["routable_nodes"] == 0
 
 
 async def test_models_health_and_unknown_paths(

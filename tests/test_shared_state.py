@@ -59,8 +59,9 @@ async def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
                 "join_token_env": "TEST_JOIN_TOKEN",
                 "allowed_networks": ["127.0.0.0/8"],
             },
-            "logging": {"level": "warning", "access_log": False},
+            "logging": {"level": "info", "access_log": False},
             "health": {"probe": False},
+            "shutdown": {"grace_s": 0},
             **cfg,
         }
         path = tmp_path / f"ballast-{port}.yaml"
@@ -295,6 +296,31 @@ async def test_workers_share_one_port_state_and_metrics(
             text = await resp.text()
         line = next(x for x in text.splitlines() if x.startswith("ballast_requests_total{"))
         assert float(line.rsplit(" ", 1)[1]) == 100  # summed over both workers
+
+        # Per-node counters live in each worker's scoreboard: copied into the shared
+        # files, any worker's scrape reports their sum, and it never goes back.
+        attempts = 'ballast_upstream_attempts_total{node="w",outcome="ok"}'
+
+        async def scrape() -> dict[str, float]:
+            async with http.get(url + "/metrics") as resp:
+                text = await resp.text()
+            return {
+                k: float(v)
+                for k, _, v in (x.rpartition(" ") for x in text.splitlines())
+                if k and not k.startswith("#")
+            }
+
+        async def all_attempts_counted() -> bool:
+            return (await scrape()).get(attempts) == 100
+
+        await until(all_attempts_counted, within=5.0)
+        cpu = []
+        for _ in range(8):
+            seen = await scrape()
+            assert seen[attempts] == 100
+            assert "process_cpu_seconds_total" not in seen  # one process's; here misleading
+            cpu.append(seen["ballast_process_cpu_seconds_total"])
+        assert cpu == sorted(cpu) and cpu[0] > 0
 
 
 async def test_agent_registers_and_keeps_the_node_alive(
