@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -232,6 +232,7 @@ class SimNode:
         self.running = 0
         self.waiting = 0
         self.requests = 0
+        self.callers: Counter[str] = Counter()  # requests by sending router (x-ballast-via)
         self.cancelled = 0  # requests whose client (the router) went away
         self.cancel_seen = asyncio.Event()
         self.arrived = asyncio.Event()  # set once a request has reached the node
@@ -291,6 +292,7 @@ class SimNode:
 
     async def _preamble(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
         self.requests += 1
+        self.callers[request.headers.get("x-ballast-via", "")] += 1
         self.arrived.set()
         quirks = self.cfg.quirks
         rid = request.headers.get("x-request-id", "")

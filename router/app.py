@@ -339,6 +339,7 @@ def create_app(
             "store": store,
         }
         if "verbose" in request.query:
+            body["routers"] = len(router.store.routers)
             body["models"] = router.fleet.supply_by_model()
         return web.json_response(body, status=503 if router.draining else 200)
 

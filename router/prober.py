@@ -21,7 +21,11 @@ its ejected nodes are probed every half second and return as soon as they
 answer, instead of waiting out their back-off.
 
 Probes run with bounded concurrency, jittered intervals and their own timeout;
-no answer is read beyond a bound, and no redirect is followed.
+no answer is read beyond a bound, and no redirect is followed. With several
+router processes sharing a store, each node is probed by one of them (chosen by
+:func:`probe_key` and the store's rendezvous hashing) and the verdict reaches the
+others through the store, so the probe load on a node does not grow with the
+number of routers.
 
 Optionally (``health.scrape_engine_metrics``) the nodes' own ``/metrics`` are
 scraped: vLLM, SGLang and llama.cpp queue depth, running requests and KV-cache
@@ -62,6 +66,13 @@ MAX_METRICS_BYTES = 4 << 20  # a /metrics page larger than this is not read
 
 
 Answers = dict[str, tuple[int, str]]  # model -> (challenge prompt, the node's answer)
+
+
+def probe_key(node: Node) -> str:
+    """Which router process probes a node (:meth:`StateStore.owns`): all nodes whose
+    first model is the same go to one process, so that its challenges compare
+    their answers with each other."""
+    return min(node.models, default="")
 
 
 class ProbeFailed(Exception):
@@ -180,6 +191,13 @@ class Prober:
                 dip = self._dip()
             pace = self._pace(node, dip)
             if pace is None:
+                continue
+            if not self.store.owns(probe_key(node)):  # another router process probes it
+                self._first_round.discard(node.id)
+                if not self._first_round:
+                    self.settled.set()
+                node.next_probe = now + self._interval(pace)
+                heapq.heappush(due, (node.next_probe, node_id))
                 continue
             backoff = node.ejected_until - self.wall()
             if node.state is NodeState.REGISTERED and backoff > 0:

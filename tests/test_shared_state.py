@@ -596,3 +596,49 @@ async def test_replicas_over_a_unix_socket(
     async with redis_process(tmp_path, "--port", "0", "--unixsocket", str(path)):
         await until(lambda: redis_answers(url), within=10.0)
         await replicas_share_a_registration(fleet, replica, url, "via-unix")
+
+
+async def test_replicas_split_the_probes_and_take_over(
+    fleet: MakeSim, redis_server: RedisServer, replica: StartReplica
+) -> None:
+    """Each node is probed by one live replica (rendezvous over the replicas that
+    heartbeat in Redis), so probe load per node does not grow with the number of
+    routers; when a replica dies the survivor takes its nodes over."""
+    sims = [await fleet(f"n{i}", models=(f"m{i}",)) for i in range(8)]
+    health = {"probe_interval_s": 0.3, "verified_probe_interval_s": 0.3, "challenges": False}
+    nodes = [node_entry(s) for s in sims]
+    a_proc, a = await replica(redis_server.url, nodes, health=health)
+    _, b = await replica(redis_server.url, nodes, health=health)
+    async with aiohttp.ClientSession() as http:
+
+        async def both_routable_and_known() -> bool:
+            for url in (a, b):
+                async with http.get(url + "/readyz?verbose") as resp:
+                    doc = await resp.json()
+                if doc["routable_nodes"] != len(sims) or doc["routers"] != 2:
+                    return False
+            return True
+
+        await until(both_routable_and_known, within=15.0)
+
+    async def probed_again(times: int) -> bool:
+        return all(sum(s.callers.values()) >= times for s in sims)
+
+    for times in (1, 3):  # the first round may hold probes sent before both knew
+        for sim in sims:
+            sim.callers.clear()
+        await until(lambda n=times: probed_again(n), within=15.0)
+    owners = {s.cfg.id: set(s.callers) for s in sims}
+    assert all(len(o) == 1 for o in owners.values()), owners  # one prober per node
+
+    a_proc.kill()  # no goodbye: its share moves once its heartbeat is stale
+    await a_proc.wait()
+    for sim in sims:
+        sim.callers.clear()
+
+    async def survivor_probes_all() -> bool:
+        return all(s.callers for s in sims)
+
+    await until(survivor_probes_all, within=15.0)
+    survivors = {c for s in sims for c in s.callers}
+    assert len(survivors) == 1  # every node, including the dead replica's, by b

@@ -33,6 +33,7 @@ log = logging.getLogger("ballast.store")
 class StateStore(Protocol):
     backend: str
     errors: int  # failed store operations since start
+    routers: tuple[str, ...]  # live router processes sharing the fleet (ids)
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +68,11 @@ class StateStore(Protocol):
 
     on_policy: Callable[[str, dict[str, Any]], None] | None
 
+    def owns(self, key: str) -> bool:
+        """Whether this process does the shared work for ``key`` (probing the nodes
+        of a model): one live router process per key."""
+        ...
+
 
 def apply_heartbeat(
     fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float, verify: bool
@@ -86,6 +92,7 @@ class MemoryStore:
 
     backend = "memory"
     errors = 0
+    routers = ("local",)
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
 
     def __init__(
@@ -135,6 +142,9 @@ class MemoryStore:
 
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         return None
+
+    def owns(self, key: str) -> bool:
+        return True
 
     async def _expire_loop(self) -> None:
         while True:

@@ -15,7 +15,11 @@ The request path never awaits Redis. Each process:
   otherwise pulls every ``state.sync_interval_s``;
 * **expires** self-registered nodes whose heartbeats stopped, through a sorted
   set of last-seen times (only the expired ones are read), and forgets them
-  after ``registry.gone_retention_s`` through a second one.
+  after ``registry.gone_retention_s`` through a second one;
+* **heartbeats** itself every ``ROUTER_BEAT_S`` into a sorted set of live router
+  processes; work done once for the fleet (probing the nodes of a model) goes to
+  one of them by rendezvous hashing (:meth:`RedisStore.owns`), and a process
+  silent for ``ROUTER_TTL_S`` (or stopped) hands its share to the others.
 
 When Redis is unreachable the process keeps routing on its last snapshot,
 reports itself degraded and keeps its unflushed measurements. When Redis comes
@@ -36,6 +40,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from hashlib import blake2b
 from typing import Any
 
 import orjson
@@ -57,6 +62,14 @@ _ERRORS = (RedisError, OSError, TimeoutError)
 PULL_CHUNK = 1000  # changed nodes read per round trip
 PULL_CHUNKS_PER_TICK = 5
 MAX_REPLAY = 10_000  # membership writes queued while Redis is away
+
+
+ROUTER_BEAT_S = 1.0  # how often a router process says it is alive
+ROUTER_TTL_S = 5.0  # silent this long: its share of the fleet's work moves to the others
+
+
+def _weight(router: str, key: str) -> int:
+    return int.from_bytes(blake2b(f"{router}\0{key}".encode(), digest_size=8).digest(), "big")
 
 
 def make_client(cfg: StateConfig) -> Any:
@@ -100,7 +113,10 @@ class RedisStore:
         self.k_changes, self.k_seq, self.k_seen = p + "changes", p + "seq", p + "seen"
         self.k_gone = p + "gone"
         self.k_epoch, self.channel, self.k_node = p + "epoch", p + "events", p + "node:"
-        self.k_policy = p + "policy"
+        self.k_policy, self.k_routers = p + "policy", p + "routers"
+        self.routers: tuple[str, ...] = (self.replica,)  # live router processes
+        self._routers_beat = -float("inf")
+        self._owners: dict[str, str] = {}
         self.on_policy: Callable[[str, dict[str, Any]], None] | None = None
         self._policy_seen: bytes | None = None
         self._merge = self.client.register_script(MERGE_LUA)
@@ -148,6 +164,7 @@ class RedisStore:
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(self.cfg.timeout_s):
                 await self._flush_dirty()  # hand over what this process measured last
+                await self.client.zrem(self.k_routers, self.replica)  # and its share of work
         with contextlib.suppress(*_ERRORS):
             await self.client.aclose()
 
@@ -303,11 +320,38 @@ class RedisStore:
         commands += await self._flush_dirty()
         commands += await self._pull()
         commands += await self._expire_silent()
+        if self.clock() - self._routers_beat >= ROUTER_BEAT_S:
+            commands += await self._beat_routers()
         self.commands_last_tick = commands
         if not self._ok and self.errors:
             log.warning("state store reachable again")
         self._ok = True
         self.last_sync = self.clock()
+
+    async def _beat_routers(self) -> int:
+        """Say this process is alive; learn which others are."""
+        now = self.wall()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.k_routers, {self.replica: now})
+        pipe.zremrangebyscore(self.k_routers, "-inf", now - ROUTER_TTL_S)
+        pipe.zrange(self.k_routers, 0, -1)
+        *_, live = await pipe.execute()
+        routers = tuple(sorted({r.decode() for r in live} | {self.replica}))
+        if routers != self.routers:
+            log.info("router processes sharing the fleet: %d", len(routers))
+            self.routers, self._owners = routers, {}
+        self._routers_beat = self.clock()
+        return 3
+
+    def owns(self, key: str) -> bool:
+        """Rendezvous hashing over the live router processes. While Redis cannot be
+        reached, every process does everything (nothing it did could be shared)."""
+        if not self._ok:
+            return True
+        owner = self._owners.get(key)
+        if owner is None:
+            owner = self._owners[key] = max(self.routers, key=lambda r: _weight(r, key))
+        return owner == self.replica
 
     async def _republish(self) -> int:
         """Redis is new or lost its data: announce an epoch, re-publish what we know."""
