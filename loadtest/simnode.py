@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import re
 import socket
@@ -257,14 +258,14 @@ class SimNode:
     def set_fault(self, fault: Fault) -> None:
         self.fault = fault
 
-    async def start(self, port: int = 0) -> None:
-        """Listen on 127.0.0.1 (the same port again after a ``stop()``)."""
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        """Listen on ``host`` (the same port again after a ``stop()``)."""
         if self._runner is None:
             self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
             await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port or self.port))
+        sock.bind((host, port or self.port))
         self.port = sock.getsockname()[1]
         self._sock = sock
         site = web.SockSite(self._runner, sock)
@@ -545,3 +546,30 @@ def sim_config(
     """Shorthand: a :class:`SimConfig` with a profile given by name from :data:`PROFILES`."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     return SimConfig(id=id, models=models, profile=prof, **kw)
+
+
+def main() -> None:
+    """``python -m loadtest.simnode``: one simulated node, e.g. in the compose stack."""
+    import argparse
+    import asyncio
+
+    ap = argparse.ArgumentParser(description="One simulated GPU node (OpenAI-compatible).")
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--model", action="append", required=True, help="a model it serves")
+    ap.add_argument("--profile", default="RTX 4090", choices=sorted(PROFILES))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9000)
+    args = ap.parse_args()
+
+    async def run() -> None:
+        sim = SimNode(sim_config(args.id, args.model, args.profile))
+        await sim.start(args.port, args.host)
+        print(f"simulated node {args.id} ({args.profile}) on {args.host}:{sim.port}", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -18,10 +18,3 @@ def test_readme_configuration_overview_is_valid() -> None:
     assert block is not None
     cfg = parse_config(yaml.safe_load(block.group(1)), env=ENV)
     assert cfg.policy.name == "score" and cfg.nodes[0].id == "node-a"
-
-
-def test_kubernetes_config_map_is_valid() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "deploy/k8s/ballast.yaml").read_text()))
-    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
-    cfg = parse_config(yaml.safe_load(config_map["data"]["ballast.yaml"]), env=ENV)
-    assert cfg.state.redis_url  # two replicas: shared state

@@ -1,0 +1,152 @@
+"""The deployment files: Kubernetes manifests rendered with kustomize and validated
+offline against the Kubernetes schemas, the Prometheus configs and alert rules
+checked and unit-tested with promtool, the compose stack's wiring. (No cluster or
+Docker engine runs here: what a cluster would do beyond the schemas is not tested.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from router.config import Config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+ENV = {"BALLAST_JOIN_TOKEN": "j", "BALLAST_ADMIN_TOKEN": "a"}
+PRESTOP_S = 5  # the preStop sleep of deploy/k8s/base/deployment.yaml
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} missing: the test command installs it (see .ci/test)"
+    return path
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s/overlays" / overlay)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def router_config(objects: list[dict[str, Any]]) -> Config:
+    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    return parse_config(yaml.safe_load(cm["data"]["ballast.yaml"]), env=ENV)
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("overlay", ["single", "ha"])
+def test_overlay_renders_and_validates(overlay: str) -> None:
+    objects = render(overlay)
+    version = latest_version()
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)  # raises on any error
+    deployment = next(
+        o for o in of_kind(objects, "Deployment") if o["metadata"]["name"] == "ballast"
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    (router,) = [c for c in pod["containers"] if c["name"] == "ballast"]
+    cfg = router_config(objects)
+
+    # The config mounted is the one the manifests are sized for.
+    assert router["image"].endswith(":0.1.0") and "latest" not in router["image"]
+    assert router["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert router["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert router["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_S)]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= PRESTOP_S + cfg.shutdown.grace_s + cfg.shutdown.drain_s + 5
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert router["securityContext"]["readOnlyRootFilesystem"] is True
+    assert router["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "cpu" in router["resources"]["requests"] and "memory" in router["resources"]["limits"]
+    assert cfg.listen.port == router["ports"][0]["containerPort"]
+
+    # Services select the router pods; the secrets the pods read exist.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s for s in of_kind(objects, "Service")}
+    for name in ("ballast", "ballast-pods"):
+        assert services[name]["spec"]["selector"].items() <= labels.items()
+    assert services["ballast-pods"]["spec"]["publishNotReadyAddresses"] is True
+    secrets = {s["metadata"]["name"]: s for s in of_kind(objects, "Secret")}
+    for env in router["env"]:
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]]["stringData"]
+    mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    assert mounted == {m["metadata"]["name"] for m in of_kind(objects, "ConfigMap")}
+
+    if overlay == "single":
+        assert deployment["spec"]["replicas"] == 1
+        assert cfg.state.redis_url is None  # the embedded store: one replica
+        assert not of_kind(objects, "HorizontalPodAutoscaler")
+    else:
+        assert deployment["spec"]["replicas"] == 3
+        host = cfg.state.redis_url.split("//")[1].split(":")[0]  # type: ignore[union-attr]
+        assert host in services  # the Redis the replicas share is shipped
+        (hpa,) = of_kind(objects, "HorizontalPodAutoscaler")
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "ballast"
+        assert hpa["spec"]["minReplicas"] == 3
+        (pdb,) = of_kind(objects, "PodDisruptionBudget")
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_prometheus_configs_and_rules_pass_promtool() -> None:
+    promtool = tool("promtool")
+    for config in ("prometheus.yml", "kubernetes.yml"):
+        out = subprocess.run(
+            [promtool, "check", "config", str(DEPLOY / "prometheus" / config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        scrape = yaml.safe_load((DEPLOY / "prometheus" / config).read_text())["scrape_configs"]
+        assert [job["job_name"] for job in scrape] == ["ballast"]  # what the alerts expect
+
+
+def test_alert_rules_with_one_and_two_replicas() -> None:
+    out = subprocess.run(
+        [tool("promtool"), "test", "rules", str(DEPLOY / "prometheus/tests/alerts_test.yml")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_compose_replicas_share_redis_and_are_scraped() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    routers = [n for n, s in services.items() if s.get("command", [None])[0] == "serve"]
+    assert sorted(routers) == ["ballast-a", "ballast-b"]
+    mounts = {v.split(":")[0] for n in routers for v in services[n]["volumes"]}
+    assert mounts == {"./compose/ballast.yaml"}
+    cfg = parse_config(yaml.safe_load((DEPLOY / "compose/ballast.yaml").read_text()), env=ENV)
+    assert cfg.state.redis_url == "redis://redis:6379/0" and "redis" in services
+    for node in cfg.nodes:
+        assert node.id in services  # every node of the config is a service of the stack
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"{n}:{cfg.listen.port}" for n in routers]
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            assert (DEPLOY / volume.split(":")[0]).exists(), volume
+    grace = int(services["ballast-a"]["stop_grace_period"].removesuffix("s"))
+    assert grace >= cfg.shutdown.grace_s + cfg.shutdown.drain_s
+
+
+def test_docker_build_context_leaves_out_the_venv() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "tests"} <= set(ignored)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert src not in ignored, f"{src} is copied but left out of the context"
