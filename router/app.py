@@ -24,6 +24,7 @@ from aiohttp.web_server import Server
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from policies import Policy, PolicyError, build_policy
+from router import ui
 from router.addresses import AddressRules, GuardedResolver, hosts_of
 from router.config import Config, ConfigError, load_config
 from router.errors import ROUTER_NODE, error_body, error_response
@@ -380,6 +381,17 @@ def create_app(
         log.warning("policy switched to %s through the admin API", name)
         return web.json_response({"policy": name, "params": params})
 
+    async def status_page(request: web.Request) -> web.Response:
+        return web.Response(
+            body=ui.PAGE_BODY, content_type="text/html", charset="utf-8", headers=ui.PAGE_HEADERS
+        )
+
+    async def admin_status(request: web.Request) -> web.Response:
+        router = request.app[ROUTER]
+        if (denied := admin_denied(request, router.admin_token)) is not None:
+            return denied
+        return web.Response(body=orjson.dumps(ui.status(router)), content_type="application/json")
+
     async def get_policy(request: web.Request) -> web.Response:
         router = request.app[ROUTER]
         if (denied := admin_denied(request, router.admin_token)) is not None:
@@ -404,6 +416,8 @@ def create_app(
     if cfg.metrics.enabled:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/nodes", admin_nodes)
+    app.router.add_get("/admin/status", admin_status)
+    app.router.add_get("/ui", status_page)
     app.router.add_put("/admin/policy", put_policy)
     app.router.add_get("/admin/policy", get_policy)
 

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
 from router.config import HealthConfig
@@ -41,6 +42,7 @@ from router.tasks import cancel_and_wait
 log = logging.getLogger("ballast.health")
 
 SWEEP_INTERVAL_S = 10.0
+RECENT_EJECTIONS = 50  # kept for the status page
 
 
 class HealthMonitor:
@@ -60,6 +62,7 @@ class HealthMonitor:
         self.clock = clock
         self.wall = wall
         self.ejections_total = 0
+        self.recent: deque[dict[str, object]] = deque(maxlen=RECENT_EJECTIONS)
         self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -175,6 +178,7 @@ class HealthMonitor:
         node.ejected_until = self.wall() + for_s
         node.stats.forget_failures()
         self.ejections_total += 1
+        self.recent.append({"time": self.wall(), "node": node.id, "reason": why})
         await self.store.set_state(node.id, NodeState.EJECTED, why)
 
     async def _return(self, node: Node) -> None:
