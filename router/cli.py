@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from router.config import ConfigError, load_config
+from router.config import Config, ConfigError, load_config
 from router.logs import printable
 
 
@@ -55,9 +55,10 @@ def _load(path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    made = None
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Before prometheus_client is first imported: it picks its storage then.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ballast-metrics-")
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ballast-metrics-")
     from router.app import serve
     from router.logs import setup_logging
 
@@ -68,23 +69,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers <= 1:
         _run(serve(cfg, Path(args.config)))
         return
+    try:
+        code = _serve_workers(args, cfg)
+    finally:
+        if made is not None:  # a directory the caller named is theirs
+            shutil.rmtree(made, ignore_errors=True)
+    raise SystemExit(code)
+
+
+def _serve_workers(args: argparse.Namespace, cfg: Config) -> int:
+    from router.app import serve
     from router.workers import run_workers
 
     if cfg.listen.port == 0:
         raise SystemExit("ballast: --workers needs a fixed listen.port")
+    try:  # one line now, rather than every worker failing to bind and restarting
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((cfg.listen.host, cfg.listen.port))
+    except OSError as e:
+        raise SystemExit(
+            f"ballast: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror}; "
+            "another process holds it; stop it or choose another port with --port"
+        ) from None
     if not (cfg.state.redis_url or cfg.state.sentinel):
         logging.getLogger("ballast").warning(
             "--workers %d without state.redis_url: each worker routes on what it alone has "
             "seen and registrations reach only the worker that received them",
             args.workers,
         )
-    try:
-        code = run_workers(
-            args.workers, lambda: _run(serve(cfg, Path(args.config), reuse_port=True))
-        )
-    finally:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    raise SystemExit(code)
+    return run_workers(args.workers, lambda: _run(serve(cfg, Path(args.config), reuse_port=True)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -129,9 +143,19 @@ def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
             message = orjson.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise SystemExit(printable(f"ballast: {router}: HTTP {e.code}: {message}")) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"ballast: cannot reach {router}: {e}") from None
+        hint = ""
+        if e.code == 401:
+            hint = "; pass --admin-token or set BALLAST_ADMIN_TOKEN to the router's admin token"
+        elif e.code == 404:
+            hint = "; the router needs admin.token_env set, or --router points elsewhere"
+        raise SystemExit(printable(f"ballast: {router}: HTTP {e.code}: {message}{hint}")) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        why = getattr(e, "reason", e)
+        raise SystemExit(
+            printable(
+                f"ballast: cannot reach {router}: {why}; is the router running? (--router URL)"
+            )
+        ) from None
 
 
 def render_fleet(doc: dict[str, Any]) -> str:

@@ -124,6 +124,7 @@ async def test_demo_answers_at_once() -> None:
     started = time.monotonic()
     proc = await spawn("demo", "--port", str(port))
     try:
+        table = await wait_for_line(proc, "Fleet table:")
         await wait_for_line(proc, "Press Ctrl-C")
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -134,9 +135,32 @@ async def test_demo_answers_at_once() -> None:
             assert doc["model"] == MODEL
             async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
                 assert (await resp.json())["routable_nodes"] == 4
+        # The fleet-table line it printed works as printed.
+        shown = await asyncio.create_subprocess_shell(
+            table.split(":", 1)[1].strip(), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(shown.communicate(), 30)
+        assert shown.returncode == 0 and out.decode().startswith("NODE")
         assert time.monotonic() - started < 30
         assert await stop(proc, signal.SIGINT) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_fleet_table_shows_no_score_for_untried_nodes() -> None:
+    from router.cli import render_fleet
+
+    row = {
+        "id": "new", "gpu": "T4", "state": "verified", "reason": "probed", "models": ["m"],
+        "engine": "vllm", "in_flight": 0, "latency_ms": 1000.0, "success_ratio": 1.0,
+        "cost": 0.0, "share": 0.0, "affinity_share": 0.0, "requests": 0,
+    }  # fmt: skip
+    summary = {"claimed": {"nodes": 1, "gpus": 1, "vram_gb": 16}}
+    lines = render_fleet({"nodes": [row], "summary": summary}).splitlines()
+    header, cells = lines[0].split(), lines[1].split()
+    for column in ("LAT_MS", "SUCCESS", "COST"):
+        assert cells[header.index(column)] == "-"  # not 0, which would read as the best
+    tried = render_fleet({"nodes": [{**row, "requests": 3}], "summary": summary})
+    assert tried.splitlines()[1].split()[header.index("COST")] == "0"

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import yaml
 
-from tests.conftest import MODEL, MakeRouter, MakeSim, chat, free_port, node_entry
+from tests.conftest import MODEL, MakeRouter, MakeSim, chat, dead_url, free_port, node_entry
 from tests.test_cli import serve_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,6 +289,13 @@ async def test_admin_api_and_fleet_table(
     )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1 and b"HTTP 401" in err and b"Traceback" not in err
+    assert b"BALLAST_ADMIN_TOKEN" in err and len(err.strip().splitlines()) == 1
+    proc = await asyncio.create_subprocess_exec(
+        *cli[:-1], dead_url(), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and b"is the router running?" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 async def test_access_log_lines(fleet: MakeSim, tmp_path: Path) -> None:

@@ -182,7 +182,11 @@ async def test_busy_port_is_one_line(fleet: MakeSim, tmp_path: Path) -> None:
     try:
         await wait_for_line(first, "listening on")
         port = url.rsplit(":", 1)[1]
-        for args in (("serve", "--config", str(path)), ("demo", "--port", port)):
+        for args in (
+            ("serve", "--config", str(path)),
+            ("serve", "--config", str(path), "--workers", "2"),
+            ("demo", "--port", port),
+        ):
             out = run(*args)
             assert out.returncode == 1, out
             lines = out.stderr.strip().splitlines()
