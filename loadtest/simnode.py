@@ -234,6 +234,7 @@ class SimNode:
         self.waiting = 0
         self.requests = 0
         self.callers: Counter[str] = Counter()  # requests by sending router (x-ballast-via)
+        self.usage_sent = [0, 0]  # prompt and completion tokens reported in usage fields
         self.cancelled = 0  # requests whose client (the router) went away
         self.cancel_seen = asyncio.Event()
         self.arrived = asyncio.Event()  # set once a request has reached the node
@@ -286,6 +287,11 @@ class SimNode:
             self._runner = None
 
     # -- handlers ---------------------------------------------------------
+
+    def _count_usage(self, prompt: int, completion: int) -> None:
+        """Tokens this node reported in ``usage`` fields (what a key's usage must add up to)."""
+        self.usage_sent[0] += prompt
+        self.usage_sent[1] += completion
 
     def _delay(self, seconds: float) -> float:
         f = self.fault
@@ -362,6 +368,8 @@ class SimNode:
             if doc.get("stream") is True:
                 opts = doc.get("stream_options")
                 with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+                if with_usage:
+                    self._count_usage(prompt, n_out)
                 return await self._stream(
                     request, doc["model"], rid, chat, n_out, tok_s, start, echo,
                     usage if with_usage else None, greedy,
@@ -383,6 +391,7 @@ class SimNode:
                 "usage": usage,
                 "system_fingerprint": self.cfg.id,
             }
+            self._count_usage(prompt, n_out)
             return web.Response(body=orjson.dumps(body), content_type="application/json")
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -504,6 +513,7 @@ class SimNode:
             "model": doc["model"],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        self._count_usage(tokens, 0)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:

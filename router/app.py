@@ -30,6 +30,7 @@ from router.config import Config, ConfigError, load_config
 from router.errors import ROUTER_NODE, error_body, error_response
 from router.fleet import Fleet
 from router.health import HealthMonitor
+from router.keyadmin import KeyAdmin
 from router.logs import AccessLog
 from router.measure import Meter
 from router.metrics import Metrics
@@ -38,6 +39,7 @@ from router.proxy import Proxy
 from router.recorder import Recorder
 from router.registration import Membership, admin_denied
 from router.store import MemoryStore, StateStore, codec
+from router.tenants import Keyring
 from router.upstream import Upstream
 from router.view import fleet_view
 
@@ -59,6 +61,7 @@ class Router:
     recorder: Recorder
     admin_token: str | None
     membership: Membership
+    keys: KeyAdmin
     health: HealthMonitor
     prober: Prober | None
     clock: Callable[[], float]
@@ -165,8 +168,11 @@ def build_router(
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     recorder = Recorder()
     upstream = Upstream(cfg, session, meter, fresh)
-    proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder)
+    keys = Keyring(cfg.auth, os.environ, clock)
+    proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder, keys=keys)
     store = make_store(cfg, clock)
+    store.on_keys, store.usage = keys.adopt, proxy.usage
+    store.on_routers = lambda n: keys.set_share(1.0 / max(1, n))
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
     metrics = Metrics(
@@ -191,6 +197,7 @@ def build_router(
         recorder=recorder,
         admin_token=admin_token,
         membership=Membership(cfg, store, join_token, admin_token),
+        keys=KeyAdmin(keys, store, admin_token),
         health=health,
         prober=prober,
         clock=clock,
@@ -421,6 +428,8 @@ def create_app(
     app.router.add_put("/admin/policy", put_policy)
     app.router.add_get("/admin/policy", get_policy)
 
+    for method, path, name in KEY_ROUTES:
+        app.router.add_route(method, path, key_op(name))
     app.router.add_post("/v1/nodes/register", membership_op("register"))
     app.router.add_post("/v1/nodes/{id}/heartbeat", membership_op("heartbeat"))
     app.router.add_post("/admin/nodes/{id}/drain", membership_op("drain"))
@@ -428,6 +437,24 @@ def create_app(
     app.router.add_delete("/admin/nodes/{id}", membership_op("delete"))
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app
+
+
+KEY_ROUTES = (
+    ("POST", "/admin/keys", "create"),
+    ("GET", "/admin/keys", "list"),
+    ("PATCH", "/admin/keys/{id}", "change"),
+    ("DELETE", "/admin/keys/{id}", "revoke"),
+    ("GET", "/admin/usage", "usage"),
+)
+
+
+def key_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route handler calling ``KeyAdmin.<name>`` of the running router."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await getattr(request.app[ROUTER].keys, name)(request)
+
+    return handler
 
 
 def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -19,6 +19,7 @@ from router.affinity import NONE
 from router.measure import Outcome
 
 if TYPE_CHECKING:
+    from router.tenants import Key
     from router.upstream import Opened
 
 
@@ -31,6 +32,8 @@ class Exchange:
         "duration",
         "finished_at",
         "hedged",
+        "key",
+        "limited",
         "model",
         "node",
         "outcomes",
@@ -40,6 +43,7 @@ class Exchange:
         "start",
         "status",
         "stream",
+        "tokens",
         "ttfb",
         "upstream_id",
     )
@@ -58,6 +62,9 @@ class Exchange:
         self.finished_at = 0.0  # wall-clock time the answer ended
         self.queued_s = 0.0  # time spent waiting for supply
         self.hedged = False
+        self.key = ""  # the client key's name (router.tenants), "" without one
+        self.limited = False  # refused over the key's limits
+        self.tokens: tuple[int, int] | None = None  # (prompt, completion), counted for a key
         self.affinity = NONE  # hit, spill or none (router.affinity)
         self.outcomes: list[Outcome] = []
         # (node, reason, outcome) for each node that failed a stream mid-answer
@@ -89,6 +96,16 @@ class Call:
     tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
     # A 4xx held back while a node of another kind tries the request: whose fault?
     rejected: Opened | None = None
+    # With a client key (router.tenants): the key, its rate-limit headers, the
+    # tokens estimated at admission, the node's count (prompt, completion) when it
+    # gave one, tokens streamed, and whether the usage chunk is hidden from the client.
+    key: Key | None = None
+    limit_headers: dict[str, str] | None = None
+    estimate: int = 0
+    max_tokens: int = 0
+    tokens: tuple[int, int] | None = None
+    delivered: int = 0
+    hide_usage: bool = False
 
     def failed(self, f: Failed) -> None:
         self.ex.outcomes.append(f.outcome)

@@ -292,6 +292,39 @@ class MetricsConfig(_Strict):
     max_nodes: int = Field(1000, ge=0, le=100_000)  # nodes with per-node series
 
 
+KeyName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class KeyLimits(_Strict):
+    """What one client key may do (static keys in the config; dynamic ones through
+    the admin API take the same fields)."""
+
+    models: list[ModelName] = Field(default_factory=list)  # empty: every model
+    rpm: int | None = Field(None, ge=1, le=10_000_000)  # requests per minute
+    tpm: int | None = Field(None, ge=1, le=10_000_000_000)  # tokens per minute
+    max_parallel: int | None = Field(None, ge=1, le=1_000_000)
+    priority: str = Field("interactive", pattern=r"^(interactive|batch)$")
+    expires_at: float | None = Field(None, ge=0)  # Unix time
+
+
+class StaticKey(KeyLimits):
+    name: KeyName
+    hash: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")  # of the whole key
+    key_env: str | None = None  # or: the environment variable holding the key
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StaticKey:
+        if (self.hash is None) == (self.key_env is None):
+            raise ValueError("give exactly one of hash and key_env")
+        return self
+
+
+class AuthConfig(_Strict):
+    required: bool = False  # true: every inference request needs a client key
+    keys: list[StaticKey] = Field(default_factory=list)
+    max_keys: int = Field(10_000, ge=1, le=1_000_000)  # dynamic keys, over all replicas
+
+
 class ShutdownConfig(_Strict):
     # On SIGTERM: keep accepting for grace_s while /readyz fails (load balancers take
     # the router out), then stop accepting and give requests in flight drain_s.
@@ -323,6 +356,7 @@ class Config(_Strict):
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -331,6 +365,9 @@ class Config(_Strict):
             if node.id in seen:
                 raise ValueError(f"nodes[{i}].id: duplicate node id {node.id!r}")
             seen.add(node.id)
+        names = [k.name for k in self.auth.keys]
+        if len(names) != len(set(names)):
+            raise ValueError("auth.keys: duplicate key names")
         from policies import POLICIES, build_policy
 
         if self.policy.name not in POLICIES:
@@ -378,6 +415,11 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     ):
         if name and not env.get(name):
             raise ConfigError(f"{key}: environment variable {name} is not set")
+    for i, key in enumerate(cfg.auth.keys):
+        if key.key_env and not env.get(key.key_env):
+            raise ConfigError(
+                f"auth.keys[{i}].key_env: environment variable {key.key_env} is not set"
+            )
     for i, node in enumerate(cfg.nodes):
         if node.api_key_env and node.api_key_env not in env:
             raise ConfigError(

@@ -12,8 +12,10 @@ can, the stream ends with an SSE error event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import ClientError, web
 
 from router.call import Call
@@ -21,6 +23,7 @@ from router.errors import sse_error_event
 from router.fleet import Node
 from router.measure import Outcome
 from router.relay import Relay
+from router.tenants import usage_from
 from router.upstream import Opened, response_headers
 
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
@@ -67,8 +70,13 @@ class Deliver:
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
         headers = response_headers(response.headers)
         headers["x-ballast-node"] = attempt.node.id
+        if call.limit_headers is not None:
+            headers.update(call.limit_headers)
         if opened.whole:
             opened.close(ok)
+            if call.key is not None and status < 400:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    call.tokens = usage_from(orjson.loads(opened.first))
             return web.Response(status=status, body=opened.first, headers=headers)
         attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)
@@ -78,7 +86,7 @@ class Deliver:
     async def _relay(self, call: Call, opened: Opened, out: web.StreamResponse) -> None:
         """Pass the stream on event by event; continue it elsewhere when its node fails
         (or, a straggler, falls far behind its own usual pace)."""
-        relay = Relay(chat=call.request.path.endswith("/chat/completions"))
+        relay = Relay(call.request.path.endswith("/chat/completions"), call.hide_usage)
         pass_through = True  # the first answer's events go out as they came
         current: Opened | None = opened
         chunk = opened.first
@@ -93,6 +101,9 @@ class Deliver:
                 if reason is None:
                     current.close(Outcome.OK)
                     current = None
+                    if call.key is not None:
+                        call.tokens = usage_from({"usage": relay.usage})
+                        call.delivered = relay.delivered
                     await out.write_eof()
                     return
                 if reason == "deadline":
@@ -150,7 +161,7 @@ class Deliver:
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
-        if not self.track:
+        if not self.track and call.key is None:  # a key's usage needs the events read
             return await self._copy_bytes(call, opened, out, chunk)
         clock, deadline = self.clock, call.deadline
         readany = opened.response.content.readany
@@ -168,6 +179,9 @@ class Deliver:
                         relay.track(event)
                     if relay.failure:
                         return relay.failure
+                    if relay.hidden is not None:  # the usage chunk the client did not ask for
+                        events = [e for e in events if e is not relay.hidden]
+                        relay.hidden, held = None, True
                     if events:
                         # Whole events only: a chunk that ends mid-event waits for the rest.
                         whole = not held and not relay.buf and chunk.endswith(b"\n\n")

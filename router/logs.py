@@ -66,6 +66,8 @@ class AccessLog:
                     "node": ex.node,
                     "attempts": ex.attempts,
                     "affinity": ex.affinity,
+                    "key": ex.key or None,
+                    "tokens": ex.tokens,
                     "failed": ex.outcomes,
                     "resumed": [f"{n}:{why}:{how}" for n, why, how in ex.resumed] or None,
                     "duration_ms": round(ex.duration * 1e3, 3),
@@ -78,7 +80,7 @@ class AccessLog:
             f"{when.isoformat(timespec='milliseconds')} {ex.request_id} "
             f"{printable(ex.model) or '-'} "
             f"{ex.status} {ex.node or '-'} attempts={ex.attempts} affinity={ex.affinity} "
-            f"duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
+            f"key={ex.key or '-'} duration_ms={ex.duration * 1e3:.1f} ttfb_ms={ttfb}\n"
         ).encode()
 
 

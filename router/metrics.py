@@ -461,6 +461,20 @@ class Metrics:
         for collector in local:
             self.collectors.register(collector)
         self.collectors.register(StoreCollector(store))
+        self.key_requests = Counter(
+            "ballast_key_requests",
+            "Client requests made with a client key, by key name, model and status "
+            "(429 with rate_limited: over the key's limits)",
+            ["key", "model", "code"],
+            registry=reg,
+        )
+        self.key_tokens = Counter(
+            "ballast_key_tokens",
+            "Tokens used with a client key, as the nodes counted them (kind: prompt, completion)",
+            ["key", "model", "kind"],
+            registry=reg,
+        )
+        self._key_children: dict[tuple[str, ...], Counter] = {}
         self._mirroring: asyncio.Task[None] | None = None
         self._requests: dict[tuple[str, ...], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
@@ -502,6 +516,12 @@ class Metrics:
                 self.queue_wait.observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:
                 self.resumes.labels(model, reason, outcome).inc()
+            if ex.key:
+                keyed = self._key_children
+                _child(keyed, self.key_requests, ex.key, model, str(ex.status)).inc()
+                if ex.tokens is not None:
+                    _child(keyed, self.key_tokens, ex.key, model, "prompt").inc(ex.tokens[0])
+                    _child(keyed, self.key_tokens, ex.key, model, "completion").inc(ex.tokens[1])
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from math import ceil
 from random import Random
 
 import orjson
@@ -53,10 +54,15 @@ from router.fleet import Fleet, Node
 from router.hedge import Hedging
 from router.measure import Outcome
 from router.relay import Relay
+from router.tenants import Key, Keyring, Usage
 from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
 MAX_MODEL_NAME = 256
+
+
+DEFAULT_COMPLETION_TOKENS = 256  # a request's completion estimate when it sets no max_tokens
+PROMPT_BYTES_PER_TOKEN = 4  # the prompt's estimate: its body's bytes over this
 
 
 def _bad_request(message: str, code: str, param: str | None = None) -> web.Response:
@@ -73,8 +79,11 @@ class Proxy:
         *,
         rng: Random | None = None,
         record: Callable[[Exchange], None] = lambda ex: None,
+        keys: Keyring | None = None,
     ) -> None:
         self.fleet = fleet
+        self.keys = keys  # client keys (router.tenants); None: nobody is asked for one
+        self.usage = Usage()
         self.policy = policy
         self.clock = upstream.clock
         self.rng = rng or Random()
@@ -139,14 +148,46 @@ class Proxy:
         self.retries.active += 1
         if self.hedging.enabled:
             self.hedging.budget.earn()
+        status = 500
         try:
-            return await self._route(call)
+            resp = await self._route(call)
+            status = resp.status
+            return resp
+        except asyncio.CancelledError:
+            status = 499
+            raise
         finally:
             self.retries.active -= 1
+            if call.key is not None:
+                self._account(call, status)
+
+    def _account(self, call: Call, status: int) -> None:
+        """The key's usage and token bucket, from the node's own count where it gave
+        one (else the estimate of the prompt and the tokens delivered)."""
+        key = call.key
+        assert key is not None
+        prompt, completion = call.tokens if call.tokens is not None else (0, 0)
+        if call.tokens is None and status < 400:
+            prompt, completion = call.estimate - call.max_tokens, call.delivered
+        if key.limiter is not None:
+            key.limiter.done(call.estimate, prompt + completion)
+        self.usage.add(key.name, call.info.model, status, prompt, completion)
+        call.ex.tokens = (prompt, completion)
 
     # -- 1. admit -------------------------------------------------------------------
 
     async def _admit(self, request: web.Request, ex: Exchange) -> Call | web.Response:
+        key = None
+        if self.keys is not None and self.keys.active:
+            found = self.keys.lookup(request.headers)
+            if isinstance(found, str):
+                return error_response(
+                    401, f"{found}: pass a Ballast key as Authorization: Bearer sk-bal-...",
+                    "invalid_request_error", "invalid_api_key",
+                )  # fmt: skip
+            key = found
+            if key is not None:
+                ex.key = key.name
         via = request.headers.get(VIA_HEADER)
         if via is not None and via_refused(via, self.upstream.router_id):
             return error_response(
@@ -206,11 +247,47 @@ class Proxy:
                 "messages",
             )
         headers = self.upstream.headers(request.headers, ex.upstream_id, compress=not stream)
-        key = None
+        affinity = None
         if self.affinity and getattr(self.policy, "uses_affinity", False):
-            key = affinity_key(doc, request.headers.get("x-session-id"), model)
+            affinity = affinity_key(doc, request.headers.get("x-session-id"), model)
         deadline = self.clock() + self.total_s
-        return Call(request, ex, info, doc, body, headers, deadline, need, key)
+        call = Call(request, ex, info, doc, body, headers, deadline, need, affinity)
+        if key is not None:
+            refused = self._admit_key(call, key)
+            if refused is not None:
+                return refused
+        return call
+
+    def _admit_key(self, call: Call, key: Key) -> web.Response | None:
+        """The key's model allow-list and limits; its usage is asked for on streams."""
+        model = call.info.model
+        if key.models and model not in key.models:
+            return error_response(
+                403, f"this key may not use the model {model[:64]!r}", "invalid_request_error",
+                "model_not_allowed", "model",
+            )  # fmt: skip
+        call.max_tokens = call.info.max_tokens or DEFAULT_COMPLETION_TOKENS
+        call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + call.max_tokens
+        limiter, now = key.limiter, self.clock()
+        if limiter is not None:
+            refusal = limiter.admit(now, call.estimate)
+            if refusal is not None:
+                self.usage.add(key.name, model, 429, 0, 0)
+                call.ex.limited = True
+                headers = {**limiter.headers(now), "Retry-After": str(ceil(refusal.retry_after))}
+                return error_response(
+                    429, f"rate limit reached for key {key.name}: {refusal.message}",
+                    "requests", refusal.code, headers=headers,
+                )  # fmt: skip
+            call.limit_headers = limiter.headers(now)
+        call.key = key
+        doc = call.doc
+        options = doc.get("stream_options")
+        if call.info.stream and not (isinstance(options, dict) and options.get("include_usage")):
+            # Count the tokens as the node does; the client does not see that chunk.
+            doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
+            call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
+        return None
 
     # -- 2. candidates ----------------------------------------------------------------
 

@@ -42,16 +42,24 @@ class Relay:
         "done",
         "failure",
         "finish",
+        "hidden",
+        "hide_usage",
         "ident",
         "resumable",
         "role_sent",
         "started",
         "strip",
         "text",
+        "usage",
     )
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, hide_usage: bool = False) -> None:
         self.chat = chat
+        # The node was asked for usage the client did not ask for: the usage-only
+        # chunk is read (``usage``) and left out (``hidden``: the event to drop).
+        self.hide_usage = hide_usage
+        self.usage: dict[str, Any] | None = None
+        self.hidden: bytes | None = None
         self.buf = b""
         self.ident: dict[str, Any] = {}  # id, created, model, system_fingerprint of the answer
         self.text: list[str] = []  # the answer's text so far, in pieces
@@ -122,6 +130,11 @@ class Relay:
             self.ident = {k: doc[k] for k in ("id", "created", "model", "system_fingerprint")
                           if k in doc}  # fmt: skip
         self._read(doc)
+        if self.hide_usage and self._usage_only(doc):
+            self.hidden = event
+
+    def _usage_only(self, doc: dict[str, Any]) -> bool:
+        return isinstance(doc.get("usage"), dict) and not doc.get("choices")
 
     def _other(self, event: bytes) -> None:
         """An event that is not a JSON chunk: [DONE], a comment or another SSE field
@@ -132,6 +145,9 @@ class Relay:
             self.failure = "garbage"
 
     def _read(self, doc: dict[str, Any]) -> None:
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
         choices = doc.get("choices")
         if not isinstance(choices, list):
             return
@@ -221,6 +237,8 @@ class Relay:
                 delta[key] = piece
         doc.update(self.ident)
         self._read(doc)
+        if self.hide_usage and self._usage_only(doc):
+            return None
         return b"data: " + orjson.dumps(doc)
 
     def _unecho(self, piece: str) -> str:

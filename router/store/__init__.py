@@ -26,6 +26,7 @@ from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Signals
 from router.store import codec
 from router.tasks import cancel_and_wait
+from router.tenants import Usage
 
 log = logging.getLogger("ballast.store")
 
@@ -73,6 +74,22 @@ class StateStore(Protocol):
         of a model): one live router process per key."""
         ...
 
+    # Client keys and their usage (router.tenants). The store calls ``on_keys`` with
+    # every dynamic key record whenever they change (on any replica), and
+    # ``on_routers`` with the number of live router processes when it changes; it
+    # flushes ``usage`` in the background.
+    on_keys: Callable[[dict[str, dict[str, Any]]], None] | None
+    on_routers: Callable[[int], None] | None
+    usage: Usage | None
+
+    async def put_key(self, record: dict[str, Any]) -> None: ...
+
+    async def delete_key(self, key_id: str) -> None: ...
+
+    async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
+        """Usage per (key name, model) from UTC day ``since`` (YYYY-MM-DD) on."""
+        ...
+
 
 def apply_heartbeat(
     fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float, verify: bool
@@ -87,6 +104,19 @@ def joined_count(fleet: Fleet) -> int:
     return sum(1 for n in fleet.nodes.values() if n.source is Source.JOINED)
 
 
+def utc_day(wall: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(wall))
+
+
+def add_rows(
+    into: dict[tuple[str, str], list[int]], rows: dict[tuple[str, str], list[int]]
+) -> None:
+    for k, row in rows.items():
+        mine = into.setdefault(k, [0] * len(row))
+        for i, v in enumerate(row):
+            mine[i] += v
+
+
 class MemoryStore:
     """Single-process state: nothing shared, always healthy; expires silent nodes."""
 
@@ -94,6 +124,9 @@ class MemoryStore:
     errors = 0
     routers = ("local",)
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
+    on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
+    on_routers: Callable[[int], None] | None = None
+    usage: Usage | None = None
 
     def __init__(
         self,
@@ -109,10 +142,31 @@ class MemoryStore:
         self.retention_s = retention_s
         self.fleet = Fleet()
         self._task: asyncio.Task[None] | None = None
+        self.keys: dict[str, dict[str, Any]] = {}
+        self.days: dict[str, dict[tuple[str, str], list[int]]] = {}  # usage by UTC day
 
     @property
     def healthy(self) -> bool:
         return True
+
+    async def put_key(self, record: dict[str, Any]) -> None:
+        self.keys[record["id"]] = record
+        if self.on_keys is not None:
+            self.on_keys(dict(self.keys))
+
+    async def delete_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+        if self.on_keys is not None:
+            self.on_keys(dict(self.keys))
+
+    async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
+        if self.usage is not None:
+            add_rows(self.days.setdefault(utc_day(self.wall()), {}), self.usage.take())
+        out: dict[tuple[str, str], list[int]] = {}
+        for day, rows in self.days.items():
+            if day >= since:
+                add_rows(out, rows)
+        return out
 
     async def start(self, fleet: Fleet, signals: Signals) -> None:
         self.fleet = fleet

@@ -40,6 +40,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import date, timedelta
 from hashlib import blake2b
 from typing import Any
 
@@ -53,8 +54,9 @@ from router.config import Scoring, StateConfig
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Pending, Signals
 from router.measure.merge import MERGE_LUA
-from router.store import apply_heartbeat, codec, joined_count, scripts
+from router.store import add_rows, apply_heartbeat, codec, joined_count, scripts, utc_day
 from router.tasks import cancel_and_wait
+from router.tenants import Usage
 
 log = logging.getLogger("ballast.store")
 
@@ -64,6 +66,8 @@ PULL_CHUNKS_PER_TICK = 5
 MAX_REPLAY = 10_000  # membership writes queued while Redis is away
 
 
+USAGE_RETENTION_S = 400 * 86400  # a day's usage totals are kept this long
+MAX_USAGE_DAYS = 400
 ROUTER_BEAT_S = 1.0  # how often a router process says it is alive
 ROUTER_TTL_S = 5.0  # silent this long: its share of the fleet's work moves to the others
 
@@ -114,6 +118,15 @@ class RedisStore:
         self.k_gone = p + "gone"
         self.k_epoch, self.channel, self.k_node = p + "epoch", p + "events", p + "node:"
         self.k_policy, self.k_routers = p + "policy", p + "routers"
+        self.k_keys, self.k_keys_version, self.k_usage = (
+            p + "keys",
+            p + "keys:version",
+            p + "usage:",
+        )
+        self.on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
+        self.on_routers: Callable[[int], None] | None = None
+        self.usage: Usage | None = None
+        self._keys_seen: bytes | None = None
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
         self._routers_beat = -float("inf")
         self._owners: dict[str, str] = {}
@@ -306,8 +319,12 @@ class RedisStore:
 
     async def _tick(self) -> None:
         """One sync round: check the epoch, flush, pull changes, expire."""
-        epoch, policy = await self.client.mget(self.k_epoch, self.k_policy)
+        epoch, policy, keys = await self.client.mget(
+            self.k_epoch, self.k_policy, self.k_keys_version
+        )
         commands = 1
+        if keys != self._keys_seen:
+            commands += await self._load_keys(keys)
         if policy is not None and policy != self._policy_seen:
             self._policy_seen = policy
             doc = orjson.loads(policy)
@@ -320,6 +337,7 @@ class RedisStore:
         commands += await self._flush_dirty()
         commands += await self._pull()
         commands += await self._expire_silent()
+        commands += await self._flush_usage()
         if self.clock() - self._routers_beat >= ROUTER_BEAT_S:
             commands += await self._beat_routers()
         self.commands_last_tick = commands
@@ -340,6 +358,8 @@ class RedisStore:
         if routers != self.routers:
             log.info("router processes sharing the fleet: %d", len(routers))
             self.routers, self._owners = routers, {}
+            if self.on_routers is not None:
+                self.on_routers(len(routers))
         self._routers_beat = self.clock()
         return 3
 
@@ -352,6 +372,77 @@ class RedisStore:
         if owner is None:
             owner = self._owners[key] = max(self.routers, key=lambda r: _weight(r, key))
         return owner == self.replica
+
+    # -- client keys and usage (router.tenants) ----------------------------------------
+
+    async def put_key(self, record: dict[str, Any]) -> None:
+        await self._change_keys(
+            lambda pipe: pipe.hset(self.k_keys, record["id"], orjson.dumps(record))
+        )
+
+    async def delete_key(self, key_id: str) -> None:
+        await self._change_keys(lambda pipe: pipe.hdel(self.k_keys, key_id))
+
+    async def _change_keys(self, change: Callable[[Any], Any]) -> None:
+        """Apply a change to the keys; every replica reloads them (pub/sub wakes
+        their sync at once), this one before answering."""
+        pipe = self.client.pipeline(transaction=True)
+        change(pipe)
+        pipe.incr(self.k_keys_version)
+        await pipe.execute()
+        await self.client.publish(self.channel, "*keys")
+        await self._load_keys(await self.client.get(self.k_keys_version))
+
+    async def _load_keys(self, version: bytes | None) -> int:
+        records = await self.client.hgetall(self.k_keys)
+        self._keys_seen = version
+        if self.on_keys is not None:
+            parsed = {}
+            for kid, raw in records.items():
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    parsed[kid.decode()] = orjson.loads(raw)
+            self.on_keys(parsed)
+        return 1
+
+    async def _flush_usage(self) -> int:
+        """This process's usage since the last flush, added to the day's totals; kept
+        for the next flush when Redis cannot take it."""
+        if self.usage is None or not self.usage.pending:
+            return 0
+        taken = self.usage.take()
+        key = self.k_usage + utc_day(self.wall())
+        pipe = self.client.pipeline(transaction=False)
+        for (name, model), row in taken.items():
+            for field, value in zip(Usage.FIELDS, row, strict=True):
+                if value:
+                    pipe.hincrby(key, f"{name}\t{model}\t{field}", value)
+        pipe.expire(key, USAGE_RETENTION_S)
+        try:
+            await pipe.execute()
+        except BaseException:
+            self.usage.restore(taken)
+            raise
+        return 1
+
+    async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
+        first, last = date.fromisoformat(since), date.fromisoformat(utc_day(self.wall()))
+        span = min((last - first).days + 1, MAX_USAGE_DAYS)
+        days = [(first + timedelta(days=d)).isoformat() for d in range(span)]
+        pipe = self.client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(self.k_usage + day)
+        out: dict[tuple[str, str], list[int]] = {}
+        for rows in await pipe.execute():
+            for raw, value in rows.items():
+                try:
+                    name, model, field = raw.decode().split("\t")
+                    i = Usage.FIELDS.index(field)
+                except ValueError:
+                    continue
+                out.setdefault((name, model), [0] * len(Usage.FIELDS))[i] += int(value)
+        if self.usage is not None:
+            add_rows(out, self.usage.pending)  # not flushed yet
+        return out
 
     async def _republish(self) -> int:
         """Redis is new or lost its data: announce an epoch, re-publish what we know."""

@@ -1,0 +1,326 @@
+"""Client keys: who is calling, what each key may do, and what each has used.
+
+A key looks like ``sk-bal-<43 random characters>``. It is shown once, when it is
+created, and kept only as its SHA-256 (with a short prefix for display): keys
+are long random strings, so a plain hash cannot be reversed. Static keys come
+from the config (``auth.keys``: by hash, or read from an environment variable);
+dynamic ones are created through the admin API and live in the state store, so
+every replica knows them (:class:`Keyring`).
+
+Limits are decided in this process, without awaiting the store
+(:class:`Limiter`): requests per minute by GCRA, tokens per minute by a token
+bucket (debited by an estimate at admission and corrected by the node's
+``usage`` when the answer ends), parallel requests by a counter. Each process
+enforces ``share`` of every key's limits, with share = 1 / the number of live
+router processes sharing the store, recomputed when that number changes.
+
+Usage (requests, errors, prompt and completion tokens per key and model) is
+counted in memory (:class:`Usage`) and flushed by the store's background sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.config import AuthConfig, KeyLimits
+
+KEY_PREFIX = "sk-bal-"
+DISPLAY_CHARS = 12  # of a key shown in listings: "sk-bal-AbCdE"
+BURST_S = 1.0  # requests a key may send at once: one second's worth of its rate (at least 1)
+KEY_HEADERS = ("api-key", "x-api-key")  # besides Authorization: Bearer
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def duration(seconds: float) -> str:
+    """As OpenAI writes resets: ``0.4s``, ``1m30s``."""
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.3g}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+
+
+@dataclass(slots=True)
+class Refusal:
+    """Over a limit: why, and when to try again."""
+
+    code: str
+    message: str
+    retry_after: float
+
+
+class Limiter:
+    """One key's limits as this process enforces them (``share`` of each)."""
+
+    __slots__ = ("limits", "parallel", "share", "tat", "tokens", "tokens_at")
+
+    def __init__(self, limits: KeyLimits, share: float, now: float) -> None:
+        self.limits = limits
+        self.share = share
+        self.tat = now  # GCRA: the theoretical arrival time of the next request
+        self.tokens = float(limits.tpm or 0) * share  # a full minute to start with
+        self.tokens_at = now
+        self.parallel = 0
+
+    def _interval(self) -> float:
+        assert self.limits.rpm is not None
+        return 60.0 / (self.limits.rpm * self.share)
+
+    def _refill(self, now: float) -> float:
+        tpm = self.limits.tpm
+        assert tpm is not None
+        cap = tpm * self.share
+        self.tokens = min(cap, self.tokens + (now - self.tokens_at) * cap / 60.0)
+        self.tokens_at = now
+        return cap
+
+    def admit(self, now: float, estimate: int) -> Refusal | None:
+        lim = self.limits
+        if lim.max_parallel is not None and self.parallel >= self.parallel_limit:
+            return Refusal("rate_limit_exceeded", "too many requests in progress", 1.0)
+        if lim.rpm is not None:
+            t = self._interval()
+            tolerance = max(t, BURST_S)
+            if self.tat - now > tolerance - t:
+                wait = self.tat - now - (tolerance - t)
+                return Refusal("rate_limit_exceeded", f"over {lim.rpm} requests per minute", wait)
+        if lim.tpm is not None:
+            cap = self._refill(now)
+            need = min(float(estimate), cap)  # one larger than the bucket waits for a full one
+            if self.tokens < need:
+                wait = (need - self.tokens) * 60.0 / cap
+                return Refusal("rate_limit_exceeded", f"over {lim.tpm} tokens per minute", wait)
+            self.tokens -= estimate
+        if lim.rpm is not None:
+            self.tat = max(self.tat, now) + self._interval()
+        self.parallel += 1
+        return None
+
+    def done(self, estimate: int, actual: int) -> None:
+        """The request ended: its tokens as counted by the node, not as estimated."""
+        self.parallel -= 1
+        if self.limits.tpm is not None:
+            self.tokens -= actual - estimate
+
+    @property
+    def parallel_limit(self) -> int:
+        assert self.limits.max_parallel is not None
+        return max(1, round(self.limits.max_parallel * self.share))
+
+    def headers(self, now: float) -> dict[str, str]:
+        """OpenAI's rate-limit headers, for the whole key (this process's view)."""
+        lim, out = self.limits, {}
+        if lim.rpm is not None:
+            t = self._interval()
+            ahead = max(0.0, self.tat - now)
+            left = int((max(t, BURST_S) - ahead) / t) if ahead < max(t, BURST_S) else 0
+            out["x-ratelimit-limit-requests"] = str(lim.rpm)
+            out["x-ratelimit-remaining-requests"] = str(min(lim.rpm, int(left / self.share)))
+            out["x-ratelimit-reset-requests"] = duration(ahead)
+        if lim.tpm is not None:
+            cap = self._refill(now)
+            out["x-ratelimit-limit-tokens"] = str(lim.tpm)
+            out["x-ratelimit-remaining-tokens"] = str(max(0, int(self.tokens / self.share)))
+            out["x-ratelimit-reset-tokens"] = duration((cap - self.tokens) * 60.0 / cap)
+        return out
+
+
+@dataclass(eq=False)
+class Key:
+    id: str
+    name: str
+    hash: str
+    prefix: str  # shown in listings
+    limits: KeyLimits
+    source: str  # "config" or "admin"
+    created_at: float = 0.0
+    limiter: Limiter | None = None  # None: no rate, token or parallel limit
+    models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
+
+    def public(self) -> dict[str, Any]:
+        """What listings show: never the key or its hash."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "source": self.source,
+            "created_at": self.created_at,
+            **self.limits.model_dump(),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What the store keeps of a dynamic key."""
+        return {**self.public(), "hash": self.hash}
+
+    def expired(self, wall: float) -> bool:
+        return self.limits.expires_at is not None and wall >= self.limits.expires_at
+
+
+def _limited(limits: KeyLimits) -> bool:
+    return limits.rpm is not None or limits.tpm is not None or limits.max_parallel is not None
+
+
+class Keyring:
+    """Every key this process accepts, by hash; static ones from the config, dynamic
+    ones as the store last reported them."""
+
+    def __init__(
+        self,
+        cfg: AuthConfig,
+        env: Mapping[str, str],
+        clock: Any = time.monotonic,
+        wall: Any = time.time,
+    ) -> None:
+        self.required = cfg.required
+        self.max_keys = cfg.max_keys
+        self.clock = clock
+        self.wall = wall
+        self.share = 1.0
+        self.by_hash: dict[str, Key] = {}
+        self.active = False
+        self.static: dict[str, Key] = {}
+        for k in cfg.keys:
+            digest = k.hash or hash_key(env[k.key_env or ""])
+            limits = KeyLimits(**k.model_dump(include=set(KeyLimits.model_fields)))
+            key = self._make(f"cfg-{k.name}", k.name, digest, "", limits, "config", 0.0)
+            self.static[key.id] = key
+        self.dynamic: dict[str, Key] = {}
+        self._index()
+
+    def _make(
+        self, id: str, name: str, digest: str, prefix: str, limits: KeyLimits, source: str,
+        created_at: float,
+    ) -> Key:  # fmt: skip
+        limiter = Limiter(limits, self.share, self.clock()) if _limited(limits) else None
+        return Key(id, name, digest, prefix, limits, source, created_at, limiter,
+                   frozenset(limits.models))  # fmt: skip
+
+    def _index(self) -> None:
+        self.by_hash = {k.hash: k for k in (*self.static.values(), *self.dynamic.values())}
+        # Whether requests are looked at at all: keys exist, or they are required.
+        self.active = self.required or bool(self.by_hash)
+
+    def names(self) -> Iterable[str]:
+        return (k.name for k in self.by_hash.values())
+
+    def by_name(self, name_or_id: str) -> Key | None:
+        for key in (*self.dynamic.values(), *self.static.values()):
+            if name_or_id in (key.id, key.name):
+                return key
+        return None
+
+    def adopt(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """The store's dynamic keys (all of them): new ones added, changed ones
+        updated (keeping their limiter's state while the limits stay the same),
+        missing ones revoked."""
+        keys: dict[str, Key] = {}
+        for kid, rec in records.items():
+            try:
+                limits = KeyLimits(**{f: rec.get(f) for f in KeyLimits.model_fields if f in rec})
+                old = self.dynamic.get(kid)
+                if old is not None and old.limits == limits and old.hash == rec["hash"]:
+                    keys[kid] = old
+                    continue
+                created = float(rec.get("created_at", 0.0))
+                prefix = str(rec.get("prefix", ""))
+                keys[kid] = self._make(
+                    kid, str(rec["name"]), str(rec["hash"]), prefix, limits, "admin", created
+                )
+            except (KeyError, TypeError, ValueError):
+                continue  # a record this version cannot read: not a key it accepts
+        self.dynamic = keys
+        self._index()
+
+    def set_share(self, share: float) -> None:
+        """This process's share of every key's limits (1 / live router processes)."""
+        if share == self.share:
+            return
+        self.share = share
+        for key in self.by_hash.values():
+            if key.limiter is not None:
+                key.limiter.share = share
+                if key.limits.tpm is not None:
+                    key.limiter.tokens = min(key.limiter.tokens, key.limits.tpm * share)
+
+    def presented(self, headers: Mapping[str, str]) -> str | None:
+        """The key the request carries, if any."""
+        auth = headers.get("Authorization")
+        if auth is not None and auth[:7].lower() == "bearer ":
+            return auth[7:].strip()
+        for name in KEY_HEADERS:
+            value = headers.get(name)
+            if value:
+                return value.strip()
+        return None
+
+    def lookup(self, headers: Mapping[str, str]) -> Key | str | None:
+        """The request's key; None when it has none that counts (allowed unless keys
+        are required); a string: why it is refused (401)."""
+        given = self.presented(headers)
+        if given is None:
+            return "missing API key" if self.required else None
+        key = self.by_hash.get(hash_key(given))  # a lookup by hash: nothing to time
+        if key is None:
+            # Unknown: refused when keys are required, or when it looks like one of
+            # ours (revoked, mistyped); any other string (a client's placeholder) is
+            # anonymous.
+            if self.required or given.startswith(KEY_PREFIX):
+                return "invalid API key"
+            return None
+        if key.expired(self.wall()):
+            return "expired API key"
+        return key
+
+
+class Usage:
+    """Requests, errors and tokens per (key name, model), since the last flush."""
+
+    FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, key: str, model: str, status: int, prompt: int, completion: int) -> None:
+        row = self.pending.get((key, model))
+        if row is None:
+            row = self.pending[(key, model)] = [0, 0, 0, 0]
+        row[0] += 1
+        row[1] += status >= 400
+        row[2] += prompt
+        row[3] += completion
+
+    def take(self) -> dict[tuple[str, str], list[int]]:
+        taken, self.pending = self.pending, {}
+        return taken
+
+    def restore(self, taken: dict[tuple[str, str], list[int]]) -> None:
+        """A flush failed: keep its counts for the next one."""
+        for k, row in taken.items():
+            mine = self.pending.setdefault(k, [0, 0, 0, 0])
+            for i, v in enumerate(row):
+                mine[i] += v
+
+
+def usage_from(doc: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an answer's ``usage``, if it has a valid one."""
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    if not (0 <= prompt < 1 << 40 and 0 <= completion < 1 << 40):
+        return None  # a node's figure, bounded like any other
+    return prompt, completion

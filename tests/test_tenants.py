@@ -1,0 +1,239 @@
+"""Client keys: authentication, admin API, limits and usage (real sockets, real Redis)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from router.config import KeyLimits
+from router.tenants import Limiter, hash_key
+from tests.conftest import MODEL, MakeRouter, MakeSim, RedisServer, chat, node_entry
+from tests.test_supply import until
+
+ADMIN = {"Authorization": "Bearer admin-token"}
+STATIC_KEY = "sk-bal-static-team-key-for-tests-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-token")
+    monkeypatch.setenv("TEAM_KEY", STATIC_KEY)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[int, dict[str, Any], Any]:
+    async with http.post(
+        url + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
+    ) as r:
+        raw = await r.read()
+        doc = orjson.loads(raw) if r.content_type == "application/json" else raw
+        return r.status, dict(r.headers), doc
+
+
+async def test_keys_are_required_and_allow_listed(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    a = await fleet("a", models=("m1",))
+    b = await fleet("b", models=("m2",))
+    r = await make_router(
+        [node_entry(a), node_entry(b)],
+        auth={
+            "required": True,
+            "keys": [{"name": "team", "key_env": "TEAM_KEY", "models": ["m1"]}],
+        },
+    )
+    for headers in ({}, bearer("sk-bal-wrong"), bearer("unused"), {"Authorization": STATIC_KEY}):
+        status, _, doc = await post(http, r.url, chat(model="m1"), headers)
+        assert status == 401 and doc["error"]["code"] == "invalid_api_key", headers
+        assert STATIC_KEY not in orjson.dumps(doc).decode()
+    for headers in (bearer(STATIC_KEY), {"api-key": STATIC_KEY}, {"x-api-key": STATIC_KEY}):
+        status, _, doc = await post(http, r.url, chat(model="m1"), headers)
+        assert status == 200, doc
+    status, _, doc = await post(http, r.url, chat(model="m2"), bearer(STATIC_KEY))
+    assert status == 403 and doc["error"]["code"] == "model_not_allowed"
+
+
+async def test_without_required_keys_anonymous_callers_still_pass(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    r = await make_router(
+        [node_entry(await fleet("a"))], auth={"keys": [{"name": "team", "key_env": "TEAM_KEY"}]}
+    )
+    assert (await post(http, r.url, chat(), bearer("unused")))[0] == 200  # the SDK's placeholder
+    assert (await post(http, r.url, chat(), {}))[0] == 200
+    assert (await post(http, r.url, chat(), bearer("sk-bal-revoked")))[0] == 401
+
+
+async def test_admin_keys_reach_every_replica_and_revocation_within_a_second(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    sim = await fleet("a")
+    common: dict[str, Any] = {
+        "state": {"redis_url": redis_server.url},
+        "admin": {"token_env": "TEST_ADMIN_TOKEN"},
+        "auth": {"required": True},
+    }
+    a = await make_router([node_entry(sim)], **common)
+    b = await make_router([node_entry(sim)], **common)
+    async with http.post(a.url + "/admin/keys", json={"name": "team-a", "rpm": 600}) as resp:
+        assert resp.status == 401  # the admin token is needed
+    spec = {"name": "team-a", "rpm": 600, "tpm": 200000, "models": [MODEL]}
+    async with http.post(a.url + "/admin/keys", json=spec, headers=ADMIN) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    key = created["key"]
+    assert key.startswith("sk-bal-") and created["prefix"] == key[:12]
+    async with http.post(a.url + "/admin/keys", json=spec, headers=ADMIN) as resp:
+        assert resp.status == 409  # names are unique
+
+    async def accepted(url: str) -> bool:
+        return (await post(http, url, chat(), bearer(key)))[0] == 200
+
+    assert await accepted(a.url)  # the replica that created it, at once
+    deadline = time.monotonic() + 1.0
+    while not await accepted(b.url):  # the other, within a second
+        assert time.monotonic() < deadline
+    async with http.get(b.url + "/admin/keys", headers=ADMIN) as resp:
+        listed = (await resp.json())["data"]
+    assert [k["name"] for k in listed] == ["team-a"]
+    assert (
+        key not in orjson.dumps(listed).decode()
+        and hash_key(key) not in orjson.dumps(listed).decode()
+    )
+    async with http.patch(b.url + "/admin/keys/team-a", json={"rpm": 1200}, headers=ADMIN) as resp:
+        assert resp.status == 200 and (await resp.json())["rpm"] == 1200
+
+    async with http.delete(a.url + f"/admin/keys/{created['id']}", headers=ADMIN) as resp:
+        assert resp.status == 200
+    revoked_at = time.monotonic()
+    assert not await accepted(a.url)
+    while await accepted(b.url):
+        assert time.monotonic() - revoked_at < 1.0  # revoked on every replica within 1 s
+    async with http.delete(a.url + "/admin/keys/team-a", headers=ADMIN) as resp:
+        assert resp.status == 404
+
+
+async def test_rate_limits_answer_429_with_openai_headers(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    r = await make_router(
+        [node_entry(await fleet("a"))],
+        auth={"keys": [{"name": "slow", "key_env": "TEAM_KEY", "rpm": 6, "tpm": 100000}]},
+    )
+    status, headers, _ = await post(http, r.url, chat(), bearer(STATIC_KEY))
+    assert status == 200
+    assert headers["x-ratelimit-limit-requests"] == "6"
+    assert headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(headers["x-ratelimit-remaining-tokens"]) < 100000
+    for name in ("remaining-requests", "reset-requests", "reset-tokens"):
+        assert f"x-ratelimit-{name}" in headers
+    status, headers, doc = await post(http, r.url, chat(), bearer(STATIC_KEY))
+    assert status == 429 and doc["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(headers["Retry-After"]) <= 10  # one request every 10 s
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert "slow" in doc["error"]["message"] and STATIC_KEY not in doc["error"]["message"]
+
+
+def test_limiter_holds_the_rate_with_a_one_second_burst() -> None:
+    """GCRA on an injected clock: 300 rpm shared by two replicas, each offered 3x its
+    share for 30 s, accepts within 10% of 150 in all."""
+    now, accepted = 0.0, 0
+    limiters = [Limiter(KeyLimits(rpm=300), 0.5, now) for _ in range(2)]
+    for step in range(int(30 / 0.02)):  # 15 requests a second over both, 50 a step
+        now = step * 0.02
+        if step % 4 == 0:
+            for lim in limiters:
+                if lim.admit(now, 1) is None:
+                    lim.done(1, 1)
+                    accepted += 1
+    assert 135 <= accepted <= 165, accepted
+
+
+def test_token_bucket_is_corrected_by_the_nodes_count() -> None:
+    lim = Limiter(KeyLimits(tpm=600), 1.0, 0.0)
+    assert lim.admit(0.0, 500) is None  # estimated 500 of the minute's 600
+    lim.done(500, 100)  # the node counted 100
+    assert lim.admit(0.0, 400) is None  # so 500 are left, not 100
+    lim.done(400, 400)
+    refused = lim.admit(0.0, 200)
+    assert refused is not None and refused.retry_after == pytest.approx(10.0)
+
+
+async def test_usage_is_what_the_nodes_counted(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    sims = [await fleet(f"n{i}") for i in range(2)]
+    r = await make_router(
+        [node_entry(s) for s in sims],
+        state={"redis_url": redis_server.url},
+        admin={"token_env": "TEST_ADMIN_TOKEN"},
+        auth={"keys": [{"name": "team", "key_env": "TEAM_KEY"}]},
+    )
+    for i in range(12):
+        body = chat(stream=i % 2 == 0, max_tokens=3 + i)
+        if i % 4 == 0:
+            body["stream_options"] = {"include_usage": True}  # asked: it sees the chunk
+        status, _, raw = await post(http, r.url, body, bearer(STATIC_KEY))
+        assert status == 200
+        if body["stream"]:
+            events = [e for e in bytes(raw).split(b"\n\n") if e.startswith(b"data: {")]
+            usage_chunks = [e for e in events if b'"usage":{' in e]
+            assert len(usage_chunks) == (1 if i % 4 == 0 else 0)
+            assert events[-1].count(b'"choices":[]') == (1 if i % 4 == 0 else 0)
+    status, _, doc = await post(http, r.url, chat(), {})  # anonymous: not the key's
+    assert status == 200
+    expected = [
+        12,
+        0,
+        sum(s.usage_sent[0] for s in sims) - doc["usage"]["prompt_tokens"],
+        sum(s.usage_sent[1] for s in sims) - doc["usage"]["completion_tokens"],
+    ]
+    async with http.get(r.url + "/admin/usage?key=team", headers=ADMIN) as resp:
+        (row,) = (await resp.json())["data"]
+    got = [row["requests"], row["errors"], row["prompt_tokens"], row["completion_tokens"]]
+    assert got == expected
+    async with http.get(r.url + "/metrics") as resp:
+        text = await resp.text()
+    series = f'ballast_key_tokens_total{{key="team",kind="completion",model="{MODEL}"}}'
+    assert f"{series} {float(expected[3])}" in text
+
+
+async def test_usage_survives_a_store_outage(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    """Redis stops answering for 1.5 s while the key's requests go on: they are all
+    served, and their usage reaches Redis once it answers again."""
+    sim = await fleet("a")
+    r = await make_router(
+        [node_entry(sim)],
+        state={"redis_url": redis_server.url, "timeout_s": 0.2},
+        admin={"token_env": "TEST_ADMIN_TOKEN"},
+        auth={"keys": [{"name": "team", "key_env": "TEAM_KEY"}]},
+    )
+
+    async def used() -> int:
+        async with http.get(r.url + "/admin/usage?key=team", headers=ADMIN) as resp:
+            rows = (await resp.json()).get("data") or []
+        return rows[0]["requests"] if rows else 0
+
+    async def used_is(n: int) -> bool:
+        return await used() == n
+
+    for _ in range(5):
+        assert (await post(http, r.url, chat(), bearer(STATIC_KEY)))[0] == 200
+    await until(lambda: used_is(5), within=10)
+    errors = r.router.store.errors
+    redis_server.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    for _ in range(15):
+        assert (await post(http, r.url, chat(), bearer(STATIC_KEY)))[0] == 200
+    await until(lambda: r.router.store.errors > errors, within=5)  # the sync failed
+    await until(lambda: used_is(20), within=10)
