@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
@@ -131,8 +132,14 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     )
 
 
-def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
-    req = urllib.request.Request(router.rstrip("/") + "/admin/nodes")
+def admin_call(
+    router: str, token: str | None, path: str, method: str = "GET", body: object = None
+) -> Any:
+    """One admin API call; any failure exits with one line saying what to do."""
+    data = orjson.dumps(body) if body is not None else None
+    req = urllib.request.Request(router.rstrip("/") + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -146,7 +153,7 @@ def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
         hint = ""
         if e.code == 401:
             hint = "; pass --admin-token or set BALLAST_ADMIN_TOKEN to the router's admin token"
-        elif e.code == 404:
+        elif e.code == 404 and "admin API is off" in str(message):
             hint = "; the router needs admin.token_env set, or --router points elsewhere"
         raise SystemExit(printable(f"ballast: {router}: HTTP {e.code}: {message}{hint}")) from None
     except (urllib.error.URLError, OSError, ValueError) as e:
@@ -156,6 +163,57 @@ def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
                 f"ballast: cannot reach {router}: {why}; is the router running? (--router URL)"
             )
         ) from None
+
+
+def fetch_fleet(router: str, token: str | None) -> dict[str, Any]:
+    return admin_call(router, token, "/admin/nodes")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    cells = [header, *([printable(c) for c in r] for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)  # fmt: skip
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    if args.action == "create":
+        spec: dict[str, Any] = {"name": args.name, "priority": args.priority}
+        for field in ("rpm", "tpm", "max_parallel"):
+            if getattr(args, field) is not None:
+                spec[field] = getattr(args, field)
+        if args.models:
+            spec["models"] = [m for m in args.models.split(",") if m]
+        doc = admin_call(args.router, args.admin_token, "/admin/keys", "POST", spec)
+        print(doc["key"])
+        print(f"key {doc['name']} ({doc['id']}): shown once, keep it now", file=sys.stderr)
+    elif args.action == "list":
+        doc = admin_call(args.router, args.admin_token, "/admin/keys")
+        rows = [
+            [k["name"], k["id"], k["prefix"] or "-", k["source"], k["priority"],
+             str(k["rpm"] or "-"), str(k["tpm"] or "-"), str(k["max_parallel"] or "-"),
+             ",".join(k["models"]) or "*"]
+            for k in doc["data"]
+        ]  # fmt: skip
+        header = ["NAME", "ID", "PREFIX", "SOURCE", "PRIORITY", "RPM", "TPM", "PARALLEL", "MODELS"]
+        print(table(rows, header))
+    else:
+        doc = admin_call(args.router, args.admin_token, f"/admin/keys/{args.name}", "DELETE")
+        print(f"revoked {doc['name']} ({doc['id']})")
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    query = urllib.parse.urlencode(
+        {k: v for k, v in (("key", args.key), ("since", args.since)) if v}
+    )
+    doc = admin_call(args.router, args.admin_token, "/admin/usage" + (f"?{query}" if query else ""))
+    rows = [
+        [r["key"], r["model"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
+         str(r["completion_tokens"])]
+        for r in doc["data"]
+    ]  # fmt: skip
+    print(f"since {doc['since']} (UTC)")
+    print(table(rows, ["KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOKENS", "COMPLETION_TOKENS"]))
 
 
 def render_fleet(doc: dict[str, Any]) -> str:
@@ -298,6 +356,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between heartbeats")
     p.add_argument("--secret-file", help="keep the node secret here across restarts")
     p.set_defaults(func=cmd_agent)
+
+    def admin_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--router", default="http://127.0.0.1:8080", help="router base URL")
+        p.add_argument(
+            "--admin-token",
+            default=os.environ.get("BALLAST_ADMIN_TOKEN"),
+            help="admin bearer token (default: $BALLAST_ADMIN_TOKEN)",
+        )
+
+    p = sub.add_parser("keys", help="create, list and revoke client keys")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="create a key and print it (shown once)")
+    k.add_argument("--name", required=True)
+    k.add_argument("--rpm", type=int, help="requests per minute")
+    k.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    k.add_argument("--max-parallel", dest="max_parallel", type=int, help="requests at once")
+    k.add_argument("--models", help="comma-separated models it may use (default: all)")
+    k.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    admin_args(k)
+    k = keys.add_parser("list", help="list keys (never the keys themselves)")
+    admin_args(k)
+    k = keys.add_parser("revoke", help="revoke a key on every replica")
+    k.add_argument("name", help="key name or id")
+    admin_args(k)
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("usage", help="usage per key and model")
+    p.add_argument("--key", help="only this key name")
+    p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
+    admin_args(p)
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("config")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from typing import Any
 
@@ -237,3 +239,44 @@ async def test_usage_survives_a_store_outage(
         assert (await post(http, r.url, chat(), bearer(STATIC_KEY)))[0] == 200
     await until(lambda: r.router.store.errors > errors, within=5)  # the sync failed
     await until(lambda: used_is(20), within=10)
+
+
+async def test_cli_creates_lists_uses_and_revokes_a_key(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    r = await make_router(
+        [node_entry(await fleet("a"))],
+        admin={"token_env": "TEST_ADMIN_TOKEN"},
+        auth={"required": True},
+    )
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router.cli", *args, "--router", r.url,
+            "--admin-token", "admin-token",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    create = ["--name", "team-a", "--rpm", "600", "--tpm", "200000", "--priority", "batch"]
+    code, out, err = await cli("keys", "create", *create, "--models", MODEL)
+    assert code == 0 and "shown once" in err
+    key = out.strip()
+    assert key.startswith("sk-bal-")
+    code, out, _ = await cli("keys", "list")
+    header, row = out.splitlines()
+    assert header.split()[:2] == ["NAME", "ID"] and row.split()[0] == "team-a"
+    assert "batch" in row and "600" in row and key not in out
+    for _ in range(3):
+        assert (await post(http, r.url, chat(), bearer(key)))[0] == 200
+    code, out, _ = await cli("usage", "--key", "team-a")
+    lines = out.splitlines()
+    assert code == 0 and lines[1].split()[:2] == ["KEY", "MODEL"]
+    assert lines[2].split()[:4] == ["team-a", MODEL, "3", "0"]
+    code, out, _ = await cli("keys", "revoke", "team-a")
+    assert code == 0 and "revoked team-a" in out
+    assert (await post(http, r.url, chat(), bearer(key)))[0] == 401
+    code, _, err = await cli("keys", "revoke", "team-a")
+    assert code == 1 and "HTTP 404" in err and len(err.strip().splitlines()) == 1
