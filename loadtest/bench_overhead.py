@@ -8,6 +8,9 @@ measure that proxy alone. Targets:
 * ``bare``: a pass-through aiohttp proxy with no logic at all, written here;
   the cost floor of a Python proxy;
 * ``ballast``: ``ballast serve`` with its default features;
+* ``ballast-auth`` (``--auth``): the same with ``auth.required`` and three keys
+  with rpm, tpm and parallel limits (high enough never to refuse); every target
+  then gets the key's ``Authorization`` header;
 * ``nginx``: when ``nginx`` is on the PATH, a keep-alive ``proxy_pass``.
 
 Non-streaming load comes from wrk when it is installed (else, and for streams,
@@ -23,6 +26,7 @@ from ``/proc/PID/stat``). Ratios against ``bare`` are measured in the same run,
 because the machine is shared and noisy.
 
     python -m loadtest.bench_overhead --duration 5 --concurrency 1,64 [--no-obs] [--workers2]
+    python -m loadtest.bench_overhead --duration 5 --concurrency 1,64 --auth
     python -m loadtest.bench_overhead --streams 2000
 """
 
@@ -51,6 +55,8 @@ CHAT = orjson.dumps(
 )
 CHAT_STREAM = orjson.dumps({**orjson.loads(CHAT), "stream": True})
 STREAM_CHUNKS = 8
+BENCH_KEY = "sk-bal-bench-0000000000000000000000000000000000000000"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 
 
 # -- the processes -----------------------------------------------------------
@@ -128,7 +134,7 @@ def _run_app(app: Any, port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def run_load(url: str, conc: int, duration: float, stream: bool) -> None:
+def run_load(url: str, conc: int, duration: float, stream: bool, auth: bool = False) -> None:
     """Closed-loop load: ``conc`` workers for ``duration`` seconds; prints JSON."""
     import uvloop
     from aiohttp import ClientSession, TCPConnector
@@ -142,7 +148,7 @@ def run_load(url: str, conc: int, duration: float, stream: bool) -> None:
         nonlocal errors
         clock = time.perf_counter
         target = url + "/v1/chat/completions"
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(AUTH if auth else {})}
         while clock() < stop_at:
             t0 = clock()
             try:
@@ -232,11 +238,13 @@ def rss_mb(pid: int) -> float:
 
 
 def measure(
-    target: str, url: str, pid: int | None, conc: int, duration: float, stream: bool
-) -> Result:
+    target: str, url: str, pid: int | None, conc: int, duration: float, stream: bool,
+    auth: bool = False,
+) -> Result:  # fmt: skip
     me = [sys.executable, "-m", "loadtest.bench_overhead"]
     args = [*me, "--role", "load", "--url", url, "--conc", str(conc)]
     args += ["--duration", str(duration)] + (["--stream"] if stream else [])
+    args += ["--auth"] if auth else []
     load = subprocess.Popen(args, stdout=subprocess.PIPE)
     # CPU is sampled around the measured window only (the load warms up first).
     time.sleep(min(1.0, duration / 5))
@@ -262,7 +270,7 @@ WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/json"
-"""
+%s"""
 
 
 def _wrk_ms(text: str) -> float:
@@ -338,10 +346,18 @@ http {{
 
 
 def ballast_conf(
-    tmp: Path, port: int, node_url: str, observability: bool, resume: bool = True
-) -> Path:
+    tmp: Path, port: int, node_url: str, observability: bool, resume: bool = True,
+    auth: bool = False,
+) -> Path:  # fmt: skip
     import yaml
 
+    from router.tenants import hash_key
+
+    keys = [
+        {"name": f"bench-{i}", "hash": hash_key(f"{BENCH_KEY}{i or ''}"), "rpm": 10_000_000,
+         "tpm": 10_000_000_000, "max_parallel": 100_000}
+        for i in range(3)
+    ]  # fmt: skip
     conf = tmp / f"ballast-{port}.yaml"
     conf.write_text(
         yaml.safe_dump(
@@ -352,6 +368,7 @@ def ballast_conf(
                 "logging": {"level": "info", "access_log": observability},
                 "metrics": {"enabled": observability},
                 "resume": {"enabled": resume},
+                "auth": {"required": True, "keys": keys} if auth else {},
             }
         )
     )
@@ -365,8 +382,9 @@ def spawn_ballast(
     observability: bool = True,
     workers: int = 1,
     resume: bool = True,
+    auth: bool = False,
 ) -> subprocess.Popen[bytes]:
-    conf = ballast_conf(tmp, port, node_url, observability, resume)
+    conf = ballast_conf(tmp, port, node_url, observability, resume, auth)
     cmd = [sys.executable, "-m", "router.cli", "serve", "--config", str(conf)]
     return spawn([*cmd, "--workers", str(workers)])
 
@@ -388,12 +406,13 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
         procs.append(bare)
         targets.append(("bare", f"http://127.0.0.1:{bare_port}", bare.pid))
 
-        variants = [("ballast", True, 1)]
-        variants += [("ballast-noobs", False, 1)] if args.no_obs else []
-        variants += [("ballast-w2", True, 2)] if args.workers2 else []
-        for name, observability, workers in variants:
+        variants = [("ballast", True, 1, False)]
+        variants += [("ballast-auth", True, 1, True)] if args.auth else []
+        variants += [("ballast-noobs", False, 1, False)] if args.no_obs else []
+        variants += [("ballast-w2", True, 2, False)] if args.workers2 else []
+        for name, observability, workers, auth in variants:
             b_port = free_port()
-            ballast = spawn_ballast(tmp, b_port, node_url, observability, workers)
+            ballast = spawn_ballast(tmp, b_port, node_url, observability, workers, auth=auth)
             procs.append(ballast)
             targets.append((name, f"http://127.0.0.1:{b_port}", ballast.pid))
 
@@ -408,7 +427,8 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
                 wait_port(int(url.rsplit(":", 1)[1]), next(p for p in procs if p.pid == pid))
 
         wrk_script = tmp / "post.lua"
-        wrk_script.write_text(WRK_SCRIPT % CHAT.decode())
+        header = f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n' if args.auth else ""
+        wrk_script.write_text(WRK_SCRIPT % (CHAT.decode(), header))
         use_wrk = shutil.which("wrk") is not None and not args.no_wrk
         results = []
         for stream in (False, True):
@@ -417,7 +437,7 @@ def main_bench(args: argparse.Namespace) -> list[Result]:
                     if use_wrk and not stream:
                         r = measure_wrk(name, url, pid, conc, args.duration, wrk_script)
                     else:
-                        r = measure(name, url, pid, conc, args.duration, stream)
+                        r = measure(name, url, pid, conc, args.duration, stream, args.auth)
                     results.append(r)
                     print(
                         f"  measured {name:<8} {r.mode:<6} c={conc:<3} {r.rps:8.0f} req/s",
@@ -571,6 +591,9 @@ def main() -> None:
     )
     p.add_argument("--workers2", action="store_true", help="also measure serve --workers 2")
     p.add_argument(
+        "--auth", action="store_true", help="also measure auth.required with three limited keys"
+    )
+    p.add_argument(
         "--streams",
         type=int,
         default=0,
@@ -590,7 +613,7 @@ def main() -> None:
     elif args.role == "bare":
         run_bare(args.port, args.url)
     elif args.role == "load":
-        run_load(args.url, args.conc, args.duration, args.stream)
+        run_load(args.url, args.conc, args.duration, args.stream, args.auth)
     else:
         print(report(main_bench(args)))
 

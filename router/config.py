@@ -290,6 +290,7 @@ class MetricsConfig(_Strict):
     token_env: str | None = None  # set: scrapes need Authorization: Bearer <token>
     max_models: int = Field(100, ge=1, le=10_000)  # model label values; the rest are "other"
     max_nodes: int = Field(1000, ge=0, le=100_000)  # nodes with per-node series
+    max_keys: int = Field(100, ge=0, le=100_000)  # client key names as labels; then "other"
 
 
 KeyName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]

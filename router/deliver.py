@@ -12,10 +12,8 @@ can, the stream ends with an SSE error event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
-import orjson
 from aiohttp import ClientError, web
 
 from router.call import Call
@@ -23,7 +21,7 @@ from router.errors import sse_error_event
 from router.fleet import Node
 from router.measure import Outcome
 from router.relay import Relay
-from router.tenants import usage_from
+from router.tenants import usage_from, usage_in
 from router.upstream import Opened, response_headers
 
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
@@ -75,8 +73,7 @@ class Deliver:
         if opened.whole:
             opened.close(ok)
             if call.key is not None and status < 400:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    call.tokens = usage_from(orjson.loads(opened.first))
+                call.tokens = usage_in(opened.first)
             return web.Response(status=status, body=opened.first, headers=headers)
         attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)

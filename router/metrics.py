@@ -474,7 +474,16 @@ class Metrics:
             ["key", "model", "kind"],
             registry=reg,
         )
+        self.key_limited = Counter(
+            "ballast_key_rate_limited",
+            "Requests refused over their client key's rpm, tpm or parallel limit",
+            ["key"],
+            registry=reg,
+        )
         self._key_children: dict[tuple[str, ...], Counter] = {}
+        self._key_tokens: dict[tuple[str, ...], Counter] = {}
+        self._key_label: dict[str, str] = {}
+        self.max_keys = cfg.max_keys
         self._mirroring: asyncio.Task[None] | None = None
         self._requests: dict[tuple[str, ...], Counter] = {}
         self._by_model: dict[str, tuple[Histogram, Histogram]] = {}
@@ -517,11 +526,17 @@ class Metrics:
             for _, reason, outcome in ex.resumed:
                 self.resumes.labels(model, reason, outcome).inc()
             if ex.key:
-                keyed = self._key_children
-                _child(keyed, self.key_requests, ex.key, model, str(ex.status)).inc()
+                key = self._key_label.get(ex.key)
+                if key is None:  # the first metrics.max_keys names seen; then "other"
+                    key = ex.key if len(self._key_label) < self.max_keys else "other"
+                    self._key_label[ex.key] = key
+                _child(self._key_children, self.key_requests, key, model, str(ex.status)).inc()
+                if ex.limited:
+                    self.key_limited.labels(key).inc()
                 if ex.tokens is not None:
-                    _child(keyed, self.key_tokens, ex.key, model, "prompt").inc(ex.tokens[0])
-                    _child(keyed, self.key_tokens, ex.key, model, "completion").inc(ex.tokens[1])
+                    tokens = self._key_tokens
+                    _child(tokens, self.key_tokens, key, model, "prompt").inc(ex.tokens[0])
+                    _child(tokens, self.key_tokens, key, model, "completion").inc(ex.tokens[1])
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers

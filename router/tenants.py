@@ -21,11 +21,14 @@ counted in memory (:class:`Usage`) and flushed by the store's background sync.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from router.config import AuthConfig, KeyLimits
 
@@ -33,6 +36,7 @@ KEY_PREFIX = "sk-bal-"
 DISPLAY_CHARS = 12  # of a key shown in listings: "sk-bal-AbCdE"
 BURST_S = 1.0  # requests a key may send at once: one second's worth of its rate (at least 1)
 KEY_HEADERS = ("api-key", "x-api-key")  # besides Authorization: Bearer
+SEEN_KEYS = 4096  # valid keys remembered as presented (cleared when the keys change)
 
 
 def hash_key(key: str) -> str:
@@ -44,9 +48,11 @@ def new_key() -> str:
 
 
 def duration(seconds: float) -> str:
-    """As OpenAI writes resets: ``0.4s``, ``1m30s``."""
+    """As OpenAI writes resets: ``0s``, ``400ms``, ``12s``, ``1m30s``."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms" if seconds > 0 else "0s"
     if seconds < 60:
-        return f"{max(seconds, 0.0):.3g}s"
+        return f"{int(seconds)}s"
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
@@ -62,76 +68,91 @@ class Refusal:
 class Limiter:
     """One key's limits as this process enforces them (``share`` of each)."""
 
-    __slots__ = ("limits", "parallel", "share", "tat", "tokens", "tokens_at")
+    __slots__ = (
+        "cap",
+        "limits",
+        "parallel",
+        "plimit",
+        "rpm",
+        "share",
+        "t",
+        "tat",
+        "texts",
+        "tokens",
+        "tokens_at",
+        "tolerance",
+        "tpm",
+    )  # fmt: skip
 
     def __init__(self, limits: KeyLimits, share: float, now: float) -> None:
         self.limits = limits
-        self.share = share
+        self.rpm, self.tpm = limits.rpm, limits.tpm
+        self.texts = (str(self.rpm), str(self.tpm))
         self.tat = now  # GCRA: the theoretical arrival time of the next request
-        self.tokens = float(limits.tpm or 0) * share  # a full minute to start with
         self.tokens_at = now
         self.parallel = 0
+        self.share = 0.0
+        self.set_share(share)
+        self.tokens = self.cap  # a full minute to start with
 
-    def _interval(self) -> float:
-        assert self.limits.rpm is not None
-        return 60.0 / (self.limits.rpm * self.share)
+    def set_share(self, share: float) -> None:
+        """Enforce ``share`` of the key's limits from now on."""
+        self.share = share
+        self.t = 60.0 / (self.rpm * share) if self.rpm else 0.0  # between two requests
+        self.tolerance = max(self.t, BURST_S)
+        self.cap = float(self.tpm or 0) * share  # the token bucket: a minute's worth
+        mp = self.limits.max_parallel
+        self.plimit = max(1, round(mp * share)) if mp is not None else 0
+        if hasattr(self, "tokens"):
+            self.tokens = min(self.tokens, self.cap)
 
-    def _refill(self, now: float) -> float:
-        tpm = self.limits.tpm
-        assert tpm is not None
-        cap = tpm * self.share
-        self.tokens = min(cap, self.tokens + (now - self.tokens_at) * cap / 60.0)
+    def _refill(self, now: float) -> None:
+        tokens = self.tokens + (now - self.tokens_at) * self.cap / 60.0
+        self.tokens = tokens if tokens < self.cap else self.cap
         self.tokens_at = now
-        return cap
 
     def admit(self, now: float, estimate: int) -> Refusal | None:
-        lim = self.limits
-        if lim.max_parallel is not None and self.parallel >= self.parallel_limit:
+        if self.plimit and self.parallel >= self.plimit:
             return Refusal("rate_limit_exceeded", "too many requests in progress", 1.0)
-        if lim.rpm is not None:
-            t = self._interval()
-            tolerance = max(t, BURST_S)
-            if self.tat - now > tolerance - t:
-                wait = self.tat - now - (tolerance - t)
-                return Refusal("rate_limit_exceeded", f"over {lim.rpm} requests per minute", wait)
-        if lim.tpm is not None:
-            cap = self._refill(now)
-            need = min(float(estimate), cap)  # one larger than the bucket waits for a full one
+        t = self.t
+        if t and self.tat - now > self.tolerance - t:
+            wait = self.tat - now - (self.tolerance - t)
+            return Refusal("rate_limit_exceeded", f"over {self.rpm} requests per minute", wait)
+        if self.tpm:
+            self._refill(now)
+            need = estimate if estimate < self.cap else self.cap  # larger: a full bucket
             if self.tokens < need:
-                wait = (need - self.tokens) * 60.0 / cap
-                return Refusal("rate_limit_exceeded", f"over {lim.tpm} tokens per minute", wait)
+                wait = (need - self.tokens) * 60.0 / self.cap
+                return Refusal("rate_limit_exceeded", f"over {self.tpm} tokens per minute", wait)
             self.tokens -= estimate
-        if lim.rpm is not None:
-            self.tat = max(self.tat, now) + self._interval()
+        if t:
+            self.tat = (self.tat if self.tat > now else now) + t
         self.parallel += 1
         return None
 
     def done(self, estimate: int, actual: int) -> None:
         """The request ended: its tokens as counted by the node, not as estimated."""
         self.parallel -= 1
-        if self.limits.tpm is not None:
+        if self.tpm:
             self.tokens -= actual - estimate
-
-    @property
-    def parallel_limit(self) -> int:
-        assert self.limits.max_parallel is not None
-        return max(1, round(self.limits.max_parallel * self.share))
 
     def headers(self, now: float) -> dict[str, str]:
         """OpenAI's rate-limit headers, for the whole key (this process's view)."""
-        lim, out = self.limits, {}
-        if lim.rpm is not None:
-            t = self._interval()
-            ahead = max(0.0, self.tat - now)
-            left = int((max(t, BURST_S) - ahead) / t) if ahead < max(t, BURST_S) else 0
-            out["x-ratelimit-limit-requests"] = str(lim.rpm)
-            out["x-ratelimit-remaining-requests"] = str(min(lim.rpm, int(left / self.share)))
+        out = {}
+        share = self.share
+        if self.t:
+            t, rpm = self.t, self.rpm or 0
+            ahead = self.tat - now if self.tat > now else 0.0
+            left = int((self.tolerance - ahead) / t / share) if ahead < self.tolerance else 0
+            out["x-ratelimit-limit-requests"] = self.texts[0]
+            out["x-ratelimit-remaining-requests"] = str(left if left < rpm else rpm)
             out["x-ratelimit-reset-requests"] = duration(ahead)
-        if lim.tpm is not None:
-            cap = self._refill(now)
-            out["x-ratelimit-limit-tokens"] = str(lim.tpm)
-            out["x-ratelimit-remaining-tokens"] = str(max(0, int(self.tokens / self.share)))
-            out["x-ratelimit-reset-tokens"] = duration((cap - self.tokens) * 60.0 / cap)
+        if self.tpm:
+            self._refill(now)
+            left_tokens = int(self.tokens / share)
+            out["x-ratelimit-limit-tokens"] = self.texts[1]
+            out["x-ratelimit-remaining-tokens"] = str(left_tokens if left_tokens > 0 else 0)
+            out["x-ratelimit-reset-tokens"] = duration((self.cap - self.tokens) * 60.0 / self.cap)
         return out
 
 
@@ -207,6 +228,7 @@ class Keyring:
 
     def _index(self) -> None:
         self.by_hash = {k.hash: k for k in (*self.static.values(), *self.dynamic.values())}
+        self._seen: dict[str, Key] = {}  # presented key -> Key: the hash once per key
         # Whether requests are looked at at all: keys exist, or they are required.
         self.active = self.required or bool(self.by_hash)
 
@@ -248,9 +270,7 @@ class Keyring:
         self.share = share
         for key in self.by_hash.values():
             if key.limiter is not None:
-                key.limiter.share = share
-                if key.limits.tpm is not None:
-                    key.limiter.tokens = min(key.limiter.tokens, key.limits.tpm * share)
+                key.limiter.set_share(share)
 
     def presented(self, headers: Mapping[str, str]) -> str | None:
         """The key the request carries, if any."""
@@ -269,7 +289,11 @@ class Keyring:
         given = self.presented(headers)
         if given is None:
             return "missing API key" if self.required else None
-        key = self.by_hash.get(hash_key(given))  # a lookup by hash: nothing to time
+        key = self._seen.get(given)
+        if key is None:
+            key = self.by_hash.get(hash_key(given))  # a lookup by hash: nothing to time
+            if key is not None and len(self._seen) < SEEN_KEYS:
+                self._seen[given] = key
         if key is None:
             # Unknown: refused when keys are required, or when it looks like one of
             # ours (revoked, mistyped); any other string (a client's placeholder) is
@@ -309,6 +333,25 @@ class Usage:
             mine = self.pending.setdefault(k, [0, 0, 0, 0])
             for i, v in enumerate(row):
                 mine[i] += v
+
+
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+
+
+def usage_in(body: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a whole answer's ``usage`` object, reading
+    only that object: JSON escapes quotes inside strings, so the last ``"usage":``
+    key in the body is the answer's own."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    m = _USAGE.match(body, at)
+    if m is None:
+        return None
+    try:
+        return usage_from({"usage": orjson.loads(m.group(1))})
+    except orjson.JSONDecodeError:
+        return None
 
 
 def usage_from(doc: Any) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ import yaml
 from router.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"NODE_A_KEY": "k", "BALLAST_JOIN_TOKEN": "j", "BALLAST_ADMIN_TOKEN": "a"}
+ENV = {"NODE_A_KEY": "k", "BALLAST_JOIN_TOKEN": "j", "BALLAST_ADMIN_TOKEN": "a", "TEAM_A_KEY": "t"}
 
 
 def test_readme_configuration_overview_is_valid() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 
 from tests.conftest import MODEL, MakeRouter, MakeSim, chat, dead_url, free_port, node_entry
@@ -139,12 +140,23 @@ def test_dashboard_is_importable_with_a_datasource_variable() -> None:
 
 
 async def test_dashboard_metric_names_exist_in_live_metrics(
-    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+    fleet: MakeSim,
+    make_router: MakeRouter,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("DASH_KEY", "sk-bal-dashboard")
     a = await fleet("a")
-    r = await make_router([node_entry(a)])
-    async with http.post(r.url + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
-        assert resp.status == 200
+    r = await make_router(
+        [node_entry(a)], auth={"keys": [{"name": "team", "key_env": "DASH_KEY", "rpm": 1}]}
+    )
+    for status in (200, 429):  # a key's request, then one over its limit
+        async with http.post(
+            r.url + "/v1/chat/completions",
+            data=orjson.dumps(chat()),
+            headers={"Authorization": "Bearer sk-bal-dashboard"},
+        ) as resp:
+            assert resp.status == status
     live = sample_names(await scrape(http, r.url))
     used: set[str] = set()
     for expr in dashboard_exprs():
