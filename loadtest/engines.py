@@ -178,6 +178,8 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
                 },
                 "admin": {"token_env": "BALLAST_ADMIN_TOKEN"},
                 "logging": {"level": "info", "access_log": False},
+                # A client key (not required: the other checks go without one).
+                "auth": {"keys": [{"name": "engines", "key_env": "BALLAST_ENGINES_KEY"}]},
             }
         )
     )
@@ -207,6 +209,9 @@ class Tally:
         return f"{mark} {self.ok}/{self.total}{why}"
 
 
+KEY_PROMPT: list[Any] = [{"role": "user", "content": "Count to three"}]
+
+
 class Checks:
     def __init__(self, router: str, token: str, nodes: list[EngineNode]) -> None:
         from openai import AsyncOpenAI
@@ -216,6 +221,10 @@ class Checks:
         self.nodes = nodes
         self.engine_of = {n.id: n.engine for n in nodes}
         self.client = AsyncOpenAI(base_url=router + "/v1", api_key="unused", max_retries=0)
+        self.keyed = AsyncOpenAI(
+            base_url=router + "/v1", api_key=os.environ["BALLAST_ENGINES_KEY"], max_retries=0
+        )
+        self.prompt_tokens: dict[str, int] = {}  # engine -> prompt tokens of KEY_PROMPT
         self.results: dict[str, dict[str, Tally]] = defaultdict(lambda: defaultdict(Tally))
         self.notes: list[str] = []
 
@@ -301,6 +310,54 @@ class Checks:
         out = raw.parse()
         ok = len(out.data) == 2 and len(out.data[0].embedding) > 0
         return raw.headers["x-ballast-node"], ok, "wrong embedding count"
+
+    async def key_usage(self) -> dict[str, int]:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(self.router + "/admin/usage?key=engines", headers=headers) as resp,
+        ):
+            rows = (await resp.json())["data"]
+        return rows[0] if rows else {"prompt_tokens": 0, "completion_tokens": 0}
+
+    async def keyed_chat(self) -> tuple[str, bool, str]:
+        """With a client key, a plain answer: its usage is what the key is charged."""
+        before = await self.key_usage()
+        raw = await self.keyed.chat.completions.with_raw_response.create(
+            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0
+        )
+        out, node = raw.parse(), raw.headers["x-ballast-node"]
+        after = await self.key_usage()
+        assert out.usage is not None
+        self.prompt_tokens[self.engine_of[node]] = out.usage.prompt_tokens
+        got = [after[k] - before[k] for k in ("prompt_tokens", "completion_tokens")]
+        want = [out.usage.prompt_tokens, out.usage.completion_tokens]
+        return node, got == want, f"charged {got}, the node said {want}"
+
+    async def keyed_stream(self) -> tuple[str, bool, str]:
+        """With a client key, a stream that does not ask for usage: Ballast asks the
+        node, charges its count and hides the usage chunk."""
+        before = await self.key_usage()
+        raw = await self.keyed.chat.completions.with_raw_response.create(
+            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0, stream=True
+        )
+        node, pieces, usage_seen = raw.headers["x-ballast-node"], 0, False
+        async for chunk in raw.parse():
+            usage_seen |= chunk.usage is not None
+            pieces += sum(1 for c in chunk.choices if c.delta.content)
+        after = await self.key_usage()
+        prompt = after["prompt_tokens"] - before["prompt_tokens"]
+        completion = after["completion_tokens"] - before["completion_tokens"]
+        known = self.prompt_tokens.get(self.engine_of[node])
+        ok = not usage_seen and completion == pieces and prompt == known
+        return (
+            node,
+            ok,
+            f"usage chunk shown={usage_seen}, charged ({prompt}, {completion}), "
+            f"prompt by the plain answer {known}, {pieces} pieces",
+        )
 
     async def foreign_request_id(self) -> tuple[str, bool, str]:
         raw = await self.client.chat.completions.with_raw_response.create(
@@ -485,6 +542,8 @@ async def conformance(
         ("completions", checks.completion),
         ("completions stream", checks.completion_stream),
         ("client x-request-id that is not a UUID", checks.foreign_request_id),
+        ("client key: charged the usage of a plain answer", checks.keyed_chat),
+        ("client key: stream charged the node's count, usage chunk hidden", checks.keyed_stream),
     ):
         await checks.each(feature, 6, call)
     await checks.each("embeddings", 4, checks.embedding)
@@ -530,6 +589,7 @@ def main() -> None:
         token = secrets.token_urlsafe(16)
         os.environ["BALLAST_ADMIN_TOKEN"] = token
         os.environ["BALLAST_JOIN_TOKEN"] = secrets.token_urlsafe(16)
+        os.environ["BALLAST_ENGINES_KEY"] = "sk-bal-" + secrets.token_urlsafe(32)
         conf = ballast_config(tmp, port, nodes)
         ballast = spawn([sys.executable, "-m", "router.cli", "serve", "--config", str(conf)])
         procs.append(ballast)

@@ -311,6 +311,7 @@ def create_app(
             yield
             await router.recorder.stop()
             await router.metrics.stop()
+            await router.proxy.gate.close()
             if router.prober is not None:
                 await router.prober.stop()
             await router.health.stop()

@@ -37,6 +37,7 @@ class Exchange:
         "model",
         "node",
         "outcomes",
+        "priority",
         "queued_s",
         "request_id",
         "resumed",
@@ -60,7 +61,8 @@ class Exchange:
         self.ttfb = -1.0  # request arrival to the node's first byte; < 0: none
         self.duration = 0.0
         self.finished_at = 0.0  # wall-clock time the answer ended
-        self.queued_s = 0.0  # time spent waiting for supply
+        self.queued_s = 0.0  # time spent waiting for supply or capacity
+        self.priority = "interactive"  # or "batch" (router.gate)
         self.hedged = False
         self.key = ""  # the client key's name (router.tenants), "" without one
         self.limited = False  # refused over the key's limits

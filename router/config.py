@@ -51,6 +51,7 @@ NUMERIC_LABELS: dict[str, tuple[float, float]] = {
     "context_length": (1, 100_000_000),
     "price_per_mtok": (0, 1_000_000),
     "price_per_hour": (0, 1_000_000),
+    "max_concurrency": (1, 100_000),  # requests the node serves at once (router.gate)
 }
 
 
@@ -326,6 +327,14 @@ class AuthConfig(_Strict):
     max_keys: int = Field(10_000, ge=1, le=1_000_000)  # dynamic keys, over all replicas
 
 
+class PriorityConfig(_Strict):
+    # At a model's capacity (router.gate): batch requests take at most this share
+    # of it while interactive requests wait.
+    batch_max_share: float = Field(0.5, ge=0, le=1)
+    # The capacity of nodes that declare no max_concurrency label; None: unknown.
+    node_slots: int | None = Field(None, ge=1, le=100_000)
+
+
 class ShutdownConfig(_Strict):
     # On SIGTERM: keep accepting for grace_s while /readyz fails (load balancers take
     # the router out), then stop accepting and give requests in flight drain_s.
@@ -358,6 +367,7 @@ class Config(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -440,7 +440,8 @@ class Metrics:
         self._affinity: dict[tuple[str, ...], Counter] = {}
         self.queue_wait = Histogram(
             "ballast_queue_wait_seconds",
-            "Time requests waited for supply (only those that waited)",
+            "Time requests waited for supply or capacity (only those that waited), by class",
+            ["priority"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
@@ -522,7 +523,7 @@ class Metrics:
             if ex.attempts:
                 _child(self._affinity, self.affinity, model, ex.affinity).inc()
             if ex.queued_s:
-                self.queue_wait.observe(ex.queued_s)
+                self.queue_wait.labels(ex.priority).observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:
                 self.resumes.labels(model, reason, outcome).inc()
             if ex.key:

@@ -51,6 +51,7 @@ from router.engines import ENGINES, NO_ENGINE, context_error
 from router.errors import error_response, exhausted, is_error_envelope, no_capacity
 from router.fit import Fit
 from router.fleet import Fleet, Node
+from router.gate import BATCH, Gate
 from router.hedge import Hedging
 from router.measure import Outcome
 from router.relay import Relay
@@ -61,6 +62,9 @@ log = logging.getLogger("ballast.proxy")
 MAX_MODEL_NAME = 256
 
 
+DEADLINE_HEADER = "x-ballast-deadline-ms"  # the caller's own deadline, from now
+PRIORITY_HEADER = "x-ballast-priority"  # "batch" lowers a request's class
+GATE_WAITED_S = 0.001  # an admission slower than this waited for capacity
 DEFAULT_COMPLETION_TOKENS = 256  # a request's completion estimate when it sets no max_tokens
 PROMPT_BYTES_PER_TOKEN = 4  # the prompt's estimate: its body's bytes over this
 
@@ -84,6 +88,10 @@ class Proxy:
         self.fleet = fleet
         self.keys = keys  # client keys (router.tenants); None: nobody is asked for one
         self.usage = Usage()
+        self.gate = Gate(
+            fleet, cfg.priority.node_slots, cfg.priority.batch_max_share, upstream.clock,
+            max_waiting=cfg.queue.max_size,
+        )  # fmt: skip
         self.policy = policy
         self.clock = upstream.clock
         self.rng = rng or Random()
@@ -148,9 +156,17 @@ class Proxy:
         self.retries.active += 1
         if self.hedging.enabled:
             self.hedging.budget.earn()
-        status = 500
+        status, gated = 500, None
+        model, cls = call.info.model, call.ex.priority
         try:
-            resp = await self._route(call)
+            t0 = self.clock()
+            gated = await self.gate.enter(model, cls, min(call.deadline, t0 + self.queue_wait_s))
+            if gated is not None and (waited := self.clock() - t0) > GATE_WAITED_S:
+                call.ex.queued_s += waited
+            if gated is False:
+                resp = self._not_admitted(call)
+            else:
+                resp = await self._route(call)
             status = resp.status
             return resp
         except asyncio.CancelledError:
@@ -158,8 +174,19 @@ class Proxy:
             raise
         finally:
             self.retries.active -= 1
+            if gated:
+                self.gate.leave(model, cls)
             if call.key is not None:
                 self._account(call, status)
+
+    def _not_admitted(self, call: Call) -> web.Response:
+        """The model stayed at capacity until the request's deadline or the queue's."""
+        if call.deadline - self.clock() <= 0:
+            return error_response(
+                504, "the request's deadline passed while it waited for capacity",
+                "timeout_error", "deadline_exceeded",
+            )  # fmt: skip
+        return no_capacity(call.info.model)
 
     def _account(self, call: Call, status: int) -> None:
         """The key's usage and token bucket, from the node's own count where it gave
@@ -251,6 +278,21 @@ class Proxy:
         if self.affinity and getattr(self.policy, "uses_affinity", False):
             affinity = affinity_key(doc, request.headers.get("x-session-id"), model)
         deadline = self.clock() + self.total_s
+        wanted = request.headers.get(DEADLINE_HEADER)
+        if wanted is not None:
+            try:
+                ms = float(wanted)
+                if not 0 < ms < 1e9:
+                    raise ValueError
+            except ValueError:
+                return _bad_request(
+                    f"{DEADLINE_HEADER} must be a number of milliseconds", "invalid_deadline"
+                )
+            deadline = min(deadline, self.clock() + ms / 1000)
+        if key is not None and key.limits.priority == BATCH:
+            ex.priority = BATCH  # a key's class is the highest its requests get
+        elif request.headers.get(PRIORITY_HEADER) == BATCH:
+            ex.priority = BATCH  # a request may lower its own class
         call = Call(request, ex, info, doc, body, headers, deadline, need, affinity)
         if key is not None:
             refused = self._admit_key(call, key)

@@ -163,7 +163,7 @@ async def test_a_supply_dip_of_three_seconds_loses_no_queued_request(
         await s.start()
     assert await asyncio.gather(*requests) == [200] * 10
     metrics = await (await http.get(r.url + "/metrics")).text()
-    assert "ballast_queue_wait_seconds_count 10.0" in metrics
+    assert 'ballast_queue_wait_seconds_count{priority="interactive"} 10.0' in metrics
 
 
 async def test_hedging_takes_the_first_answer_and_cancels_the_other(

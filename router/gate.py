@@ -1,0 +1,176 @@
+"""Admission by priority class when a model's capacity is full.
+
+A node may declare how many requests it serves at once (the label
+``max_concurrency``, or ``priority.node_slots`` for every node); a model's
+capacity is the sum over its routable nodes. While requests of a model in
+flight (through this router process) are below its capacity, requests pass at
+once. At capacity they wait, in two queues, each ordered by deadline (the
+request's own ``x-ballast-deadline-ms`` or the request timeout): when a slot
+frees, a waiting ``interactive`` request goes first; while interactive requests
+are in flight or waiting, ``batch`` requests are admitted only while they hold
+less than ``priority.batch_max_share`` of the capacity (the rest is kept for
+interactive ones; batch may fill it all when no interactive request is there).
+A request whose deadline passes while it waits gets 504; one that waited
+``queue.max_wait_s`` gets 503.
+
+Without any declared capacity nothing is counted or queued here: requests then
+wait only for supply (``Proxy._wait_for_supply``). Each router process gates its
+own traffic (with N replicas, give each node's ``max_concurrency`` / N, or
+accept that the engines queue what is beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+
+from router.config import label_number
+from router.fleet import Fleet
+
+INTERACTIVE, BATCH = "interactive", "batch"
+
+
+class ModelGate:
+    __slots__ = ("batch", "batch_waiting", "in_flight", "interactive_waiting")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.batch = 0  # of which batch
+        # (deadline, sequence, future) heaps
+        self.interactive_waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self.batch_waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+
+
+class Gate:
+    def __init__(
+        self,
+        fleet: Fleet,
+        node_slots: int | None,
+        batch_max_share: float,
+        clock: Callable[[], float],
+        max_waiting: int = 1000,
+    ) -> None:
+        self.fleet = fleet
+        self.max_waiting = max_waiting  # queue.max_size: beyond, 503 at once
+        self.waiting = 0
+        self.node_slots = node_slots
+        self.share = batch_max_share
+        self.clock = clock
+        self.models: dict[str, ModelGate] = {}
+        self._capacity: dict[str, int | None] = {}
+        self._version = -1
+        self._seq = itertools.count()
+        self._watch: asyncio.Task[None] | None = None
+
+    def capacity(self, model: str) -> int | None:
+        """Requests ``model``'s routable nodes serve at once; None: not declared."""
+        if self._version != self.fleet.version:
+            self._capacity, self._version = {}, self.fleet.version
+        if model in self._capacity:
+            return self._capacity[model]
+        total: int | None = 0
+        for node in self.fleet.candidates(model) or ():
+            slots = label_number(node.labels, "max_concurrency") or self.node_slots
+            if slots is None:
+                total = None
+                break
+            total = (total or 0) + int(slots)
+        if total == 0 and self.node_slots is None and not self._declared(model):
+            total = None
+        self._capacity[model] = total
+        return total
+
+    def _declared(self, model: str) -> bool:
+        """Whether any node of the model (routable or not) declares a capacity."""
+        return any(
+            "max_concurrency" in n.labels for n in self.fleet.nodes.values() if model in n.models
+        )
+
+    def _admissible(self, g: ModelGate, cls: str, capacity: int) -> bool:
+        if g.in_flight >= capacity:
+            return False
+        if cls == INTERACTIVE:
+            return True
+        # Batch fills the whole capacity only while no interactive request is in
+        # flight or waiting; otherwise it stops at its share.
+        idle = not g.interactive_waiting and g.in_flight == g.batch
+        return idle or g.batch < self.share * capacity
+
+    def _admit(self, g: ModelGate, cls: str) -> None:
+        g.in_flight += 1
+        g.batch += cls == BATCH
+
+    async def enter(self, model: str, cls: str, until: float) -> bool | None:
+        """Wait for a slot of ``model`` until ``until`` (clock time). True: admitted,
+        leave() when done; None: not gated (no capacity declared); False: timed out."""
+        capacity = self.capacity(model)
+        if capacity is None:
+            return None
+        g = self.models.get(model)
+        if g is None:
+            g = self.models[model] = ModelGate()
+        queue = g.interactive_waiting if cls == INTERACTIVE else g.batch_waiting
+        if not queue and self._admissible(g, cls, capacity):
+            self._admit(g, cls)
+            return True
+        if self.waiting >= self.max_waiting:
+            return False
+        self.waiting += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(queue, (until, next(self._seq), fut))
+        self._watching()
+        try:
+            async with asyncio.timeout(until - self.clock()):
+                await fut
+            return True
+        except BaseException as e:  # timed out, or the client left
+            if fut.done() and not fut.cancelled():
+                self.leave(model, cls)  # admitted in the same instant: give it back
+            fut.cancel()  # dispatch skips it
+            if isinstance(e, TimeoutError):
+                return False
+            raise
+        finally:
+            self.waiting -= 1
+
+    def leave(self, model: str, cls: str) -> None:
+        g = self.models[model]
+        g.in_flight -= 1
+        g.batch -= cls == BATCH
+        self._dispatch(model, g)
+
+    def _dispatch(self, model: str, g: ModelGate) -> None:
+        """Hand free slots to waiting requests: interactive first, then batch within
+        its share (or beyond it while no interactive request waits)."""
+        capacity = self.capacity(model)
+        if capacity is None:
+            capacity = 1 << 30  # no longer declared: let everyone through
+        for cls, queue in ((INTERACTIVE, g.interactive_waiting), (BATCH, g.batch_waiting)):
+            while queue:
+                fut = queue[0][2]
+                if fut.done():  # timed out or cancelled
+                    heapq.heappop(queue)
+                    continue
+                if not self._admissible(g, cls, capacity):
+                    break
+                heapq.heappop(queue)
+                self._admit(g, cls)
+                fut.set_result(None)
+
+    def _watching(self) -> None:
+        """While requests wait, a change of the fleet (a node back, a new one) may
+        add capacity: look again then."""
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_fleet())
+
+    async def _watch_fleet(self) -> None:
+        while any(g.interactive_waiting or g.batch_waiting for g in self.models.values()):
+            await self.fleet.changed()
+            for model, g in list(self.models.items()):
+                self._dispatch(model, g)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
