@@ -92,6 +92,8 @@ class Fleet:
                     "vram_gb": entry.get("claimed_vram_gb", profile.vram_gb),
                     "gpu": profile.name,
                 }
+                if entry.get("declare_capacity"):  # what the engine runs at once
+                    self.claims[nid]["labels"] = {"max_concurrency": str(profile.max_seqs)}
                 self._schedule(nid, entry)
         self._random_faults(spec.get("random_faults"))
         self._churn(spec.get("churn"), float(spec.get("duration_s", 600)))

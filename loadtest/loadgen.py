@@ -70,6 +70,7 @@ class LoadSpec:
     system_prompts: int = 4
     system_words: int = 1500
     user_words: tuple[int, ...] = (20, 80)
+    headers: dict[str, str] | None = None  # sent with every request (a client key, a class)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoadSpec:
@@ -81,14 +82,19 @@ class LoadSpec:
 
 
 async def _one(
-    http: aiohttp.ClientSession, urls: list[str], i: int, body: dict[str, Any], t0: float
+    http: aiohttp.ClientSession,
+    urls: list[str],
+    i: int,
+    body: dict[str, Any],
+    t0: float,
+    headers: dict[str, str] | None = None,
 ) -> Record:
     stream = bool(body["stream"])
     start = time.monotonic()
     rec = Record(start - t0, 0, 0.0, -1.0, "", stream, False)
     try:
         async with http.post(
-            urls[i % len(urls)] + "/v1/chat/completions", data=orjson.dumps(body)
+            urls[i % len(urls)] + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
         ) as resp:
             rec.status = resp.status
             rec.node = resp.headers.get("x-ballast-node", "")
@@ -136,7 +142,7 @@ async def run_load(
                 "max_tokens": rng.choice(spec.max_tokens),
                 "stream": rng.random() < spec.stream_fraction,
             }
-            tasks.append(asyncio.create_task(_one(http, urls, i, body, t0)))
+            tasks.append(asyncio.create_task(_one(http, urls, i, body, t0, spec.headers)))
             i += 1
         return list(await asyncio.gather(*tasks))
 

@@ -8,8 +8,9 @@ once. At capacity they wait, in two queues, each ordered by deadline (the
 request's own ``x-ballast-deadline-ms`` or the request timeout): when a slot
 frees, a waiting ``interactive`` request goes first; while interactive requests
 are in flight or waiting, ``batch`` requests are admitted only while they hold
-less than ``priority.batch_max_share`` of the capacity (the rest is kept for
-interactive ones; batch may fill it all when no interactive request is there).
+less than ``priority.batch_max_share`` of the capacity (batch may fill it all
+when no interactive request is there, and then the batch requests beyond their
+share do not count against interactive ones: those always have the rest).
 A request whose deadline passes while it waits gets 504; one that waited
 ``queue.max_wait_s`` gets 503.
 
@@ -89,14 +90,19 @@ class Gate:
         )
 
     def _admissible(self, g: ModelGate, cls: str, capacity: int) -> bool:
+        batch_share = self.share * capacity
+        if cls == INTERACTIVE:
+            # Batch requests beyond their share (admitted while no interactive one
+            # was there, or before the capacity shrank) do not hold interactive
+            # ones back: those always have the rest of the capacity.
+            interactive = g.in_flight - g.batch
+            return interactive + min(g.batch, batch_share) < capacity
         if g.in_flight >= capacity:
             return False
-        if cls == INTERACTIVE:
-            return True
         # Batch fills the whole capacity only while no interactive request is in
         # flight or waiting; otherwise it stops at its share.
         idle = not g.interactive_waiting and g.in_flight == g.batch
-        return idle or g.batch < self.share * capacity
+        return idle or g.batch < batch_share
 
     def _admit(self, g: ModelGate, cls: str) -> None:
         g.in_flight += 1

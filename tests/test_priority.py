@@ -30,7 +30,7 @@ async def test_interactive_first_then_by_deadline() -> None:
     gate = gate_with(2)
     order: list[str] = []
     for _ in range(2):
-        assert await gate.enter("m", BATCH, FAR) is True  # full, with batch
+        assert await gate.enter("m", INTERACTIVE, FAR) is True  # full
 
     async def wait(name: str, cls: str, deadline: float) -> None:
         assert await gate.enter("m", cls, deadline) is True
@@ -44,7 +44,7 @@ async def test_interactive_first_then_by_deadline() -> None:
     await asyncio.sleep(0)  # all three queued
     assert order == []
     for expected in (["i-soon"], ["i-soon", "i-late"], ["i-soon", "i-late", "b3"]):
-        gate.leave("m", BATCH if len(order) == 0 else INTERACTIVE)
+        gate.leave("m", INTERACTIVE)
         await asyncio.sleep(0)
         assert order == expected
     await asyncio.gather(*waiters)
@@ -63,6 +63,25 @@ async def test_batch_keeps_to_its_share_while_interactive_is_there() -> None:
     assert await gate.enter("m", BATCH, FAR) is True
     g = gate.models["m"]
     assert (g.in_flight, g.batch) == (4, 4)
+
+
+async def test_batch_beyond_its_share_does_not_hold_interactive_back() -> None:
+    gate = gate_with(4, share=0.5)
+    for _ in range(4):  # no interactive traffic: batch may take it all
+        assert await gate.enter("m", BATCH, FAR) is True
+    assert await gate.enter("m", INTERACTIVE, FAR) is True  # the other half is theirs
+    assert await gate.enter("m", INTERACTIVE, FAR) is True
+    third = asyncio.create_task(gate.enter("m", INTERACTIVE, FAR))
+    fifth_batch = asyncio.create_task(gate.enter("m", BATCH, FAR))
+    await asyncio.sleep(0)
+    assert not third.done() and not fifth_batch.done()
+    gate.leave("m", BATCH)  # interactive ones hold their half already: no change
+    await asyncio.sleep(0)
+    assert not third.done()
+    gate.leave("m", INTERACTIVE)
+    assert await asyncio.wait_for(third, 1) is True
+    assert not fifth_batch.done()  # 5 in flight of 4: batch waits
+    fifth_batch.cancel()
 
 
 async def test_no_declared_capacity_means_no_gate() -> None:
