@@ -108,6 +108,7 @@ class Call:
     tokens: tuple[int, int] | None = None
     delivered: int = 0
     hide_usage: bool = False
+    gated: bool = False  # admitted by the priority gate: only nodes below their capacity
 
     def failed(self, f: Failed) -> None:
         self.ex.outcomes.append(f.outcome)

@@ -59,6 +59,7 @@ class Node:
         "labels",
         "last_seen",
         "load",
+        "max_concurrency",
         "models",
         "next_probe",
         "price_per_mtok",
@@ -103,6 +104,8 @@ class Node:
         context = label_number(self.labels, "context_length")
         self.claimed_context = int(context) if context is not None else None
         self.price_per_mtok = label_number(self.labels, "price_per_mtok") or 0.0
+        slots = label_number(self.labels, "max_concurrency")  # requests it serves at once
+        self.max_concurrency = int(slots) if slots is not None else None
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self.source = source
         self.state = state

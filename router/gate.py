@@ -14,6 +14,10 @@ share do not count against interactive ones: those always have the rest).
 A request whose deadline passes while it waits gets 504; one that waited
 ``queue.max_wait_s`` gets 503.
 
+Each node is held to its own capacity too (:meth:`Gate.free`, :meth:`Gate.wait_node`):
+an admitted request goes to nodes below their ``max_concurrency`` and, for batch
+while interactive requests are there, with batch below its share of the node.
+
 Without any declared capacity nothing is counted or queued here: requests then
 wait only for supply (``Proxy._wait_for_supply``). Each router process gates its
 own traffic (with N replicas, give each node's ``max_concurrency`` / N, or
@@ -25,23 +29,29 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from router.config import label_number
-from router.fleet import Fleet
+from router.fleet import Fleet, Node
 
 INTERACTIVE, BATCH = "interactive", "batch"
 
 
+Waiters = list[tuple[float, int, asyncio.Future[None]]]  # (deadline, sequence, future) heap
+
+
 class ModelGate:
-    __slots__ = ("batch", "batch_waiting", "in_flight", "interactive_waiting")
+    __slots__ = (
+        "batch", "batch_waiting", "in_flight", "interactive_waiting", "node_waiting",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.batch = 0  # of which batch
-        # (deadline, sequence, future) heaps
-        self.interactive_waiting: list[tuple[float, int, asyncio.Future[None]]] = []
-        self.batch_waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self.interactive_waiting: Waiters = []
+        self.batch_waiting: Waiters = []
+        # Admitted, but every node of the model is at its own capacity (requests that
+        # came in before the capacity shrank, or failed over): interactive, batch.
+        self.node_waiting: tuple[Waiters, Waiters] = ([], [])
 
 
 class Gate:
@@ -73,11 +83,11 @@ class Gate:
             return self._capacity[model]
         total: int | None = 0
         for node in self.fleet.candidates(model) or ():
-            slots = label_number(node.labels, "max_concurrency") or self.node_slots
+            slots = node.max_concurrency or self.node_slots
             if slots is None:
                 total = None
                 break
-            total = (total or 0) + int(slots)
+            total = (total or 0) + slots
         if total == 0 and self.node_slots is None and not self._declared(model):
             total = None
         self._capacity[model] = total
@@ -145,7 +155,55 @@ class Gate:
         g = self.models[model]
         g.in_flight -= 1
         g.batch -= cls == BATCH
+        self._wake_one(g.node_waiting)  # a node slot is free: admitted requests first
         self._dispatch(model, g)
+
+    def free(self, model: str, cls: str, nodes: Sequence[Node]) -> list[Node]:
+        """The nodes that may take one more request of ``cls``: below their own
+        capacity (this process's attempts on them) and, for batch while interactive
+        requests of the model are in flight or waiting, with batch below its share
+        of the node, so that interactive ones find room on every node."""
+        default, share = self.node_slots, self.share
+        g = self.models[model]
+        crowded = cls == BATCH and (
+            g.in_flight > g.batch or bool(g.interactive_waiting) or bool(g.node_waiting[0])
+        )
+        out = []
+        for node in nodes:
+            slots = node.max_concurrency or default
+            st = node.stats
+            if slots is None or (
+                st.in_flight < slots and not (crowded and st.batch_in_flight >= share * slots)
+            ):
+                out.append(node)
+        return out
+
+    async def wait_node(self, model: str, cls: str, until: float) -> bool:
+        """An admitted request whose model's nodes are all at their capacity waits
+        for one to free a slot (interactive first, then by deadline); False: it
+        waited until ``until``."""
+        g = self.models[model]
+        queue = g.node_waiting[0 if cls == INTERACTIVE else 1]
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(queue, (until, next(self._seq), fut))
+        self._watching()
+        try:
+            async with asyncio.timeout(until - self.clock()):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            fut.cancel()
+
+    @staticmethod
+    def _wake_one(queues: tuple[Waiters, Waiters]) -> None:
+        for queue in queues:
+            while queue:
+                fut = heapq.heappop(queue)[2]
+                if not fut.done():
+                    fut.set_result(None)
+                    return
 
     def _dispatch(self, model: str, g: ModelGate) -> None:
         """Hand free slots to waiting requests: interactive first, then batch within
@@ -172,9 +230,20 @@ class Gate:
             self._watch = asyncio.get_running_loop().create_task(self._watch_fleet())
 
     async def _watch_fleet(self) -> None:
-        while any(g.interactive_waiting or g.batch_waiting for g in self.models.values()):
+        def waiting() -> bool:
+            return any(
+                g.interactive_waiting or g.batch_waiting or any(g.node_waiting)
+                for g in self.models.values()
+            )
+
+        while waiting():
             await self.fleet.changed()
             for model, g in list(self.models.items()):
+                for queue in g.node_waiting:  # they look at the nodes again
+                    while queue:
+                        fut = heapq.heappop(queue)[2]
+                        if not fut.done():
+                            fut.set_result(None)
                 self._dispatch(model, g)
 
     async def close(self) -> None:

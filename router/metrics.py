@@ -445,6 +445,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        for priority in ("interactive", "batch"):  # series from the start
+            self.queue_wait.labels(priority)
 
         def policy() -> Policy | None:
             return proxy.policy if proxy is not None else None

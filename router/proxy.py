@@ -163,6 +163,7 @@ class Proxy:
             gated = await self.gate.enter(model, cls, min(call.deadline, t0 + self.queue_wait_s))
             if gated is not None and (waited := self.clock() - t0) > GATE_WAITED_S:
                 call.ex.queued_s += waited
+            call.gated = gated is True
             if gated is False:
                 resp = self._not_admitted(call)
             else:
@@ -347,6 +348,14 @@ class Proxy:
         left = self.max_attempts
         while True:
             candidates = self._candidates(call)
+            if call.gated and candidates:
+                free = self.gate.free(call.info.model, call.ex.priority, candidates)
+                if not free:  # every node at its own capacity: wait for a slot
+                    until = min(call.deadline, self.clock() + self.queue_wait_s)
+                    if not await self.gate.wait_node(call.info.model, call.ex.priority, until):
+                        return self._not_admitted(call)
+                    continue
+                candidates = free
             if candidates and left > 0:
                 ranked = self.policy.rank(call.info, candidates, left, self.rng, self.clock())
                 if call.affinity is not None and not call.ex.attempts:

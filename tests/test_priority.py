@@ -10,7 +10,7 @@ import orjson
 
 from router.config import Scoring
 from router.fleet import Fleet, Node, NodeState
-from router.gate import BATCH, INTERACTIVE, Gate
+from router.gate import BATCH, INTERACTIVE, Gate, ModelGate
 from tests.conftest import MakeRouter, MakeSim, chat, node_entry
 from tests.test_supply import until
 
@@ -125,3 +125,19 @@ async def test_through_the_router_interactive_overtakes_and_deadlines_hold(
         headers={"x-ballast-deadline-ms": "soon"},
     ) as resp:  # fmt: skip
         assert resp.status == 400
+
+
+def test_nodes_keep_room_for_interactive_requests() -> None:
+    """Per node: its own capacity, and batch below its share of it while
+    interactive requests of the model are there."""
+    gate = gate_with(4, share=0.5)
+    (node,) = gate.fleet.candidates("m") or ()
+    g = gate.models.setdefault("m", ModelGate())
+    node.stats.in_flight, node.stats.batch_in_flight = 2, 2
+    g.in_flight, g.batch = 3, 2  # one interactive request in flight elsewhere
+    assert gate.free("m", BATCH, [node]) == []  # batch holds its half of this node
+    assert gate.free("m", INTERACTIVE, [node]) == [node]
+    g.in_flight = g.batch = 2  # no interactive request: batch may fill the node
+    assert gate.free("m", BATCH, [node]) == [node]
+    node.stats.in_flight = 4
+    assert gate.free("m", INTERACTIVE, [node]) == []  # full

@@ -54,18 +54,19 @@ class Meter:
         self.penalty_s = penalty_s
         self.signals = Signals()
 
-    def begin(self, node: Node) -> Attempt:
-        return Attempt(self, node)
+    def begin(self, node: Node, batch: bool = False) -> Attempt:
+        return Attempt(self, node, batch)
 
 
 class Attempt:
     """One try on one node: counted in flight from creation, recorded exactly once."""
 
-    __slots__ = ("awaiting", "done", "meter", "node", "t0", "t_first")
+    __slots__ = ("awaiting", "batch", "done", "meter", "node", "t0", "t_first")
 
-    def __init__(self, meter: Meter, node: Node) -> None:
+    def __init__(self, meter: Meter, node: Node, batch: bool = False) -> None:
         self.meter = meter
         self.node = node
+        self.batch = batch  # for a batch-class request (router.gate)
         self.t_first = -1.0  # clock() at the first byte; < 0: none yet
         self.done = False
         st = node.stats
@@ -75,6 +76,7 @@ class Attempt:
         st.awaiting += 1
         self.awaiting = True
         st.in_flight += 1
+        st.batch_in_flight += batch
         if st.pending is not None:  # a shared store will report the in-flight count
             meter.signals.for_store.add(node)
 
@@ -101,6 +103,7 @@ class Attempt:
         self._progress(now)
         st = self.node.stats
         st.in_flight -= 1
+        st.batch_in_flight -= self.batch
         elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
         st.record(outcome, elapsed, now, meter.penalty_s)
         signals = meter.signals

@@ -85,6 +85,7 @@ class NodeStats:
         "affinity_hits",
         "awaiting",
         "awaiting_since",
+        "batch_in_flight",
         "consecutive_failures",
         "consecutive_timeouts",
         "failures_total",
@@ -111,6 +112,7 @@ class NodeStats:
         self.success = DecayedRatio(scoring.success_half_life_s)
         self.floor = scoring.latency_floor_s
         self.in_flight = 0
+        self.batch_in_flight = 0  # of which for batch-class requests (router.gate)
         self.affinity_hits = 0  # requests sent here as their affinity key's own node
         self.requests_total = 0
         self.failures_total = 0
