@@ -134,6 +134,15 @@ class Gate:
         if self.waiting >= self.max_waiting:
             return False
         self.waiting += 1
+        try:
+            return await self._wait(queue, until, lambda: self.leave(model, cls))
+        finally:
+            self.waiting -= 1
+
+    async def _wait(self, queue: Waiters, until: float, give_back: Callable[[], None]) -> bool:
+        """Wait in ``queue`` (by deadline) until woken: True; False at ``until``. When
+        the wait ends otherwise (timeout, the client left) in the instant it was
+        woken, ``give_back()`` hands on what it was given."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(queue, (until, next(self._seq), fut))
         self._watching()
@@ -141,15 +150,13 @@ class Gate:
             async with asyncio.timeout(until - self.clock()):
                 await fut
             return True
-        except BaseException as e:  # timed out, or the client left
+        except BaseException as e:
             if fut.done() and not fut.cancelled():
-                self.leave(model, cls)  # admitted in the same instant: give it back
-            fut.cancel()  # dispatch skips it
+                give_back()
+            fut.cancel()  # a wake skips it
             if isinstance(e, TimeoutError):
                 return False
             raise
-        finally:
-            self.waiting -= 1
 
     def leave(self, model: str, cls: str) -> None:
         g = self.models[model]
@@ -184,17 +191,7 @@ class Gate:
         waited until ``until``."""
         g = self.models[model]
         queue = g.node_waiting[0 if cls == INTERACTIVE else 1]
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(queue, (until, next(self._seq), fut))
-        self._watching()
-        try:
-            async with asyncio.timeout(until - self.clock()):
-                await fut
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            fut.cancel()
+        return await self._wait(queue, until, lambda: self._wake_one(g.node_waiting))
 
     @staticmethod
     def _wake_one(queues: tuple[Waiters, Waiters]) -> None:
