@@ -171,7 +171,7 @@ def build_router(
     keys = Keyring(cfg.auth, os.environ, clock)
     proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder, keys=keys)
     store = make_store(cfg, clock)
-    store.on_keys, store.usage = keys.adopt, proxy.usage
+    store.on_keys, store.usage, store.keyring = keys.adopt, proxy.usage, keys
     store.on_routers = lambda n: keys.set_share(1.0 / max(1, n))
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None

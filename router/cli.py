@@ -179,7 +179,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_keys(args: argparse.Namespace) -> None:
     if args.action == "create":
         spec: dict[str, Any] = {"name": args.name, "priority": args.priority}
-        for field in ("rpm", "tpm", "max_parallel"):
+        for field in ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_period"):
             if getattr(args, field) is not None:
                 spec[field] = getattr(args, field)
         if args.models:
@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--max-parallel", dest="max_parallel", type=int, help="requests at once")
     k.add_argument("--models", help="comma-separated models it may use (default: all)")
     k.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    k.add_argument("--budget-tokens", dest="budget_tokens", type=int, help="tokens per period")
+    k.add_argument("--budget-period", dest="budget_period", choices=["day", "month"])
     admin_args(k)
     k = keys.add_parser("list", help="list keys (never the keys themselves)")
     admin_args(k)

@@ -307,6 +307,9 @@ class KeyLimits(_Strict):
     max_parallel: int | None = Field(None, ge=1, le=1_000_000)
     priority: str = Field("interactive", pattern=r"^(interactive|batch)$")
     expires_at: float | None = Field(None, ge=0)  # Unix time
+    # Tokens (prompt + completion) per UTC day or month, over all replicas.
+    budget_tokens: int | None = Field(None, ge=1, le=10**15)
+    budget_period: str = Field("day", pattern=r"^(day|month)$")
 
 
 class StaticKey(KeyLimits):

@@ -201,6 +201,8 @@ class Proxy:
             key.limiter.done(call.estimate, prompt + completion)
         self.usage.add(key.name, call.info.model, status, prompt, completion)
         call.ex.tokens = (prompt, completion)
+        if self.keys is not None:
+            self.keys.spent(key.name, prompt + completion)
 
     # -- 1. admit -------------------------------------------------------------------
 
@@ -308,6 +310,14 @@ class Proxy:
             return error_response(
                 403, f"this key may not use the model {model[:64]!r}", "invalid_request_error",
                 "model_not_allowed", "model",
+            )  # fmt: skip
+        assert self.keys is not None
+        renews_in = self.keys.over_budget(key, time.time())
+        if renews_in is not None:
+            return error_response(
+                429, f"key {key.name} has used its token budget for the "
+                f"{key.limits.budget_period}", "insufficient_quota", "insufficient_quota",
+                headers={"Retry-After": str(ceil(renews_in))},
             )  # fmt: skip
         call.max_tokens = call.info.max_tokens or DEFAULT_COMPLETION_TOKENS
         call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + call.max_tokens

@@ -20,6 +20,7 @@ counted in memory (:class:`Usage`) and flushed by the store's background sync.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import re
 import secrets
@@ -45,6 +46,28 @@ def hash_key(key: str) -> str:
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def period_of(period: str, wall: float) -> str:
+    """The UTC day (YYYY-MM-DD) or month (YYYY-MM) of ``wall``."""
+    return time.strftime("%Y-%m-%d" if period == "day" else "%Y-%m", time.gmtime(wall))
+
+
+def period_end(period: str, wall: float) -> float:
+    """When the UTC day or month of ``wall`` ends."""
+    t = time.gmtime(wall)
+    if period == "day":
+        return calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400.0
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def period_days(period: str, wall: float) -> list[str]:
+    """The UTC days of the period of ``wall`` so far."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(wall))
+    if period == "day":
+        return [day]
+    return [f"{day[:8]}{d:02d}" for d in range(1, int(day[8:]) + 1)]
 
 
 def duration(seconds: float) -> str:
@@ -209,6 +232,11 @@ class Keyring:
         self.share = 1.0
         self.by_hash: dict[str, Key] = {}
         self.active = False
+        # Token budgets: the store's count at its last sync, this process's since, and
+        # the period (UTC day or month) that count is for, per key name.
+        self._budget_base: dict[str, int] = {}
+        self._budget_local: dict[str, int] = {}
+        self._budget_period: dict[str, str] = {}
         self.static: dict[str, Key] = {}
         for k in cfg.keys:
             digest = k.hash or hash_key(env[k.key_env or ""])
@@ -262,6 +290,41 @@ class Keyring:
                 continue  # a record this version cannot read: not a key it accepts
         self.dynamic = keys
         self._index()
+
+    # -- token budgets per UTC day or month ----------------------------------------------
+
+    def budgeted(self) -> dict[str, str]:
+        """Key names with a token budget, and their period (day or month)."""
+        return {
+            k.name: k.limits.budget_period
+            for k in self.by_hash.values()
+            if k.limits.budget_tokens is not None
+        }
+
+    def spent(self, name: str, tokens: int) -> None:
+        """Tokens a key used through this process since the store's last count."""
+        if name in self._budget_base:
+            self._budget_local[name] = self._budget_local.get(name, 0) + tokens
+
+    def adopt_spent(self, totals: Mapping[str, int], period: Mapping[str, str]) -> None:
+        """The store's count of each budgeted key's tokens in its current period
+        (this process's usage flushed just before): it replaces the local count."""
+        self._budget_base = dict(totals)
+        self._budget_period = dict(period)
+        self._budget_local = {}
+
+    def over_budget(self, key: Key, wall: float) -> float | None:
+        """Seconds until the key's budget renews when it is used up, else None."""
+        budget = key.limits.budget_tokens
+        if budget is None:
+            return None
+        period = period_of(key.limits.budget_period, wall)
+        if self._budget_period.get(key.name) != period:  # a new day or month
+            self._budget_base[key.name] = 0
+            self._budget_local[key.name] = 0
+            self._budget_period[key.name] = period
+        used = self._budget_base.get(key.name, 0) + self._budget_local.get(key.name, 0)
+        return period_end(key.limits.budget_period, wall) - wall if used >= budget else None
 
     def set_share(self, share: float) -> None:
         """This process's share of every key's limits (1 / live router processes)."""

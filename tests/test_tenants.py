@@ -290,3 +290,48 @@ def test_usage_is_read_from_the_answers_own_usage_object() -> None:
     assert usage_in(orjson.dumps({"data": [], "usage": {"prompt_tokens": 7}})) == (7, 0)
     for bad in (b'{"usage": null}', b'{"usage": {"prompt_tokens": -1}}', b"not json"):
         assert usage_in(bad) is None
+
+
+async def test_token_budget_over_two_replicas(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    """A key with a daily token budget: once its tokens, counted by the nodes over
+    both replicas, reach it, both refuse with 429 insufficient_quota until the
+    day ends."""
+    sim = await fleet("a")
+    common: dict[str, Any] = {
+        "state": {"redis_url": redis_server.url},
+        "auth": {"keys": [{"name": "team", "key_env": "TEAM_KEY", "budget_tokens": 60}]},
+    }
+    a = await make_router([node_entry(sim)], **common)
+    b = await make_router([node_entry(sim)], **common)
+    spent = 0
+    while spent < 60:  # on replica a only
+        status, _, doc = await post(http, a.url, chat(max_tokens=8), bearer(STATIC_KEY))
+        assert status == 200
+        spent += doc["usage"]["prompt_tokens"] + doc["usage"]["completion_tokens"]
+
+    async def refused(url: str) -> bool:
+        status, headers, doc = await post(http, url, chat(), bearer(STATIC_KEY))
+        if status != 429:
+            return False
+        assert doc["error"]["code"] == "insufficient_quota"
+        assert 0 < int(headers["Retry-After"]) <= 86400
+        return True
+
+    assert await refused(a.url)
+    await until(lambda: refused(b.url), within=5)  # b learns a's count from Redis
+    assert (await post(http, b.url, chat(), {}))[0] == 200  # anonymous callers still pass
+
+
+def test_budget_periods_are_utc_days_and_months() -> None:
+    from router.tenants import period_days, period_end, period_of
+
+    new_year_eve = 1798761599.0  # 2026-12-31T23:59:59Z
+    assert period_of("day", new_year_eve) == "2026-12-31"
+    assert period_of("month", new_year_eve) == "2026-12"
+    assert period_end("day", new_year_eve) == new_year_eve + 1
+    assert period_end("month", new_year_eve) == new_year_eve + 1  # 2027-01-01T00:00:00Z
+    assert period_days("month", new_year_eve)[0] == "2026-12-01"
+    assert len(period_days("month", new_year_eve)) == 31
+    assert period_days("day", new_year_eve) == ["2026-12-31"]

@@ -26,7 +26,7 @@ from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Signals
 from router.store import codec
 from router.tasks import cancel_and_wait
-from router.tenants import Usage
+from router.tenants import Keyring, Usage
 
 log = logging.getLogger("ballast.store")
 
@@ -81,6 +81,7 @@ class StateStore(Protocol):
     on_keys: Callable[[dict[str, dict[str, Any]]], None] | None
     on_routers: Callable[[int], None] | None
     usage: Usage | None
+    keyring: Keyring | None  # token budgets: the store reports each period's count
 
     async def put_key(self, record: dict[str, Any]) -> None: ...
 
@@ -127,6 +128,7 @@ class MemoryStore:
     on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
     on_routers: Callable[[int], None] | None = None
     usage: Usage | None = None
+    keyring: Keyring | None = None  # in one process its own count is the whole count
 
     def __init__(
         self,

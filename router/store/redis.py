@@ -56,7 +56,7 @@ from router.measure import Pending, Signals
 from router.measure.merge import MERGE_LUA
 from router.store import add_rows, apply_heartbeat, codec, joined_count, scripts, utc_day
 from router.tasks import cancel_and_wait
-from router.tenants import Usage
+from router.tenants import Keyring, Usage, period_days, period_of
 
 log = logging.getLogger("ballast.store")
 
@@ -68,6 +68,7 @@ MAX_REPLAY = 10_000  # membership writes queued while Redis is away
 
 USAGE_RETENTION_S = 400 * 86400  # a day's usage totals are kept this long
 MAX_USAGE_DAYS = 400
+BUDGET_SYNC_S = 1.0  # how often the tokens of budgeted keys are counted over all replicas
 ROUTER_BEAT_S = 1.0  # how often a router process says it is alive
 ROUTER_TTL_S = 5.0  # silent this long: its share of the fleet's work moves to the others
 
@@ -126,6 +127,8 @@ class RedisStore:
         self.on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
         self.on_routers: Callable[[int], None] | None = None
         self.usage: Usage | None = None
+        self.keyring: Keyring | None = None
+        self._budgets_at = -float("inf")
         self._keys_seen: bytes | None = None
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
         self._routers_beat = -float("inf")
@@ -338,6 +341,7 @@ class RedisStore:
         commands += await self._pull()
         commands += await self._expire_silent()
         commands += await self._flush_usage()
+        commands += await self._count_budgets()
         if self.clock() - self._routers_beat >= ROUTER_BEAT_S:
             commands += await self._beat_routers()
         self.commands_last_tick = commands
@@ -423,6 +427,32 @@ class RedisStore:
             self.usage.restore(taken)
             raise
         return 1
+
+    async def _count_budgets(self) -> int:
+        """Each budgeted key's tokens in its current day or month, over all replicas
+        (this process's usage was flushed just before)."""
+        budgeted = self.keyring.budgeted() if self.keyring is not None else {}
+        if not budgeted or self.clock() - self._budgets_at < BUDGET_SYNC_S:
+            return 0
+        assert self.keyring is not None
+        self._budgets_at = self.clock()
+        wall = self.wall()
+        days = sorted({d for p in set(budgeted.values()) for d in period_days(p, wall)})
+        pipe = self.client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(self.k_usage + day)
+        totals = dict.fromkeys(budgeted, 0)
+        today = utc_day(wall)
+        for day, rows in zip(days, await pipe.execute(), strict=True):
+            for raw, value in rows.items():
+                name, _, field = raw.decode(errors="replace").partition("\t")
+                # a daily budget counts today only; a monthly one every day so far
+                daily = budgeted.get(name) == "day"
+                if name in totals and field.endswith("_tokens") and (day == today or not daily):
+                    totals[name] += int(value)
+        periods = {n: period_of(p, wall) for n, p in budgeted.items()}
+        self.keyring.adopt_spent(totals, periods)
+        return len(days)
 
     async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
         first, last = date.fromisoformat(since), date.fromisoformat(utc_day(self.wall()))
