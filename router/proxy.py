@@ -160,9 +160,12 @@ class Proxy:
         model, cls = call.info.model, call.ex.priority
         try:
             t0 = self.clock()
-            gated = await self.gate.enter(model, cls, min(call.deadline, t0 + self.queue_wait_s))
-            if gated is not None and (waited := self.clock() - t0) > GATE_WAITED_S:
-                call.ex.queued_s += waited
+            if self.gate.capacity(model) is not None:  # declared: admission by class
+                gated = await self.gate.enter(
+                    model, cls, min(call.deadline, t0 + self.queue_wait_s)
+                )
+                if (waited := self.clock() - t0) > GATE_WAITED_S:
+                    call.ex.queued_s += waited
             call.gated = gated is True
             if gated is False:
                 resp = self._not_admitted(call)
