@@ -21,7 +21,7 @@ from router.errors import sse_error_event
 from router.fleet import Node
 from router.measure import Outcome
 from router.relay import Relay
-from router.tenants import usage_from, usage_in
+from router.tenants import usage_from
 from router.upstream import Opened, response_headers
 
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
@@ -72,8 +72,8 @@ class Deliver:
             headers.update(call.limit_headers)
         if opened.whole:
             opened.close(ok)
-            if call.key is not None and status < 400:
-                call.tokens = usage_in(opened.first)
+            if call.key is not None:
+                call.tokens = usage_from(opened.doc)
             return web.Response(status=status, body=opened.first, headers=headers)
         attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)

@@ -512,6 +512,9 @@ class Metrics:
         """Count a batch of finished requests (from the Recorder)."""
         label, requests, by_model = self.model_label, self._requests, self._by_model
         retries = 0
+        # Per client key: summed over the batch, then one increment per series.
+        keyed: Tally[tuple[str, str, str]] = Tally()
+        tokens: Tally[tuple[str, str, str]] = Tally()
         for ex in batch:
             model = label(ex.model)
             _child(requests, self.requests, model, str(ex.status)).inc()
@@ -533,13 +536,16 @@ class Metrics:
                 if key is None:  # the first metrics.max_keys names seen; then "other"
                     key = ex.key if len(self._key_label) < self.max_keys else "other"
                     self._key_label[ex.key] = key
-                _child(self._key_children, self.key_requests, key, model, str(ex.status)).inc()
+                keyed[(key, model, str(ex.status))] += 1
                 if ex.limited:
                     self.key_limited.labels(key).inc()
                 if ex.tokens is not None:
-                    tokens = self._key_tokens
-                    _child(tokens, self.key_tokens, key, model, "prompt").inc(ex.tokens[0])
-                    _child(tokens, self.key_tokens, key, model, "completion").inc(ex.tokens[1])
+                    tokens[(key, model, "prompt")] += ex.tokens[0]
+                    tokens[(key, model, "completion")] += ex.tokens[1]
+        for labels, n in keyed.items():
+            _child(self._key_children, self.key_requests, *labels).inc(n)
+        for labels, n in tokens.items():
+            _child(self._key_tokens, self.key_tokens, *labels).inc(n)
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers

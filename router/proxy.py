@@ -204,7 +204,7 @@ class Proxy:
             key.limiter.done(call.estimate, prompt + completion)
         self.usage.add(key.name, call.info.model, status, prompt, completion)
         call.ex.tokens = (prompt, completion)
-        if self.keys is not None:
+        if key.limits.budget_tokens is not None and self.keys is not None:
             self.keys.spent(key.name, prompt + completion)
 
     # -- 1. admit -------------------------------------------------------------------
@@ -279,7 +279,10 @@ class Proxy:
                 "context_length_exceeded",
                 "messages",
             )
-        headers = self.upstream.headers(request.headers, ex.upstream_id, compress=not stream)
+        # Answers read whole may come compressed, as the client asked, unless a key's
+        # usage must be read from them.
+        compress = not stream and key is None
+        headers = self.upstream.headers(request.headers, ex.upstream_id, compress=compress)
         affinity = None
         if self.affinity and getattr(self.policy, "uses_affinity", False):
             affinity = affinity_key(doc, request.headers.get("x-session-id"), model)
@@ -314,8 +317,10 @@ class Proxy:
                 403, f"this key may not use the model {model[:64]!r}", "invalid_request_error",
                 "model_not_allowed", "model",
             )  # fmt: skip
-        assert self.keys is not None
-        renews_in = self.keys.over_budget(key, time.time())
+        if key.limits.budget_tokens is not None and self.keys is not None:
+            renews_in = self.keys.over_budget(key, time.time())
+        else:
+            renews_in = None
         if renews_in is not None:
             return error_response(
                 429, f"key {key.name} has used its token budget for the "
@@ -330,7 +335,10 @@ class Proxy:
             if refusal is not None:
                 self.usage.add(key.name, model, 429, 0, 0)
                 call.ex.limited = True
-                headers = {**limiter.headers(now), "Retry-After": str(ceil(refusal.retry_after))}
+                headers = {
+                    **limiter.headers(now, fresh=True),
+                    "Retry-After": str(ceil(refusal.retry_after)),
+                }
                 return error_response(
                     429, f"rate limit reached for key {key.name}: {refusal.message}",
                     "requests", refusal.code, headers=headers,

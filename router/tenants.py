@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from multidict import istr
 
 from router.config import AuthConfig, KeyLimits
 
@@ -37,6 +36,13 @@ KEY_PREFIX = "sk-bal-"
 DISPLAY_CHARS = 12  # of a key shown in listings: "sk-bal-AbCdE"
 BURST_S = 1.0  # requests a key may send at once: one second's worth of its rate (at least 1)
 KEY_HEADERS = ("api-key", "x-api-key")  # besides Authorization: Bearer
+# OpenAI's rate-limit headers, as case-insensitive names made once
+LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS = (
+    istr(f"x-ratelimit-{what}-{unit}")
+    for unit in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
+HEADERS_TTL_S = 0.05  # a busy key's rate-limit headers are reused for this long
 SEEN_KEYS = 4096  # valid keys remembered as presented (cleared when the keys change)
 
 
@@ -70,15 +76,6 @@ def period_days(period: str, wall: float) -> list[str]:
     return [f"{day[:8]}{d:02d}" for d in range(1, int(day[8:]) + 1)]
 
 
-def duration(seconds: float) -> str:
-    """As OpenAI writes resets: ``0s``, ``400ms``, ``12s``, ``1m30s``."""
-    if seconds < 1:
-        return f"{int(seconds * 1000)}ms" if seconds > 0 else "0s"
-    if seconds < 60:
-        return f"{int(seconds)}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
-
-
 @dataclass(slots=True)
 class Refusal:
     """Over a limit: why, and when to try again."""
@@ -92,7 +89,9 @@ class Limiter:
     """One key's limits as this process enforces them (``share`` of each)."""
 
     __slots__ = (
+        "cached",
         "cap",
+        "headers_at",
         "limits",
         "parallel",
         "plimit",
@@ -109,11 +108,13 @@ class Limiter:
 
     def __init__(self, limits: KeyLimits, share: float, now: float) -> None:
         self.limits = limits
-        self.rpm, self.tpm = limits.rpm, limits.tpm
+        self.rpm, self.tpm = limits.rpm or 0, limits.tpm or 0  # 0: no such limit
         self.texts = (str(self.rpm), str(self.tpm))
         self.tat = now  # GCRA: the theoretical arrival time of the next request
         self.tokens_at = now
         self.parallel = 0
+        self.cached: dict[str, str] = {}
+        self.headers_at = -1.0
         self.share = 0.0
         self.set_share(share)
         self.tokens = self.cap  # a full minute to start with
@@ -123,7 +124,7 @@ class Limiter:
         self.share = share
         self.t = 60.0 / (self.rpm * share) if self.rpm else 0.0  # between two requests
         self.tolerance = max(self.t, BURST_S)
-        self.cap = float(self.tpm or 0) * share  # the token bucket: a minute's worth
+        self.cap = float(self.tpm) * share  # the token bucket: a minute's worth
         mp = self.limits.max_parallel
         self.plimit = max(1, round(mp * share)) if mp is not None else 0
         if hasattr(self, "tokens"):
@@ -159,23 +160,30 @@ class Limiter:
         if self.tpm:
             self.tokens -= actual - estimate
 
-    def headers(self, now: float) -> dict[str, str]:
-        """OpenAI's rate-limit headers, for the whole key (this process's view)."""
-        out = {}
+    def headers(self, now: float, fresh: bool = False) -> dict[str, str]:
+        """OpenAI's rate-limit headers, for the whole key (this process's view; the
+        resets in milliseconds). Computed at most every ``HEADERS_TTL_S`` for a busy
+        key (``fresh``: now), so answers may show figures that old."""
+        if not fresh and now - self.headers_at < HEADERS_TTL_S:
+            return self.cached
+        out: dict[str, str] = {}
+        self.cached, self.headers_at = out, now
         share = self.share
-        if self.t:
-            t, rpm = self.t, self.rpm or 0
-            ahead = self.tat - now if self.tat > now else 0.0
+        t = self.t
+        if t:
+            ahead = self.tat - now
+            if ahead < 0.0:
+                ahead = 0.0
             left = int((self.tolerance - ahead) / t / share) if ahead < self.tolerance else 0
-            out["x-ratelimit-limit-requests"] = self.texts[0]
-            out["x-ratelimit-remaining-requests"] = str(left if left < rpm else rpm)
-            out["x-ratelimit-reset-requests"] = duration(ahead)
+            out[LIMIT_REQUESTS] = self.texts[0]
+            out[REMAINING_REQUESTS] = str(left) if left < self.rpm else self.texts[0]
+            out[RESET_REQUESTS] = f"{int(ahead * 1000)}ms"
         if self.tpm:
             self._refill(now)
-            left_tokens = int(self.tokens / share)
-            out["x-ratelimit-limit-tokens"] = self.texts[1]
-            out["x-ratelimit-remaining-tokens"] = str(left_tokens if left_tokens > 0 else 0)
-            out["x-ratelimit-reset-tokens"] = duration((self.cap - self.tokens) * 60.0 / self.cap)
+            tokens = self.tokens
+            out[LIMIT_TOKENS] = self.texts[1]
+            out[REMAINING_TOKENS] = str(int(tokens / share)) if tokens > 0 else "0"
+            out[RESET_TOKENS] = f"{int((self.cap - tokens) * 60000 / self.cap)}ms"
         return out
 
 
@@ -396,25 +404,6 @@ class Usage:
             mine = self.pending.setdefault(k, [0, 0, 0, 0])
             for i, v in enumerate(row):
                 mine[i] += v
-
-
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
-
-
-def usage_in(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a whole answer's ``usage`` object, reading
-    only that object: JSON escapes quotes inside strings, so the last ``"usage":``
-    key in the body is the answer's own."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
-        return None
-    m = _USAGE.match(body, at)
-    if m is None:
-        return None
-    try:
-        return usage_from({"usage": orjson.loads(m.group(1))})
-    except orjson.JSONDecodeError:
-        return None
 
 
 def usage_from(doc: Any) -> tuple[int, int] | None:

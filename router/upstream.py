@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from aiohttp import (
@@ -96,15 +97,21 @@ class Opened:
     read (``whole``: every non-streamed answer, and every error answer) or, for a
     stream, its first chunk."""
 
-    __slots__ = ("attempt", "first", "response", "whole")
+    __slots__ = ("attempt", "doc", "first", "response", "whole")
 
     def __init__(
-        self, attempt: Attempt, response: ClientResponse, first: bytes, whole: bool
+        self,
+        attempt: Attempt,
+        response: ClientResponse,
+        first: bytes,
+        whole: bool,
+        doc: dict[str, Any] | None = None,
     ) -> None:
         self.attempt = attempt
         self.response = response
         self.first = first
         self.whole = whole
+        self.doc = doc  # a 2xx answer read whole, parsed once
 
     @property
     def node(self) -> Node:
@@ -142,18 +149,22 @@ def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     )
 
 
-def valid_answer(path: str, body: bytes, headers: Mapping[str, str]) -> bool:
-    """Whether a 2xx body read whole is an answer for ``path``: a JSON object with
-    ``choices`` (completions) or ``data`` (embeddings). A compressed body (the client
-    asked for compression) is passed on unread."""
+COMPRESSED: dict[str, Any] = {}  # what read_answer gives for a body it passes on unread
+
+
+def read_answer(path: str, body: bytes, headers: Mapping[str, str]) -> dict[str, Any] | None:
+    """A 2xx body read whole, parsed, when it is an answer for ``path``: a JSON object
+    with ``choices`` (completions) or ``data`` (embeddings); None when it is not. A
+    compressed body (the client asked for compression) is passed on unread
+    (:data:`COMPRESSED`)."""
     if headers.get("Content-Encoding", "identity") != "identity":
-        return True
+        return COMPRESSED
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
+        return None
     key = "data" if path.endswith("/embeddings") else "choices"
-    return isinstance(doc, dict) and isinstance(doc.get(key), list)
+    return doc if isinstance(doc, dict) and isinstance(doc.get(key), list) else None
 
 
 def stale_connection(e: BaseException) -> bool:
@@ -277,9 +288,14 @@ class Upstream:
                 return Opened(attempt, response, first, whole=False)
             attempt.first_byte()
             body = await self.read_body(response, self.max_response, call.deadline)
-            if status < 300 and not valid_answer(call.request.path, body, response.headers):
-                raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer")
-            return Opened(attempt, response, body, whole=True)
+            doc = None
+            if status < 300:
+                doc = read_answer(call.request.path, body, response.headers)
+                if doc is None:
+                    raise Failed(
+                        Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer"
+                    )
+            return Opened(attempt, response, body, whole=True, doc=doc)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)
             raise

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from router.config import KeyLimits
-from router.tenants import Limiter, hash_key, usage_in
+from router.tenants import Limiter, hash_key, usage_from
 from tests.conftest import MODEL, MakeRouter, MakeSim, RedisServer, chat, node_entry
 from tests.test_supply import until
 
@@ -286,10 +286,10 @@ def test_usage_is_read_from_the_answers_own_usage_object() -> None:
     trick = 'text "usage": {"prompt_tokens": 999999, "completion_tokens": 1}'
     usage = {"prompt_tokens": 10, "completion_tokens": 8, "prompt_tokens_details": {"n": 2}}
     body = orjson.dumps({"choices": [{"message": {"content": trick}}], "usage": usage})
-    assert usage_in(body) == (10, 8)
-    assert usage_in(orjson.dumps({"data": [], "usage": {"prompt_tokens": 7}})) == (7, 0)
-    for bad in (b'{"usage": null}', b'{"usage": {"prompt_tokens": -1}}', b"not json"):
-        assert usage_in(bad) is None
+    assert usage_from(orjson.loads(body)) == (10, 8)
+    assert usage_from({"data": [], "usage": {"prompt_tokens": 7}}) == (7, 0)
+    for bad in ({"usage": None}, {"usage": {"prompt_tokens": -1}}, None, {"usage": "x"}):
+        assert usage_from(bad) is None
 
 
 async def test_token_budget_over_two_replicas(
