@@ -15,7 +15,9 @@ enforces ``share`` of every key's limits, with share = 1 / the number of live
 router processes sharing the store, recomputed when that number changes.
 
 Usage (requests, errors, prompt and completion tokens per key and model) is
-counted in memory (:class:`Usage`) and flushed by the store's background sync.
+counted in memory (:class:`Usage`) and flushed by the store's background sync;
+keys with a token budget per UTC day or month are refused once the store's
+count for the period (read every second) and this process's since reach it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import calendar
 import hashlib
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,9 +269,6 @@ class Keyring:
         self._seen: dict[str, Key] = {}  # presented key -> Key: the hash once per key
         # Whether requests are looked at at all: keys exist, or they are required.
         self.active = self.required or bool(self.by_hash)
-
-    def names(self) -> Iterable[str]:
-        return (k.name for k in self.by_hash.values())
 
     def by_name(self, name_or_id: str) -> Key | None:
         for key in (*self.dynamic.values(), *self.static.values()):
