@@ -71,6 +71,7 @@ class AccessLog:
                     "failed": ex.outcomes,
                     "resumed": [f"{n}:{why}:{how}" for n, why, how in ex.resumed] or None,
                     "duration_ms": round(ex.duration * 1e3, 3),
+                    "queued_ms": round(ex.queued_s * 1e3, 3) if ex.queued_s else None,
                     "ttfb_ms": round(ex.ttfb * 1e3, 3) if ex.ttfb >= 0 else None,
                 },
                 option=orjson.OPT_APPEND_NEWLINE,
