@@ -7,7 +7,9 @@ router and the same seeds: the interactive tenant alone; both tenants with the
 nodes' capacity declared (priority classes at work); both tenants without
 declared capacity (nothing to give priority over: only the keys' limits).
 Each tenant has its own client key (``auth.required``); the batch tenant sends
-at 5x its key's ``rpm``. Prints, per run and tenant: requests, success,
+at 5x its key's ``rpm``. With ``--fleet-process`` the simulated nodes run in a process of their own
+(by default they share the load generators' process and event loop). Prints,
+per run and tenant: requests, success,
 rate-limited (429), TTFB p50/p99 and latency p99; and the interactive tenant's
 success and p99 against running alone, measured in the same run.
 """
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,15 +34,49 @@ from loadtest.loadgen import LoadSpec, Record, run_load
 DEFAULT = Path(__file__).parent / "scenarios" / "tenants.yaml"
 
 
+class FleetProcess:
+    """The scenario's fleet in a process of its own (``python -m loadtest.fleet``), so
+    that the load generators do not share an event loop with the simulated nodes."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.nodes: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        path = Path(tempfile.mkstemp(suffix=".yaml")[1])
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(self.spec))
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtest.fleet", str(path), stdout=asyncio.subprocess.PIPE
+        )
+        claims = {n["id"]: n for n in Fleet(self.spec).router_nodes()}
+        assert self.proc.stdout is not None
+        for _ in claims:
+            node_id, *_, url = (await self.proc.stdout.readline()).decode().split()
+            self.nodes.append({**claims[node_id], "url": url})
+
+    def router_nodes(self) -> list[dict[str, Any]]:
+        return self.nodes
+
+    async def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            await self.proc.wait()
+
+
 async def run(
-    scenario: dict[str, Any], tenants: list[dict[str, Any]], duration: float, capacity: bool
+    scenario: dict[str, Any],
+    tenants: list[dict[str, Any]],
+    duration: float,
+    capacity: bool,
+    separate: bool = False,
 ) -> dict[str, list[Record]]:
     fleet_spec = {**scenario["fleet"], "duration_s": duration}
     if not capacity:
         fleet_spec["nodes"] = [
             {k: v for k, v in n.items() if k != "declare_capacity"} for n in fleet_spec["nodes"]
         ]
-    fleet = Fleet(fleet_spec)
+    fleet: Fleet | FleetProcess = FleetProcess(fleet_spec) if separate else Fleet(fleet_spec)
     keys = {t["name"]: "sk-bal-" + secrets.token_urlsafe(32) for t in tenants}
     for t in tenants:
         os.environ[f"LOADTEST_KEY_{t['name'].upper().replace('-', '_')}"] = keys[t["name"]]
@@ -95,13 +132,15 @@ def ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"  # pct() answers milliseconds
 
 
-async def main_async(scenario: dict[str, Any], duration: float) -> str:
+async def main_async(scenario: dict[str, Any], duration: float, separate: bool = False) -> str:
     tenants = scenario["tenants"]
     interactive = tenants[0]
     runs = {
-        "interactive alone": await run(scenario, [interactive], duration, capacity=True),
-        "both, capacity declared (priority)": await run(scenario, tenants, duration, True),
-        "both, no capacity declared": await run(scenario, tenants, duration, False),
+        "interactive alone": await run(scenario, [interactive], duration, True, separate),
+        "both, capacity declared (priority)": await run(
+            scenario, tenants, duration, True, separate
+        ),
+        "both, no capacity declared": await run(scenario, tenants, duration, False, separate),
     }
     lines = [
         f"{scenario['name']}: {duration:.0f} s per run",
@@ -136,9 +175,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--scenario", type=Path, default=DEFAULT)
     ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument(
+        "--fleet-process", action="store_true",
+        help="run the simulated nodes in a process of their own, apart from the load",
+    )  # fmt: skip
     args = ap.parse_args()
     scenario = yaml.safe_load(args.scenario.read_text())
-    print(asyncio.run(main_async(scenario, args.duration)))
+    print(asyncio.run(main_async(scenario, args.duration, args.fleet_process)))
 
 
 if __name__ == "__main__":
