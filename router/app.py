@@ -38,7 +38,7 @@ from router.prober import Prober
 from router.proxy import Proxy
 from router.recorder import Recorder
 from router.registration import Membership, admin_denied
-from router.store import MemoryStore, StateStore, codec
+from router.store import MemoryStore, StateStore, codec, health
 from router.tenants import Keyring
 from router.upstream import Upstream
 from router.view import fleet_view
@@ -171,8 +171,7 @@ def build_router(
     keys = Keyring(cfg.auth, os.environ, clock)
     proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder, keys=keys)
     store = make_store(cfg, clock)
-    store.on_keys, store.usage, store.keyring = keys.adopt, proxy.usage, keys
-    store.on_routers = lambda n: keys.set_share(1.0 / max(1, n))
+    store.keyring, store.usage = keys, proxy.usage
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
     metrics = Metrics(
@@ -341,7 +340,7 @@ def create_app(
         here and in the metrics, for alerts, not for the load balancer."""
         router = request.app[ROUTER]
         n = router.fleet.routable_count()
-        store = f"{router.store.backend}:{'ok' if router.store.healthy else 'degraded'}"
+        store = health(router.store)
         body: dict[str, object] = {
             "status": "draining" if router.draining else "ready",
             "routable_nodes": n,
@@ -429,40 +428,23 @@ def create_app(
     app.router.add_put("/admin/policy", put_policy)
     app.router.add_get("/admin/policy", get_policy)
 
-    for method, path, name in KEY_ROUTES:
-        app.router.add_route(method, path, key_op(name))
-    app.router.add_post("/v1/nodes/register", membership_op("register"))
-    app.router.add_post("/v1/nodes/{id}/heartbeat", membership_op("heartbeat"))
-    app.router.add_post("/admin/nodes/{id}/drain", membership_op("drain"))
-    app.router.add_post("/admin/nodes/{id}/resume", membership_op("resume"))
-    app.router.add_delete("/admin/nodes/{id}", membership_op("delete"))
+    for method, path, name in KeyAdmin.ROUTES:
+        app.router.add_route(method, path, delegate("keys", name))
+    app.router.add_post("/v1/nodes/register", delegate("membership", "register"))
+    app.router.add_post("/v1/nodes/{id}/heartbeat", delegate("membership", "heartbeat"))
+    app.router.add_post("/admin/nodes/{id}/drain", delegate("membership", "drain"))
+    app.router.add_post("/admin/nodes/{id}/resume", delegate("membership", "resume"))
+    app.router.add_delete("/admin/nodes/{id}", delegate("membership", "delete"))
     app.router.add_route("*", "/{tail:.*}", fallback)
     return app
 
 
-KEY_ROUTES = (
-    ("POST", "/admin/keys", "create"),
-    ("GET", "/admin/keys", "list"),
-    ("PATCH", "/admin/keys/{id}", "change"),
-    ("DELETE", "/admin/keys/{id}", "revoke"),
-    ("GET", "/admin/usage", "usage"),
-)
-
-
-def key_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """A route handler calling ``KeyAdmin.<name>`` of the running router."""
+def delegate(part: str, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route handler calling ``<part>.<name>`` of the running router (its
+    ``membership`` or its ``keys``)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await getattr(request.app[ROUTER].keys, name)(request)
-
-    return handler
-
-
-def membership_op(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """A route handler calling ``Membership.<name>`` of the running router."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await getattr(request.app[ROUTER].membership, name)(request)
+        return await getattr(getattr(request.app[ROUTER], part), name)(request)
 
     return handler
 

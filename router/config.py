@@ -394,7 +394,7 @@ class Config(_Strict):
         return self
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ""
@@ -417,7 +417,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        raise ConfigError(format_errors(e)) from None
     if url := env.get("BALLAST_REDIS_URL"):
         cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
     if cfg.state.cluster and not cfg.state.redis_url:

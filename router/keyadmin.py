@@ -12,21 +12,24 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from router.config import KeyLimits, KeyName
 from router.errors import error_response
 from router.registration import admin_denied
 from router.store import StateStore, utc_day
-from router.tenants import DISPLAY_CHARS, Keyring, Usage, hash_key, new_key
+from router.tenants import DISPLAY_CHARS, Key, Keyring, Usage, hash_key, new_key
 
 log = logging.getLogger("ballast.keys")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class NewKey(KeyLimits):
@@ -41,6 +44,10 @@ def _invalid(message: str) -> web.Response:
     return error_response(400, message, "invalid_request_error", "invalid_key_request")
 
 
+def _exists(name: str) -> web.Response:
+    return error_response(409, f"a key named {name} exists", "invalid_request_error", "key_exists")
+
+
 def _store_down(e: Exception) -> web.Response:
     log.error("key change or usage read failed in the state store: %r", e)
     return error_response(
@@ -49,11 +56,33 @@ def _store_down(e: Exception) -> web.Response:
     )  # fmt: skip
 
 
-def _errors(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors())
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "hash"}
+
+
+Handler = Callable[["KeyAdmin", web.Request], Awaitable[web.Response]]
+
+
+def _admin(handler: Handler) -> Handler:
+    """Every key route needs the admin token."""
+
+    async def checked(self: KeyAdmin, request: web.Request) -> web.Response:
+        if (denied := admin_denied(request, self.admin_token)) is not None:
+            return denied
+        return await handler(self, request)
+
+    return checked
 
 
 class KeyAdmin:
+    ROUTES = (
+        ("POST", "/admin/keys", "create"),
+        ("GET", "/admin/keys", "list"),
+        ("PATCH", "/admin/keys/{id}", "change"),
+        ("DELETE", "/admin/keys/{id}", "revoke"),
+        ("GET", "/admin/usage", "usage"),
+    )
+
     def __init__(
         self,
         keys: Keyring,
@@ -66,14 +95,28 @@ class KeyAdmin:
         self.admin_token = admin_token
         self.wall = wall
 
-    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def _spec(
+        self, request: web.Request, model: type[M], base: dict[str, Any] | None = None
+    ) -> M | web.Response:
+        """The JSON body (over ``base``) validated as ``model``, or the 400."""
         try:
             doc = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
             return _invalid("the body must be a JSON object")
-        return doc if isinstance(doc, dict) else _invalid("the body must be a JSON object")
+        try:
+            return model(**{**(base or {}), **doc})
+        except ValidationError as e:
+            return _invalid(
+                "; ".join(
+                    f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()
+                )
+            )
+        except TypeError:
+            return _invalid("invalid fields")
 
-    def _find(self, request: web.Request) -> Any:
+    def _find(self, request: web.Request) -> Key | web.Response:
         key = self.keys.by_name(request.match_info["id"])
         if key is None:
             return error_response(404, "no such key", "invalid_request_error", "key_not_found")
@@ -81,20 +124,22 @@ class KeyAdmin:
             return _invalid(f"key {key.name} is set in the config file; change it there")
         return key
 
-    async def create(self, request: web.Request) -> web.Response:
-        if (denied := admin_denied(request, self.admin_token)) is not None:
-            return denied
-        doc = await self._body(request)
-        if isinstance(doc, web.Response):
-            return doc
+    async def _put(self, record: dict[str, Any], did: str) -> web.Response | None:
+        """Store a key record (every replica then has it); the 503 when Redis fails."""
         try:
-            spec = NewKey(**doc)
-        except (ValidationError, TypeError) as e:
-            return _invalid(_errors(e) if isinstance(e, ValidationError) else "invalid fields")
+            await self.store.put_key(record)
+        except Exception as e:  # Redis down: nothing was changed
+            return _store_down(e)
+        log.warning("key %s (%s) %s through the admin API", record["name"], record["id"], did)
+        return None
+
+    @_admin
+    async def create(self, request: web.Request) -> web.Response:
+        spec = await self._spec(request, NewKey)
+        if isinstance(spec, web.Response):
+            return spec
         if self.keys.by_name(spec.name) is not None:
-            return error_response(
-                409, f"a key named {spec.name} exists", "invalid_request_error", "key_exists"
-            )
+            return _exists(spec.name)
         if len(self.keys.dynamic) >= self.keys.max_keys:
             return error_response(
                 429, "too many keys (auth.max_keys)", "invalid_request_error", "too_many_keys"
@@ -109,48 +154,33 @@ class KeyAdmin:
             "hash": hash_key(secret),
             **spec.model_dump(exclude={"name"}),
         }
-        try:
-            await self.store.put_key(record)
-        except Exception as e:  # Redis down: nothing was created
-            return _store_down(e)
-        log.warning("key %s (%s) created through the admin API", spec.name, record["id"])
-        public = {k: v for k, v in record.items() if k != "hash"}
-        return web.json_response({**public, "key": secret}, status=201)
+        if (failed := await self._put(record, "created")) is not None:
+            return failed
+        return web.json_response({**_public(record), "key": secret}, status=201)
 
+    @_admin
     async def list(self, request: web.Request) -> web.Response:
-        if (denied := admin_denied(request, self.admin_token)) is not None:
-            return denied
         keys = [*self.keys.static.values(), *self.keys.dynamic.values()]
         return web.json_response({"data": [k.public() for k in keys]})
 
+    @_admin
     async def change(self, request: web.Request) -> web.Response:
-        if (denied := admin_denied(request, self.admin_token)) is not None:
-            return denied
         key = self._find(request)
         if isinstance(key, web.Response):
             return key
-        doc = await self._body(request)
-        if isinstance(doc, web.Response):
-            return doc
-        try:
-            change = KeyChange(**{**key.limits.model_dump(), **doc})
-        except (ValidationError, TypeError) as e:
-            return _invalid(_errors(e) if isinstance(e, ValidationError) else "invalid fields")
+        change = await self._spec(request, KeyChange, key.limits.model_dump())
+        if isinstance(change, web.Response):
+            return change
         name = change.name or key.name
         if name != key.name and self.keys.by_name(name) is not None:
-            return error_response(409, f"a key named {name} exists", "invalid_request_error",
-                                  "key_exists")  # fmt: skip
+            return _exists(name)
         record = {**key.record(), **change.model_dump(exclude={"name"}), "name": name}
-        try:
-            await self.store.put_key(record)
-        except Exception as e:
-            return _store_down(e)
-        log.warning("key %s (%s) changed through the admin API", name, key.id)
-        return web.json_response({k: v for k, v in record.items() if k != "hash"})
+        if (failed := await self._put(record, "changed")) is not None:
+            return failed
+        return web.json_response(_public(record))
 
+    @_admin
     async def revoke(self, request: web.Request) -> web.Response:
-        if (denied := admin_denied(request, self.admin_token)) is not None:
-            return denied
         key = self._find(request)
         if isinstance(key, web.Response):
             return key
@@ -161,9 +191,8 @@ class KeyAdmin:
         log.warning("key %s (%s) revoked through the admin API", key.name, key.id)
         return web.json_response({"id": key.id, "name": key.name, "revoked": True})
 
+    @_admin
     async def usage(self, request: web.Request) -> web.Response:
-        if (denied := admin_denied(request, self.admin_token)) is not None:
-            return denied
         since = request.query.get("since") or utc_day(self.wall() - 29 * 86400)
         try:
             date.fromisoformat(since)

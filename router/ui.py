@@ -14,6 +14,7 @@ import hashlib
 import re
 from typing import TYPE_CHECKING, Any
 
+from router.store import health
 from router.view import fleet_view
 
 if TYPE_CHECKING:
@@ -29,12 +30,11 @@ def status(router: Router) -> dict[str, Any]:
     """The status document: supply, nodes, recent ejections, this router."""
     now = router.clock()
     view = fleet_view(router.fleet.nodes.values(), router.proxy.policy, now)
-    store = router.store
     return {
         "router": {
             "policy": router.proxy.policy.name,
-            "store": f"{store.backend}:{'ok' if store.healthy else 'degraded'}",
-            "routers": len(store.routers),
+            "store": health(router.store),
+            "routers": len(router.store.routers),
             "draining": router.draining,
             "in_flight": router.proxy.active,
             "queued": router.proxy.queued,

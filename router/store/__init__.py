@@ -74,14 +74,12 @@ class StateStore(Protocol):
         of a model): one live router process per key."""
         ...
 
-    # Client keys and their usage (router.tenants). The store calls ``on_keys`` with
-    # every dynamic key record whenever they change (on any replica), and
-    # ``on_routers`` with the number of live router processes when it changes; it
-    # flushes ``usage`` in the background.
-    on_keys: Callable[[dict[str, dict[str, Any]]], None] | None
-    on_routers: Callable[[int], None] | None
+    # Client keys and their usage (router.tenants). The store hands ``keyring`` every
+    # dynamic key record whenever they change (on any replica), its share of the
+    # keys' limits when the number of live router processes changes, and each
+    # budgeted key's count for its period; it flushes ``usage`` in the background.
+    keyring: Keyring | None
     usage: Usage | None
-    keyring: Keyring | None  # token budgets: the store reports each period's count
 
     async def put_key(self, record: dict[str, Any]) -> None: ...
 
@@ -105,6 +103,11 @@ def joined_count(fleet: Fleet) -> int:
     return sum(1 for n in fleet.nodes.values() if n.source is Source.JOINED)
 
 
+def health(store: StateStore) -> str:
+    """``backend:ok`` or ``backend:degraded``, as /readyz and the status page show it."""
+    return f"{store.backend}:{'ok' if store.healthy else 'degraded'}"
+
+
 def utc_day(wall: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(wall))
 
@@ -125,10 +128,8 @@ class MemoryStore:
     errors = 0
     routers = ("local",)
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
-    on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
-    on_routers: Callable[[int], None] | None = None
+    keyring: Keyring | None = None  # one process: its own counts are the whole counts
     usage: Usage | None = None
-    keyring: Keyring | None = None  # in one process its own count is the whole count
 
     def __init__(
         self,
@@ -153,13 +154,13 @@ class MemoryStore:
 
     async def put_key(self, record: dict[str, Any]) -> None:
         self.keys[record["id"]] = record
-        if self.on_keys is not None:
-            self.on_keys(dict(self.keys))
+        if self.keyring is not None:
+            self.keyring.adopt(self.keys)
 
     async def delete_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
-        if self.on_keys is not None:
-            self.on_keys(dict(self.keys))
+        if self.keyring is not None:
+            self.keyring.adopt(self.keys)
 
     async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
         if self.usage is not None:

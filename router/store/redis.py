@@ -124,10 +124,8 @@ class RedisStore:
             p + "keys:version",
             p + "usage:",
         )
-        self.on_keys: Callable[[dict[str, dict[str, Any]]], None] | None = None
-        self.on_routers: Callable[[int], None] | None = None
-        self.usage: Usage | None = None
         self.keyring: Keyring | None = None
+        self.usage: Usage | None = None
         self._budgets_at = -float("inf")
         self._keys_seen: bytes | None = None
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
@@ -362,8 +360,8 @@ class RedisStore:
         if routers != self.routers:
             log.info("router processes sharing the fleet: %d", len(routers))
             self.routers, self._owners = routers, {}
-            if self.on_routers is not None:
-                self.on_routers(len(routers))
+            if self.keyring is not None:
+                self.keyring.set_share(1.0 / len(routers))
         self._routers_beat = self.clock()
         return 3
 
@@ -400,12 +398,12 @@ class RedisStore:
     async def _load_keys(self, version: bytes | None) -> int:
         records = await self.client.hgetall(self.k_keys)
         self._keys_seen = version
-        if self.on_keys is not None:
+        if self.keyring is not None:
             parsed = {}
             for kid, raw in records.items():
                 with contextlib.suppress(orjson.JSONDecodeError):
                     parsed[kid.decode()] = orjson.loads(raw)
-            self.on_keys(parsed)
+            self.keyring.adopt(parsed)
         return 1
 
     async def _flush_usage(self) -> int:
