@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+import yaml
 from aiohttp import web
 
 from loadtest.common import free_port
@@ -109,6 +112,38 @@ async def make_router() -> AsyncIterator[MakeRouter]:
     yield make
     for runner in runners:
         await runner.cleanup()
+
+
+StartPrometheus = Callable[[dict[str, Any]], Awaitable[str]]
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Any) -> AsyncIterator[StartPrometheus]:
+    """Start a real Prometheus on a free port with a config (files it names go in
+    ``tmp_path`` too); answers its query API URL. Stopped after the test."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus missing: the test command installs Debian's prometheus"
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(config: dict[str, Any]) -> str:
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        )
+        return f"http://127.0.0.1:{port}/api/v1/query"
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        await proc.wait()
 
 
 @pytest.fixture

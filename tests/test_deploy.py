@@ -18,7 +18,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from router.config import Config, parse_config
-from tests.conftest import MakeRouter, MakeSim, RedisServer, free_port, node_entry
+from tests.conftest import MakeRouter, MakeSim, RedisServer, StartPrometheus, node_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -156,7 +156,11 @@ def test_docker_build_context_leaves_out_the_venv() -> None:
 
 
 async def test_real_prometheus_counts_each_node_once_over_two_replicas(
-    fleet: MakeSim, make_router: MakeRouter, redis_server: RedisServer, tmp_path: Path
+    fleet: MakeSim,
+    make_router: MakeRouter,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    prometheus: StartPrometheus,
 ) -> None:
     """Two replicas sharing Redis and one serving node, scraped by a real Prometheus
     with the shipped alert rules: the supply expression reads 1 (not 2), and
@@ -166,56 +170,38 @@ async def test_real_prometheus_counts_each_node_once_over_two_replicas(
     replicas = [await make_router([node_entry(sim)], state=state) for _ in range(2)]
     shutil.copy(DEPLOY / "prometheus/alerts.yml", tmp_path / "alerts.yml")
     targets = [r.url.removeprefix("http://") for r in replicas]
-    (tmp_path / "prometheus.yml").write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": ["alerts.yml"],
-                "scrape_configs": [
-                    {"job_name": "ballast", "static_configs": [{"targets": targets}]}
-                ],
-            }
-        )
+    api = await prometheus(
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [{"job_name": "ballast", "static_configs": [{"targets": targets}]}],
+        }
     )
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        tool("prometheus"),
-        f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    api = f"http://127.0.0.1:{port}/api/v1/query"
-    try:
-        async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession() as http:
 
-            async def query(expr: str) -> list[dict[str, Any]]:
-                try:
-                    async with http.get(api, params={"query": expr}) as resp:
-                        return (await resp.json())["data"]["result"]
-                except aiohttp.ClientError:
-                    return []  # not listening yet
+        async def query(expr: str) -> list[dict[str, Any]]:
+            try:
+                async with http.get(api, params={"query": expr}) as resp:
+                    return (await resp.json())["data"]["result"]
+            except aiohttp.ClientError:
+                return []  # not listening yet
 
-            async def until(expr: str) -> list[dict[str, Any]]:
-                async with asyncio.timeout(60):  # Prometheus start-up, scrapes, a rule round
-                    while True:
-                        if found := await query(expr):
-                            return found
-                        await asyncio.sleep(0.2)  # polling an external process's state
+        async def until(expr: str) -> list[dict[str, Any]]:
+            async with asyncio.timeout(60):  # Prometheus start-up, scrapes, a rule round
+                while True:
+                    if found := await query(expr):
+                        return found
+                    await asyncio.sleep(0.2)  # polling an external process's state
 
-            await until('count(ballast_supply_nodes{model="tiny-llama",state="serving"}) == 2')
-            naive = await query('sum(ballast_supply_nodes{model="tiny-llama",state="serving"})')
-            assert float(naive[0]["value"][1]) == 2  # what a sum over replicas would say
-            alert = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
-            rules = {r["alert"]: r["expr"] for r in alert["groups"][0]["rules"]}
-            low = rules["BallastVerifiedSupplyLow"].removesuffix(" < 2")
-            (supply,) = await query(low)
-            assert supply["metric"] == {"model": "tiny-llama"}
-            assert float(supply["value"][1]) == 1
-            pending = await until('ALERTS{alertname="BallastVerifiedSupplyLow"}')
-            assert pending[0]["metric"]["alertstate"] == "pending"
-            assert pending[0]["metric"]["model"] == "tiny-llama"
-    finally:
-        proc.terminate()
-        await proc.wait()
+        await until('count(ballast_supply_nodes{model="tiny-llama",state="serving"}) == 2')
+        naive = await query('sum(ballast_supply_nodes{model="tiny-llama",state="serving"})')
+        assert float(naive[0]["value"][1]) == 2  # what a sum over replicas would say
+        alert = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
+        rules = {r["alert"]: r["expr"] for r in alert["groups"][0]["rules"]}
+        low = rules["BallastVerifiedSupplyLow"].removesuffix(" < 2")
+        (supply,) = await query(low)
+        assert supply["metric"] == {"model": "tiny-llama"}
+        assert float(supply["value"][1]) == 1
+        pending = await until('ALERTS{alertname="BallastVerifiedSupplyLow"}')
+        assert pending[0]["metric"]["alertstate"] == "pending"
+        assert pending[0]["metric"]["model"] == "tiny-llama"

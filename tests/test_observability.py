@@ -17,9 +17,16 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-import yaml
 
-from tests.conftest import MODEL, MakeRouter, MakeSim, chat, dead_url, free_port, node_entry
+from tests.conftest import (
+    MODEL,
+    MakeRouter,
+    MakeSim,
+    StartPrometheus,
+    chat,
+    dead_url,
+    node_entry,
+)
 from tests.test_cli import serve_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,80 +184,65 @@ def test_alert_rules_pass_promtool() -> None:
 
 
 async def test_prometheus_scrapes_the_router_and_sees_the_traffic(
-    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, tmp_path: Path
+    fleet: MakeSim,
+    make_router: MakeRouter,
+    http: aiohttp.ClientSession,
+    prometheus: StartPrometheus,
 ) -> None:
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus missing: the test command installs Debian's prometheus"
     # H100 profile: about 80 ms per 8-token request, clear of the 50 and 100 ms bucket
     # bounds (4 tokens took 45 to 50 ms: a slow machine put the median on the 50 ms bound)
     a = await fleet("a", time_scale=1.0)
     r = await make_router([node_entry(a)])
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "ballast",
-                        "static_configs": [{"targets": [r.url.removeprefix("http://")]}],
-                    }
-                ],
-            }
-        )
+    api = await prometheus(
+        {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "ballast",
+                    "static_configs": [{"targets": [r.url.removeprefix("http://")]}],
+                }
+            ],
+        }
     )
-    proc = await asyncio.create_subprocess_exec(
-        binary,
-        f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    latencies = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        body = orjson.dumps(chat(max_tokens=8))
+        async with http.post(r.url + "/v1/chat/completions", data=body) as resp:
+            assert resp.status == 200
+            await resp.read()
+        latencies.append(time.perf_counter() - t0)
+
+    async def query(expr: str) -> list[dict]:
+        async with http.get(api, params={"query": expr}) as resp:
+            doc = await resp.json()
+        assert doc["status"] == "success", (expr, doc)
+        return doc["data"]["result"]
+
+    async def until_scraped() -> list[dict]:
+        async with asyncio.timeout(60):  # Prometheus start-up plus a scrape
+            while True:
+                try:
+                    found = await query('sum(ballast_requests_total{code="200"})')
+                except aiohttp.ClientError:
+                    found = []
+                if found and float(found[0]["value"][1]) >= 30:
+                    return found
+                await asyncio.sleep(0.2)  # polling an external process's state
+
+    found = await until_scraped()
+    assert float(found[0]["value"][1]) == 30
+    p50 = await query(
+        "histogram_quantile(0.5, sum by (le) (ballast_request_duration_seconds_bucket))"
     )
-    api = f"http://127.0.0.1:{port}/api/v1/query"
-    try:
-        latencies = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            body = orjson.dumps(chat(max_tokens=8))
-            async with http.post(r.url + "/v1/chat/completions", data=body) as resp:
-                assert resp.status == 200
-                await resp.read()
-            latencies.append(time.perf_counter() - t0)
-
-        async def query(expr: str) -> list[dict]:
-            async with http.get(api, params={"query": expr}) as resp:
-                doc = await resp.json()
-            assert doc["status"] == "success", (expr, doc)
-            return doc["data"]["result"]
-
-        async def until_scraped() -> list[dict]:
-            async with asyncio.timeout(60):  # Prometheus start-up plus a scrape
-                while True:
-                    try:
-                        found = await query('sum(ballast_requests_total{code="200"})')
-                    except aiohttp.ClientError:
-                        found = []
-                    if found and float(found[0]["value"][1]) >= 30:
-                        return found
-                    await asyncio.sleep(0.2)  # polling an external process's state
-
-        found = await until_scraped()
-        assert float(found[0]["value"][1]) == 30
-        p50 = await query(
-            "histogram_quantile(0.5, sum by (le) (ballast_request_duration_seconds_bucket))"
-        )
-        estimate = float(p50[0]["value"][1])
-        median = statistics.median(latencies)
-        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-        bucket = next(b for b in buckets if median <= b)
-        lower = buckets[buckets.index(bucket) - 1]
-        assert lower <= estimate <= bucket, (estimate, median)
-        for expr in dashboard_exprs():  # every dashboard query parses and runs
-            await query(concrete(expr))
-    finally:
-        proc.terminate()
-        await proc.wait()
+    estimate = float(p50[0]["value"][1])
+    median = statistics.median(latencies)
+    buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+    bucket = next(b for b in buckets if median <= b)
+    lower = buckets[buckets.index(bucket) - 1]
+    assert lower <= estimate <= bucket, (estimate, median)
+    for expr in dashboard_exprs():  # every dashboard query parses and runs
+        await query(concrete(expr))
 
 
 async def test_admin_api_and_fleet_table(
