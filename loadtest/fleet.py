@@ -28,10 +28,12 @@ Fleet file (YAML)::
           - {mode: flap, period: 2, at: 0, for: 20}  # crash and recover every period
           - {mode: garbage, at: 5}           # 200 with a body that is no answer
     random_faults:                  # on top: faults on a share of nodes at random times
+      labels: {pool: spot}          # only among nodes with these labels (nodes[].labels)
       fraction: 0.3
       modes: [crash, hang, error, slow, midstream, flap]
       duration_s: [2, 6]
     churn:                          # every_s, a share of the nodes leaves or rejoins
+      labels: {pool: spot}          # only among nodes with these labels
       every_s: 3
       fraction: 0.2
 
@@ -92,8 +94,11 @@ class Fleet:
                     "vram_gb": entry.get("claimed_vram_gb", profile.vram_gb),
                     "gpu": profile.name,
                 }
+                labels = {k: str(v) for k, v in entry.get("labels", {}).items()}
                 if entry.get("declare_capacity"):  # what the engine runs at once
-                    self.claims[nid]["labels"] = {"max_concurrency": str(profile.max_seqs)}
+                    labels["max_concurrency"] = str(profile.max_seqs)
+                if labels:
+                    self.claims[nid]["labels"] = labels
                 self._schedule(nid, entry)
         self._random_faults(spec.get("random_faults"))
         self._churn(spec.get("churn"), float(spec.get("duration_s", 600)))
@@ -137,7 +142,7 @@ class Fleet:
     def _random_faults(self, spec: dict[str, Any] | None) -> None:
         if not spec:
             return
-        ids = sorted(self.sims)
+        ids = self._matching(spec)
         chosen = self.rng.sample(ids, round(len(ids) * float(spec.get("fraction", 0.3))))
         modes = list(spec.get("modes", FAULT_MODES))
         lo, hi = spec.get("duration_s", [2, 6])
@@ -157,12 +162,20 @@ class Fleet:
                 f |= {"period": 1.0}
             self._fault(nid, f)
 
+    def _matching(self, spec: dict[str, Any]) -> list[str]:
+        """The nodes whose labels include every one of ``spec["labels"]`` (all without)."""
+        want = {k: str(v) for k, v in spec.get("labels", {}).items()}
+        return sorted(
+            nid for nid, claims in self.claims.items()
+            if all(claims.get("labels", {}).get(k) == v for k, v in want.items())
+        )  # fmt: skip
+
     def _churn(self, spec: dict[str, Any] | None, horizon: float) -> None:
         if not spec:
             return
         every = float(spec.get("every_s", 3))
         share = float(spec.get("fraction", 0.2))
-        ids = sorted(self.sims)
+        ids = self._matching(spec)
         away: set[str] = set()
         t = every
         while t < horizon:

@@ -34,6 +34,7 @@ from router.keyadmin import KeyAdmin
 from router.logs import AccessLog
 from router.measure import Meter
 from router.metrics import Metrics
+from router.pools import Pools
 from router.prober import Prober
 from router.proxy import Proxy
 from router.recorder import Recorder
@@ -160,6 +161,8 @@ def build_router(
     config_path: Path | None = None,
 ) -> Router:
     fleet = Fleet(slow_start_s=cfg.health.slow_start_s, clock=clock)
+    if cfg.pools is not None:
+        fleet.pools = Pools(cfg.pools, rng)
     verify = cfg.health.verify_static and cfg.health.probe
     with fleet.batch():
         for nc in cfg.nodes:

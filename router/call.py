@@ -19,6 +19,7 @@ from router.affinity import NONE
 from router.measure import Outcome
 
 if TYPE_CHECKING:
+    from router.fleet import Node
     from router.tenants import Key
     from router.upstream import Opened
 
@@ -29,7 +30,9 @@ class Exchange:
     __slots__ = (
         "affinity",
         "attempts",
+        "cost",
         "duration",
+        "fallback",
         "finished_at",
         "hedged",
         "key",
@@ -37,6 +40,7 @@ class Exchange:
         "model",
         "node",
         "outcomes",
+        "pool",
         "priority",
         "queued_s",
         "request_id",
@@ -66,8 +70,11 @@ class Exchange:
         self.hedged = False
         self.key = ""  # the client key's name (router.tenants), "" without one
         self.limited = False  # refused over the key's limits
-        self.tokens: tuple[int, int] | None = None  # (prompt, completion), counted for a key
+        self.tokens: tuple[int, int] | None = None  # (prompt, completion), when counted
         self.affinity = NONE  # hit, spill or none (router.affinity)
+        self.pool = ""  # the serving node's pool (router.pools), "" without pools
+        self.cost = 0.0  # what the answer cost (router.pools), in the config's currency
+        self.fallback = ""  # the model asked for, when a fallback model served instead
         self.outcomes: list[Outcome] = []
         # (node, reason, outcome) for each node that failed a stream mid-answer
         self.resumed: list[tuple[str, str, str]] = []
@@ -98,17 +105,23 @@ class Call:
     tried: set[str] = field(default_factory=set)  # ids of the nodes attempted
     # A 4xx held back while a node of another kind tries the request: whose fault?
     rejected: Opened | None = None
-    # With a client key (router.tenants): the key, its rate-limit headers, the
-    # tokens estimated at admission, the node's count (prompt, completion) when it
-    # gave one, tokens streamed, and whether the usage chunk is hidden from the client.
+    # With a client key (router.tenants): the key, and the tokens estimated at admission.
+    # Counted (a key, pools or priced nodes): the node's count (prompt, completion)
+    # when it gave one, tokens streamed, and whether the usage chunk is hidden from the
+    # client. Headers every answer carries (rate limits, x-ballast-fallback).
     key: Key | None = None
-    limit_headers: dict[str, str] | None = None
+    count: bool = False
+    answer_headers: dict[str, str] | None = None
     estimate: int = 0
     max_tokens: int = 0
     tokens: tuple[int, int] | None = None
     delivered: int = 0
     hide_usage: bool = False
     gated: bool = False  # admitted by the priority gate: only nodes below their capacity
+    pools: tuple[int, ...] = ()  # the pools it may use, in order (router.pools)
+    region: str | None = None  # the caller's locality: preferred on ties
+    fallbacks: list[str] = field(default_factory=list)  # models left to fall back to
+    served_by: Node | None = None  # the node whose answer the client got (the last)
 
     def failed(self, f: Failed) -> None:
         self.ex.outcomes.append(f.outcome)

@@ -179,11 +179,12 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_keys(args: argparse.Namespace) -> None:
     if args.action == "create":
         spec: dict[str, Any] = {"name": args.name, "priority": args.priority}
-        for field in ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_period"):
+        for field in ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_period", "region"):
             if getattr(args, field) is not None:
                 spec[field] = getattr(args, field)
-        if args.models:
-            spec["models"] = [m for m in args.models.split(",") if m]
+        for field in ("models", "pools"):
+            if getattr(args, field):
+                spec[field] = [m for m in getattr(args, field).split(",") if m]
         doc = admin_call(args.router, args.admin_token, "/admin/keys", "POST", spec)
         print(doc["key"])
         print(f"key {doc['name']} ({doc['id']}): shown once, keep it now", file=sys.stderr)
@@ -227,17 +228,23 @@ def render_fleet(doc: dict[str, Any]) -> str:
         ("INFL", "in_flight"),
         ("LAT_MS", "latency_ms"),
         ("SUCCESS", "success_ratio"),
-        ("COST", "cost"),
+        ("ROUTE_COST", "cost"),
         ("SHARE", "share"),
         ("AFFINITY", "affinity_share"),
+        ("POOL", "pool"),
+        ("PRICE", "price"),
+        ("SPEND", "spent_share"),
     ]
 
     def cell(row: dict[str, Any], key: str) -> str:
         v = row.get(key)
         if key == "models":
             return ",".join(v or [])
-        if key in ("share", "affinity_share"):
+        if key in ("share", "affinity_share", "spent_share"):
             return f"{(v or 0) * 100:.1f}%"
+        if key == "price":
+            mtok, hour = row.get("price_per_mtok"), row.get("price_per_hour")
+            return f"{mtok:g}/Mtok" if mtok else f"{hour:g}/h" if hour else "-"
         if key in ("cost", "latency_ms", "success_ratio") and not row.get("requests"):
             return "-"  # untried: its estimates are priors, not measurements
         if key == "success_ratio":
@@ -376,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
     k.add_argument("--budget-tokens", dest="budget_tokens", type=int, help="tokens per period")
     k.add_argument("--budget-period", dest="budget_period", choices=["day", "month"])
+    k.add_argument("--pools", help="comma-separated pools it may use, in order (default: all)")
+    k.add_argument("--region", help="its requests' locality (preferred nodes' region label)")
     admin_args(k)
     k = keys.add_parser("list", help="list keys (never the keys themselves)")
     admin_args(k)

@@ -252,6 +252,8 @@ class ModelConfig(_Strict):
     context_length: int | None = Field(None, gt=0)
     weights_gb: float = Field(0.0, ge=0)
     hedge_after_ms: float | None = Field(None, gt=0)
+    # Models that serve this model's requests when none of its nodes can (router.pools).
+    fallbacks: list[ModelName] = Field(default_factory=list, max_length=8)
 
 
 class HedgeConfig(_Strict):
@@ -295,6 +297,7 @@ class MetricsConfig(_Strict):
 
 
 KeyName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+PoolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 class KeyLimits(_Strict):
@@ -310,6 +313,9 @@ class KeyLimits(_Strict):
     # Tokens (prompt + completion) per UTC day or month, over all replicas.
     budget_tokens: int | None = Field(None, ge=1, le=10**15)
     budget_period: str = Field("day", pattern=r"^(day|month)$")
+    # The pools this key's requests may use, in order (router.pools); empty: all.
+    pools: list[PoolName] = Field(default_factory=list, max_length=16)
+    region: Text | None = None  # preferred nodes' locality label (router.pools)
 
 
 class StaticKey(KeyLimits):
@@ -336,6 +342,43 @@ class PriorityConfig(_Strict):
     batch_max_share: float = Field(0.5, ge=0, le=1)
     # The capacity of nodes that declare no max_concurrency label; None: unknown.
     node_slots: int | None = Field(None, ge=1, le=100_000)
+
+
+class PoolSlo(_Strict):
+    """What a pool must meet to keep its traffic (over ``pools.window_s``)."""
+
+    ttfb_p95_ms: float | None = Field(None, gt=0)
+    error_rate: float | None = Field(None, gt=0, le=1)
+
+
+class PoolsConfig(_Strict):
+    """Nodes grouped by a label into pools tried in order (router.pools)."""
+
+    label: str = Field("pool", pattern=LABEL_KEY.pattern)
+    order: list[PoolName] = Field(min_length=1, max_length=16)
+    # A pool whose nodes are all at their capacity is waited for this long, then skipped.
+    spill_after_ms: float = Field(0.0, ge=0, le=600_000)
+    slo: PoolSlo = Field(default_factory=PoolSlo)
+    window_s: int = Field(30, ge=2, le=600)  # seconds of attempts the SLO is judged on
+    min_requests: int = Field(20, ge=1)  # fewer attempts in the window: no verdict
+    recover_s: float = Field(30.0, ge=0, le=3600)  # within the SLO this long: traffic returns
+    trickle: float = Field(0.05, ge=0, le=1)  # share of requests a spilling pool still gets
+    # A self-registered node's pool label is its own claim: unless trusted, such
+    # nodes are all in the first pool.
+    trust_joined_labels: bool = False
+
+    @field_validator("order")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(v) != len(set(v)):
+            raise ValueError("pool names must be unique")
+        return v
+
+
+class LocalityConfig(_Strict):
+    """Prefer nodes whose ``label`` matches the caller's region, as a tie-breaker."""
+
+    label: str = Field("region", pattern=LABEL_KEY.pattern)
 
 
 class ShutdownConfig(_Strict):
@@ -371,6 +414,8 @@ class Config(_Strict):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
+    pools: PoolsConfig | None = None
+    locality: LocalityConfig = Field(default_factory=LocalityConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -382,6 +427,14 @@ class Config(_Strict):
         names = [k.name for k in self.auth.keys]
         if len(names) != len(set(names)):
             raise ValueError("auth.keys: duplicate key names")
+        for name, model in self.models.items():
+            for other in model.fallbacks:
+                if other == name:
+                    raise ValueError(f"models.{name}.fallbacks: a model cannot fall back to itself")
+        known = set(self.pools.order) if self.pools else set()
+        for i, k in enumerate(self.auth.keys):
+            if k.pools and not set(k.pools) <= known:
+                raise ValueError(f"auth.keys[{i}].pools: not in pools.order")
         from policies import POLICIES, build_policy
 
         if self.policy.name not in POLICIES:

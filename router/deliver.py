@@ -63,16 +63,20 @@ class Deliver:
         ex = call.ex
         attempt = opened.attempt
         ex.node = attempt.node.id
+        call.served_by = attempt.node
         ex.ttfb = attempt.t_first - ex.start
         status = response.status
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
         headers = response_headers(response.headers)
         headers["x-ballast-node"] = attempt.node.id
-        if call.limit_headers is not None:
-            headers.update(call.limit_headers)
+        if call.answer_headers is not None:
+            headers.update(call.answer_headers)
+        node = attempt.node
+        if node.pool is not None:
+            ex.pool = node.pool.name
         if opened.whole:
             opened.close(ok)
-            if call.key is not None:
+            if call.count:
                 call.tokens = usage_from(opened.doc)
             return web.Response(status=status, body=opened.first, headers=headers)
         attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
@@ -98,7 +102,7 @@ class Deliver:
                 if reason is None:
                     current.close(Outcome.OK)
                     current = None
-                    if call.key is not None:
+                    if call.count:
                         call.tokens = usage_from({"usage": relay.usage})
                         call.delivered = relay.delivered
                     await out.write_eof()
@@ -158,7 +162,7 @@ class Deliver:
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
-        if not self.track and call.key is None:  # a key's usage needs the events read
+        if not self.track and not call.count:  # counting tokens needs the events read
             return await self._copy_bytes(call, opened, out, chunk)
         clock, deadline = self.clock, call.deadline
         readany = opened.response.content.readany

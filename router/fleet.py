@@ -18,9 +18,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from router.config import Scoring, label_number
 from router.measure import EngineLoad, NodeStats
+
+if TYPE_CHECKING:
+    from router.pools import Pool, Pools
 
 log = logging.getLogger("ballast.fleet")
 
@@ -49,6 +53,7 @@ class Node:
         "auth_header",
         "claimed_context",
         "context_length",
+        "cost",
         "drained",
         "ejected_until",
         "ejections",
@@ -62,6 +67,8 @@ class Node:
         "max_concurrency",
         "models",
         "next_probe",
+        "pool",
+        "price_per_hour",
         "price_per_mtok",
         "probe",
         "probe_failures",
@@ -104,6 +111,9 @@ class Node:
         context = label_number(self.labels, "context_length")
         self.claimed_context = int(context) if context is not None else None
         self.price_per_mtok = label_number(self.labels, "price_per_mtok") or 0.0
+        self.price_per_hour = label_number(self.labels, "price_per_hour") or 0.0
+        self.pool: Pool | None = None  # with pools configured (set by the Fleet)
+        self.cost = 0.0  # what this router process attributed to answers it served
         slots = label_number(self.labels, "max_concurrency")  # requests it serves at once
         self.max_concurrency = int(slots) if slots is not None else None
         self.auth_header = f"Bearer {api_key}" if api_key else None
@@ -139,6 +149,9 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self._ejected: tuple[Node, ...] = ()
         self._routable: dict[str, tuple[Node, ...]] = {}
+        self.pools: Pools | None = None  # set before nodes are added
+        self._by_pool: dict[str, tuple[tuple[Node, ...], ...]] = {}
+        self.priced = False  # some node has a price: answers' tokens are counted
         self._models: frozenset[str] = frozenset()
         self.version = 0
         self._deferred = 0  # > 0 inside batch(): rebuild once at the end
@@ -182,6 +195,10 @@ class Fleet:
         if found is None and model in self._models:
             return ()
         return found
+
+    def by_pool(self, model: str) -> tuple[tuple[Node, ...], ...]:
+        """``model``'s routable nodes per pool, in ``pools.order`` (with pools configured)."""
+        return self._by_pool.get(model, ())
 
     def served_models(self) -> list[str]:
         """Models that at least one routable node serves."""
@@ -231,6 +248,13 @@ class Fleet:
                 for m in node.models:
                     routable.setdefault(m, []).append(node)
         self._routable = {m: tuple(ns) for m, ns in routable.items()}
+        self.priced = any(n.price_per_mtok or n.price_per_hour for n in self.nodes.values())
+        if self.pools is not None:
+            from router.pools import split
+
+            for node in self.nodes.values():
+                node.pool = self.pools.pool_of(node)
+            self._by_pool = {m: split(ns, self.pools) for m, ns in self._routable.items()}
         self._ejected = tuple(n for n in self.nodes.values() if n.state is NodeState.EJECTED)
         self._models = frozenset(models)
         self.version += 1

@@ -225,6 +225,16 @@ class RouterCollector:
         queue = GaugeMetricFamily("ballast_queue_length", "Requests waiting for supply")
         queue.add_metric([], self.proxy.queued)
         yield queue
+        if self.proxy.pools is not None:
+            spilling = GaugeMetricFamily(
+                "ballast_pool_spilling",
+                "1 while this router process sends a pool's traffic to the next pool (its "
+                "SLO broken); summed over --workers",
+                labels=["pool"],
+            )
+            for pool in self.proxy.pools.pools:
+                spilling.add_metric([pool.name], float(pool.spilling))
+            yield spilling
 
 
 class StoreCollector:
@@ -282,6 +292,7 @@ PER_PROCESS = frozenset(
         "ballast_hedges",
         "ballast_hedges_won",
         "ballast_queue_length",
+        "ballast_pool_spilling",
         "ballast_process_cpu_seconds",
         "ballast_process_resident_memory_bytes",
     }
@@ -483,6 +494,33 @@ class Metrics:
             ["key"],
             registry=reg,
         )
+        self.tokens = Counter(
+            "ballast_tokens",
+            "Tokens of answers whose tokens are counted (a client key, pools or priced "
+            "nodes), as the nodes counted them, by the serving node's pool (kind: prompt, "
+            "completion)",
+            ["model", "pool", "kind"],
+            registry=reg,
+        )
+        self.cost = Counter(
+            "ballast_cost",
+            "What answers cost, in the currency of the nodes' prices (router.pools), by "
+            "the serving node's pool",
+            ["model", "pool"],
+            registry=reg,
+        )
+        self.key_cost = Counter(
+            "ballast_key_cost",
+            "What a client key's answers cost, in the currency of the nodes' prices",
+            ["key", "model"],
+            registry=reg,
+        )
+        self.fallbacks = Counter(
+            "ballast_fallbacks",
+            "Requests a fallback model served (model: the one asked for)",
+            ["model", "fallback"],
+            registry=reg,
+        )
         self._key_children: dict[tuple[str, ...], Counter] = {}
         self._key_tokens: dict[tuple[str, ...], Counter] = {}
         self._key_label: dict[str, str] = {}
@@ -515,6 +553,9 @@ class Metrics:
         # Per client key: summed over the batch, then one increment per series.
         keyed: Tally[tuple[str, str, str]] = Tally()
         tokens: Tally[tuple[str, str, str]] = Tally()
+        pooled: Tally[tuple[str, str, str]] = Tally()
+        costs: Tally[tuple[str, str]] = Tally()
+        key_costs: Tally[tuple[str, str]] = Tally()
         for ex in batch:
             model = label(ex.model)
             _child(requests, self.requests, model, str(ex.status)).inc()
@@ -531,6 +572,14 @@ class Metrics:
                 self.queue_wait.labels(ex.priority).observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:
                 self.resumes.labels(model, reason, outcome).inc()
+            if ex.fallback:
+                self.fallbacks.labels(label(ex.fallback), model).inc()
+            if ex.tokens is not None:
+                pool = ex.pool or "none"
+                pooled[(model, pool, "prompt")] += ex.tokens[0]
+                pooled[(model, pool, "completion")] += ex.tokens[1]
+                if ex.cost:
+                    costs[(model, pool)] += ex.cost
             if ex.key:
                 key = self._key_label.get(ex.key)
                 if key is None:  # the first metrics.max_keys names seen; then "other"
@@ -542,10 +591,18 @@ class Metrics:
                 if ex.tokens is not None:
                     tokens[(key, model, "prompt")] += ex.tokens[0]
                     tokens[(key, model, "completion")] += ex.tokens[1]
+                if ex.cost:
+                    key_costs[(key, model)] += ex.cost
         for labels, n in keyed.items():
             _child(self._key_children, self.key_requests, *labels).inc(n)
         for labels, n in tokens.items():
             _child(self._key_tokens, self.key_tokens, *labels).inc(n)
+        for labels, n in pooled.items():
+            self.tokens.labels(*labels).inc(n)
+        for labels2, c in costs.items():
+            self.cost.labels(*labels2).inc(c)
+        for labels2, c in key_costs.items():
+            self.key_cost.labels(*labels2).inc(c)
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers

@@ -40,7 +40,7 @@ from random import Random
 import orjson
 from aiohttp import web
 
-from policies import Policy, RequestInfo
+from policies import Policy, RequestInfo, node_cost
 from router.addresses import VIA_HEADER, via_refused
 from router.affinity import HIT, affinity_key, place
 from router.budgets import RetryBudget
@@ -54,6 +54,7 @@ from router.fleet import Fleet, Node
 from router.gate import BATCH, Gate
 from router.hedge import Hedging
 from router.measure import Outcome
+from router.pools import FALLBACK_HEADER, POOL_HEADER, REGION_HEADER, Pools, prefer_local
 from router.relay import Relay
 from router.tenants import Key, Keyring, Usage
 from router.upstream import Opened, Upstream
@@ -119,6 +120,10 @@ class Proxy:
         self.queue_max = cfg.queue.max_size
         self.queue_wait_s = cfg.queue.max_wait_s
         self.queued = 0  # requests waiting for supply
+        self.pools: Pools | None = fleet.pools
+        self.spill_after_s = cfg.pools.spill_after_ms / 1000 if cfg.pools else 0.0
+        self.locality = cfg.locality.label
+        self.fallbacks = {m: tuple(c.fallbacks) for m, c in cfg.models.items() if c.fallbacks}
 
     @property
     def active(self) -> int:
@@ -156,8 +161,30 @@ class Proxy:
         self.retries.active += 1
         if self.hedging.enabled:
             self.hedging.budget.earn()
-        status, gated = 500, None
+        status = 500
+        try:
+            call.fallbacks = self._fallbacks(call)
+            resp = await self._serve_model(call)
+            while resp is None and call.fallbacks and call.deadline > self.clock():
+                self._fall_back(call, call.fallbacks.pop(0))
+                resp = await self._serve_model(call)
+            if resp is None:
+                resp = self._unserved(call)
+            status = resp.status
+            return resp
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.retries.active -= 1
+            if call.count:
+                self._count(call, status)
+
+    async def _serve_model(self, call: Call) -> web.StreamResponse | None:
+        """Admission by class (when capacity is declared), then routing; None: no node
+        of the request's model could serve it."""
         model, cls = call.info.model, call.ex.priority
+        gated = None
         try:
             t0 = self.clock()
             if self.gate.capacity(model) is not None:  # declared: admission by class
@@ -168,42 +195,62 @@ class Proxy:
                     call.ex.queued_s += waited
             call.gated = gated is True
             if gated is False:
-                resp = self._not_admitted(call)
-            else:
-                resp = await self._route(call)
-            status = resp.status
-            return resp
-        except asyncio.CancelledError:
-            status = 499
-            raise
+                return None
+            return await self._route(call)
         finally:
-            self.retries.active -= 1
             if gated:
                 self.gate.leave(model, cls)
-            if call.key is not None:
-                self._account(call, status)
 
-    def _not_admitted(self, call: Call) -> web.Response:
-        """The model stayed at capacity until the request's deadline or the queue's."""
-        if call.deadline - self.clock() <= 0:
-            return error_response(
-                504, "the request's deadline passed while it waited for capacity",
-                "timeout_error", "deadline_exceeded",
-            )  # fmt: skip
-        return no_capacity(call.info.model)
+    def _unserved(self, call: Call) -> web.Response:
+        """No node could serve the request: why, in the API's envelope."""
+        if not call.failures:
+            if call.deadline - self.clock() <= 0:
+                return error_response(
+                    504, "the request's deadline passed while it waited for capacity",
+                    "timeout_error", "deadline_exceeded",
+                )  # fmt: skip
+            return no_capacity(call.info.model)
+        return exhausted(call.failures, call.deadline - self.clock() <= 0)
 
-    def _account(self, call: Call, status: int) -> None:
-        """The key's usage and token bucket, from the node's own count where it gave
-        one (else the estimate of the prompt and the tokens delivered)."""
-        key = call.key
-        assert key is not None
+    def _fallbacks(self, call: Call) -> list[str]:
+        """The models configured to serve ``call``'s when none of its nodes can, that its
+        key may use."""
+        found = self.fallbacks.get(call.info.model)
+        if not found:
+            return []
+        allowed = call.key.models if call.key is not None else None
+        return [m for m in found if not allowed or m in allowed]
+
+    def _fall_back(self, call: Call, model: str) -> None:
+        """Send ``call`` to ``model`` instead; the answer says so (x-ballast-fallback)."""
+        call.ex.fallback = call.ex.fallback or call.info.model
+        call.ex.model = model
+        call.doc = {**call.doc, "model": model}
+        call.body = orjson.dumps(call.doc)
+        call.info = replace(call.info, model=model)
+        call.need = self.fit.need_tokens(call.info)
+        call.answer_headers = {**(call.answer_headers or {}), FALLBACK_HEADER: model}
+
+    def _count(self, call: Call, status: int) -> None:
+        """The answer's tokens, from the node's own count where it gave one (else the
+        estimate of the prompt and the tokens delivered), its cost (router.pools), and
+        with a key: the key's usage and token bucket."""
         prompt, completion = call.tokens if call.tokens is not None else (0, 0)
         if call.tokens is None and status < 400:
             prompt, completion = call.estimate - call.max_tokens, call.delivered
+        ex = call.ex
+        ex.tokens = (prompt, completion)
+        node = call.served_by
+        if node is not None and node.price_per_mtok:
+            ex.cost += (prompt + completion) * node.price_per_mtok / 1e6
+        if node is not None:
+            node.cost += ex.cost
+        key = call.key
+        if key is None:
+            return
         if key.limiter is not None:
             key.limiter.done(call.estimate, prompt + completion)
         self.usage.add(key.name, call.info.model, status, prompt, completion)
-        call.ex.tokens = (prompt, completion)
         if key.limits.budget_tokens is not None and self.keys is not None:
             self.keys.spent(key.name, prompt + completion)
 
@@ -259,7 +306,7 @@ class Proxy:
             )
         ex.model = model
         ex.stream = stream = doc.get("stream") is True
-        if self.fleet.candidates(model) is None:
+        if self.fleet.candidates(model) is None and model not in self.fallbacks:
             return error_response(
                 404, f"the model {model[:64]!r} does not exist or no node serves it",
                 "invalid_request_error", "model_not_found", "model",
@@ -279,9 +326,10 @@ class Proxy:
                 "context_length_exceeded",
                 "messages",
             )
-        # Answers read whole may come compressed, as the client asked, unless a key's
-        # usage must be read from them.
-        compress = not stream and key is None
+        # Answers read whole may come compressed, as the client asked, unless their
+        # tokens are counted (for a key's usage, or for costs).
+        count = key is not None or self.pools is not None or self.fleet.priced
+        compress = not stream and not count
         headers = self.upstream.headers(request.headers, ex.upstream_id, compress=compress)
         affinity = None
         if self.affinity and getattr(self.policy, "uses_affinity", False):
@@ -303,14 +351,71 @@ class Proxy:
         elif request.headers.get(PRIORITY_HEADER) == BATCH:
             ex.priority = BATCH  # a request may lower its own class
         call = Call(request, ex, info, doc, body, headers, deadline, need, affinity)
+        refused = None
         if key is not None:
             refused = self._admit_key(call, key)
-            if refused is not None:
-                return refused
+        if refused is None:
+            refused = self._admit_pools(call, key)
+        if refused is not None:
+            return refused
+        if count:
+            self._ask_usage(call)
         return call
 
+    def _admit_pools(self, call: Call, key: Key | None) -> web.Response | None:
+        """The pools the request may use (its key's, narrowed by ``x-ballast-pool``) and
+        its locality (``x-ballast-region``, else its key's)."""
+        headers = call.request.headers
+        region = headers.get(REGION_HEADER) or (key.limits.region if key else None)
+        if region is not None:
+            call.region = region[:128]
+        pools = self.pools
+        if pools is None:
+            return None
+        allowed = pools.order
+        if key is not None and key.limits.pools:  # a dynamic key's may name unknown pools
+            allowed = tuple(pools.by_name[n].index for n in key.limits.pools if n in pools.by_name)
+            if not allowed:
+                return error_response(
+                    403, "none of this key's pools is configured", "invalid_request_error",
+                    "pool_not_allowed",
+                )  # fmt: skip
+        wanted = headers.get(POOL_HEADER)
+        if wanted is None:
+            call.pools = allowed
+            return None
+        found = pools.parse(wanted)
+        if isinstance(found, str):
+            return _bad_request(found, "invalid_pool")
+        if not set(found) <= set(allowed):
+            return error_response(
+                403, f"this key may not use the pools {wanted[:64]!r}", "invalid_request_error",
+                "pool_not_allowed",
+            )  # fmt: skip
+        call.pools = found
+        return None
+
+    @staticmethod
+    def _estimate(call: Call) -> None:
+        """The request's tokens before any node counted them: its body's bytes over
+        ``PROMPT_BYTES_PER_TOKEN``, plus its ``max_tokens``."""
+        call.max_tokens = call.info.max_tokens or DEFAULT_COMPLETION_TOKENS
+        call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + call.max_tokens
+
+    def _ask_usage(self, call: Call) -> None:
+        """Tokens are counted: estimated now, and on streams the node is asked for its
+        usage (the client does not see that chunk unless it asked for it too)."""
+        call.count = True
+        if not call.estimate:
+            self._estimate(call)
+        doc = call.doc
+        options = doc.get("stream_options")
+        if call.info.stream and not (isinstance(options, dict) and options.get("include_usage")):
+            doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
+            call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
+
     def _admit_key(self, call: Call, key: Key) -> web.Response | None:
-        """The key's model allow-list and limits; its usage is asked for on streams."""
+        """The key's model allow-list, budget and limits."""
         model = call.info.model
         if key.models and model not in key.models:
             return error_response(
@@ -327,8 +432,7 @@ class Proxy:
                 f"{key.limits.budget_period}", "insufficient_quota", "insufficient_quota",
                 headers={"Retry-After": str(ceil(renews_in))},
             )  # fmt: skip
-        call.max_tokens = call.info.max_tokens or DEFAULT_COMPLETION_TOKENS
-        call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + call.max_tokens
+        self._estimate(call)
         limiter, now = key.limiter, self.clock()
         if limiter is not None:
             refusal = limiter.admit(now, call.estimate)
@@ -343,14 +447,8 @@ class Proxy:
                     429, f"rate limit reached for key {key.name}: {refusal.message}",
                     "requests", refusal.code, headers=headers,
                 )  # fmt: skip
-            call.limit_headers = limiter.headers(now)
+            call.answer_headers = limiter.headers(now)
         call.key = key
-        doc = call.doc
-        options = doc.get("stream_options")
-        if call.info.stream and not (isinstance(options, dict) and options.get("include_usage")):
-            # Count the tokens as the node does; the client does not see that chunk.
-            doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
-            call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
         return None
 
     # -- 2. candidates ----------------------------------------------------------------
@@ -363,24 +461,55 @@ class Proxy:
 
     # -- 3. attempts, and waiting for supply ---------------------------------------------
 
-    async def _route(self, call: Call) -> web.StreamResponse:
-        """Rank, try, and when no node can take the request, wait for supply."""
-        queue_until: float | None = None
-        left = self.max_attempts
-        while True:
+    def _groups(self, call: Call) -> list[Sequence[Node]]:
+        """The nodes that can hold the request, in groups tried in order: one group, or
+        with pools the pools' (the request's order, spilling pools last unless this
+        request is their trickle)."""
+        pools = self.pools
+        if pools is None:
             candidates = self._candidates(call)
-            if call.gated and candidates:
-                free = self.gate.free(call.info.model, call.ex.priority, candidates)
-                if not free:  # every node at its own capacity: wait for a slot
+            return [candidates] if candidates else []
+        pools.judge(self.clock())
+        by_pool = self.fleet.by_pool(call.info.model)
+        if not by_pool:
+            return []
+        serving: list[Sequence[Node]] = []
+        spilling: list[Sequence[Node]] = []
+        for i in call.pools or pools.order:
+            nodes: Sequence[Node] = by_pool[i]
+            if nodes and call.need is not None:
+                nodes = self.fit.filter(nodes, call.info.model, call.need)
+            if nodes:
+                (serving if pools.takes(pools.pools[i]) else spilling).append(nodes)
+        return serving + spilling
+
+    async def _route(self, call: Call) -> web.StreamResponse | None:
+        """Rank, try, and when no node can take the request, wait for supply (or, with
+        fallback models, give up at once when the model has none); None: no node of
+        the model could serve it."""
+        queue_until: float | None = None
+        spill_until: float | None = None
+        left = self.max_attempts
+        model, cls = call.info.model, call.ex.priority
+        while True:
+            groups = self._groups(call)
+            if call.gated and groups:
+                free = [self.gate.free(model, cls, g) for g in groups]
+                if not any(free):  # every node at its own capacity: wait for a slot
                     until = min(call.deadline, self.clock() + self.queue_wait_s)
-                    if not await self.gate.wait_node(call.info.model, call.ex.priority, until):
-                        return self._not_admitted(call)
+                    if not await self.gate.wait_node(model, cls, until):
+                        return None
                     continue
-                candidates = free
-            if candidates and left > 0:
-                ranked = self.policy.rank(call.info, candidates, left, self.rng, self.clock())
-                if call.affinity is not None and not call.ex.attempts:
-                    ranked = self._place(call, candidates, ranked)
+                if not free[0] and self.spill_after_s:  # the preferred pool is full
+                    now = self.clock()
+                    if spill_until is None:
+                        spill_until = min(call.deadline, now + self.spill_after_s)
+                    if now < spill_until:
+                        await self.gate.wait_node(model, cls, spill_until)
+                        continue
+                groups = [f for f in free if f]
+            if groups and left > 0:
+                ranked = self._rank(call, groups, left)
                 before = call.ex.attempts
                 # After a wait for supply the first attempt is a new start, not a retry.
                 resp = await self._attempts(call, ranked, first_is_retry=queue_until is None)
@@ -390,15 +519,33 @@ class Proxy:
                 # Nodes that are down (refused, reset) soon leave the candidates:
                 # anything else ends the request now.
                 if not all(f.outcome is Outcome.CONNECT_ERROR for f in call.failures):
-                    break
+                    return None
+            elif not groups and call.fallbacks:
+                return None  # no supply: a fallback model serves without waiting
             if queue_until is None:
                 queue_until = min(call.deadline, self.clock() + self.queue_wait_s)
             if not await self._wait_for_supply(call, queue_until):
-                break
+                return None
             left = max(left, 1)  # the supply changed: at least one more attempt
-        if not call.failures:
-            return no_capacity(call.info.model)
-        return exhausted(call.failures, call.deadline - self.clock() <= 0)
+
+    def _rank(self, call: Call, groups: list[Sequence[Node]], left: int) -> list[Node]:
+        """The nodes to try, best first: the policy's ranking of the first group (the
+        affinity key's node first, a local node first among equals), then, for the
+        last attempt, the next group's best (failover crosses pools)."""
+        now = self.clock()
+        first = groups[0]
+        spill = groups[1] if len(groups) > 1 and left > 1 else None
+        ranked = self.policy.rank(call.info, first, left - (spill is not None), self.rng, now)
+        if call.affinity is not None and not call.ex.attempts:
+            ranked = self._place(call, first, ranked)
+        if call.region is not None:
+            policy = self.policy
+            ranked = prefer_local(
+                ranked, call.region, self.locality, lambda n: node_cost(policy, n, now)
+            )
+        if spill is not None:
+            ranked += self.policy.rank(call.info, spill, left - len(ranked), self.rng, now)
+        return ranked
 
     def _place(self, call: Call, candidates: Sequence[Node], ranked: list[Node]) -> list[Node]:
         """Put the affinity key's node first (``router.affinity``); the policy's
@@ -580,6 +727,7 @@ class Proxy:
                 continue
             relay.continued_by(style)
             call.ex.node = node.id
+            call.served_by = node
             return opened
         return "failed"
 

@@ -55,6 +55,7 @@ class RegisterBody(BaseModel):
     gpus: int = Field(1, ge=0, le=1024)
     vram_gb: float | None = Field(None, ge=0, le=1_000_000)
     price_per_mtok: float | None = Field(None, ge=0, le=1_000_000)
+    price_per_hour: float | None = Field(None, ge=0, le=1_000_000)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels")

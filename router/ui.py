@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 STATUS_COLUMNS = (
     "id", "gpu", "state", "reason", "models", "engine", "in_flight", "latency_ms",
-    "success_ratio", "share", "requests",
+    "success_ratio", "share", "requests", "pool", "spent_share",
 )  # fmt: skip
 
 
@@ -41,6 +41,7 @@ def status(router: Router) -> dict[str, Any]:
         },
         "supply": view["summary"],
         "models": router.fleet.supply_by_model(),
+        "pools": router.proxy.pools.state() if router.proxy.pools is not None else [],
         "nodes": [{k: row[k] for k in STATUS_COLUMNS} for row in view["nodes"]],
         "ejections": list(reversed(router.health.recent)),
     }
@@ -83,10 +84,16 @@ PAGE = """<!doctype html>
   <h2>Models</h2>
   <table id="models"><thead><tr><th>model</th><th>claimed</th><th>routable</th></tr></thead>
   <tbody></tbody></table>
+  <div id="pools-section" hidden>
+  <h2>Pools (this router's view)</h2>
+  <table id="pools"><thead><tr><th>pool</th><th>state</th><th>attempts in window</th>
+    <th>TTFB p95 ms</th><th>error rate</th></tr></thead><tbody></tbody></table>
+  </div>
   <h2>Nodes</h2>
   <table id="nodes"><thead><tr>
     <th>node</th><th>GPU</th><th>state</th><th>reason</th><th>models</th><th>engine</th>
     <th>in flight</th><th>latency ms</th><th>success</th><th>traffic share</th>
+    <th>pool</th><th>spend share</th>
   </tr></thead><tbody></tbody></table>
   <h2>Recent ejections (by this router)</h2>
   <table id="ejections"><thead><tr><th>time</th><th>node</th><th>reason</th></tr></thead>
@@ -137,8 +144,13 @@ function render(doc) {
       cell(n.models.join(", ")), cell(n.engine || "-"), cell(n.in_flight, "num"),
       cell(tried ? n.latency_ms.toFixed(1) : "-", "num"),
       cell(tried ? n.success_ratio.toFixed(3) : "-", "num"),
-      cell((n.share * 100).toFixed(1) + "%", "num")];
+      cell((n.share * 100).toFixed(1) + "%", "num"), cell(n.pool || "-"),
+      cell((n.spent_share * 100).toFixed(1) + "%", "num")];
   }));
+  $("pools-section").hidden = doc.pools.length === 0;
+  fill("pools", doc.pools.map((p) => [cell(p.pool), cell(p.state),
+    cell(p.attempts, "num"), cell(p.ttfb_p95_ms === null ? "-" : p.ttfb_p95_ms, "num"),
+    cell((p.error_rate * 100).toFixed(1) + "%", "num")]));
   fill("ejections", doc.ejections.map((e) =>
     [cell(new Date(e.time * 1000).toLocaleTimeString()), cell(e.node), cell(e.reason)]));
 }

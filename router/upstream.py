@@ -267,7 +267,7 @@ class Upstream:
     async def open(self, call: Call, node: Node) -> Opened:
         """Send ``call`` to ``node`` and wait for its first byte (or, without
         streaming, its whole body). Every failure here raises Failed."""
-        attempt = self.meter.begin(node, call.ex.priority == "batch")
+        attempt = self.meter.begin(node, call.ex.priority == "batch", call.ex)
         response: ClientResponse | None = None
         try:
             response = await self.send(

@@ -13,7 +13,9 @@ from policies import Policy, node_cost
 from router.fleet import ROUTABLE, Node, NodeState
 
 
-def node_row(node: Node, policy: Policy | None, now: float, total_requests: int) -> dict[str, Any]:
+def node_row(
+    node: Node, policy: Policy | None, now: float, total_requests: int, total_spent: float = 0.0
+) -> dict[str, Any]:
     st = node.stats
     load = node.load
     factors = getattr(policy, "factors", None)
@@ -39,6 +41,13 @@ def node_row(node: Node, policy: Policy | None, now: float, total_requests: int)
         "last_error": st.last_error or None,
         "share": round(st.requests_total / (total_requests or 1), 4),
         "affinity_share": round(st.affinity_hits / (st.requests_total or 1), 4),
+        "pool": node.pool.name if node.pool is not None else None,
+        "price_per_mtok": node.price_per_mtok or None,
+        "price_per_hour": node.price_per_hour or None,
+        # What answers this node served cost (router.pools), as this router process
+        # counted, and its share of all nodes' spend.
+        "spent": round(node.cost, 6),
+        "spent_share": round(node.cost / total_spent, 4) if total_spent else 0.0,
         "ejections": node.ejections,
         "telemetry": node.telemetry,
         "engine": node.engine,
@@ -59,7 +68,8 @@ def node_row(node: Node, policy: Policy | None, now: float, total_requests: int)
 def node_rows(nodes: Iterable[Node], policy: Policy | None, now: float) -> list[dict[str, Any]]:
     nodes = list(nodes)
     total = sum(n.stats.requests_total for n in nodes)
-    return [node_row(n, policy, now, total) for n in nodes]
+    spent = sum(n.cost for n in nodes)
+    return [node_row(n, policy, now, total, spent) for n in nodes]
 
 
 def supply_summary(nodes: list[Node]) -> dict[str, dict[str, float]]:

@@ -160,7 +160,14 @@ def test_fleet_table_shows_no_score_for_untried_nodes() -> None:
     summary = {"claimed": {"nodes": 1, "gpus": 1, "vram_gb": 16}}
     lines = render_fleet({"nodes": [row], "summary": summary}).splitlines()
     header, cells = lines[0].split(), lines[1].split()
-    for column in ("LAT_MS", "SUCCESS", "COST"):
+    for column in ("LAT_MS", "SUCCESS", "ROUTE_COST"):
         assert cells[header.index(column)] == "-"  # not 0, which would read as the best
     tried = render_fleet({"nodes": [{**row, "requests": 3}], "summary": summary})
-    assert tried.splitlines()[1].split()[header.index("COST")] == "0"
+    assert tried.splitlines()[1].split()[header.index("ROUTE_COST")] == "0"
+    priced = {**row, "requests": 3, "pool": "spot", "price_per_mtok": 0.4, "spent_share": 0.25}
+    cells = render_fleet({"nodes": [priced], "summary": summary}).splitlines()[1].split()
+    assert [cells[header.index(c)] for c in ("POOL", "PRICE", "SPEND")] == [
+        "spot",
+        "0.4/Mtok",
+        "25.0%",
+    ]

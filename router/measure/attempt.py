@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from router.measure.outcome import FAILURES, Outcome
 
 if TYPE_CHECKING:
     from router.fleet import Node
+
+
+class Bill(Protocol):
+    cost: float
 
 
 class Signals:
@@ -54,23 +58,27 @@ class Meter:
         self.penalty_s = penalty_s
         self.signals = Signals()
 
-    def begin(self, node: Node, batch: bool = False) -> Attempt:
-        return Attempt(self, node, batch)
+    def begin(self, node: Node, batch: bool = False, bill: Bill | None = None) -> Attempt:
+        return Attempt(self, node, batch, bill)
 
 
 class Attempt:
     """One try on one node: counted in flight from creation, recorded exactly once."""
 
-    __slots__ = ("awaiting", "batch", "done", "meter", "node", "t0", "t_first")
+    __slots__ = ("awaiting", "batch", "bill", "done", "meter", "node", "share0", "t0", "t_first")
 
-    def __init__(self, meter: Meter, node: Node, batch: bool = False) -> None:
+    def __init__(
+        self, meter: Meter, node: Node, batch: bool = False, bill: Bill | None = None
+    ) -> None:
         self.meter = meter
         self.node = node
         self.batch = batch  # for a batch-class request (router.gate)
+        self.bill = bill  # the request's: the node time this attempt used is added to it
         self.t_first = -1.0  # clock() at the first byte; < 0: none yet
         self.done = False
         st = node.stats
         self.t0 = meter.clock()
+        self.share0 = st.share(self.t0)
         if st.awaiting == 0:
             st.awaiting_since = self.t0
         st.awaiting += 1
@@ -101,11 +109,18 @@ class Attempt:
         meter = self.meter
         now = meter.clock()
         self._progress(now)
-        st = self.node.stats
+        node = self.node
+        st = node.stats
+        if self.bill is not None and node.price_per_hour:
+            self.bill.cost += (st.share(now) - self.share0) * node.price_per_hour / 3600.0
+        else:
+            st.share(now)
         st.in_flight -= 1
         st.batch_in_flight -= self.batch
         elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
         st.record(outcome, elapsed, now, meter.penalty_s)
+        if node.pool is not None:
+            node.pool.add(now, elapsed, outcome)
         signals = meter.signals
         signals.for_health.add(self.node)
         if st.pending is not None:

@@ -86,6 +86,7 @@ class NodeStats:
         "awaiting",
         "awaiting_since",
         "batch_in_flight",
+        "busy_share",
         "consecutive_failures",
         "consecutive_timeouts",
         "failures_total",
@@ -99,6 +100,7 @@ class NodeStats:
         "remote_in_flight",
         "requests_total",
         "returned_at",
+        "share_at",
         "slow_start_s",
         "success",
         "token_gap",
@@ -129,6 +131,18 @@ class NodeStats:
         self.returned_at = -1e18  # back from an ejection at (slow start); far past: none
         self.slow_start_s = 0.0
         self.token_gap = -1.0  # usual seconds between a stream's tokens (EWMA); < 0: unknown
+        # The node's busy time shared among the requests in flight (router.pools' cost):
+        # the integral of dt / in_flight (all replicas), up to share_at.
+        self.busy_share = 0.0
+        self.share_at = 0.0
+
+    def share(self, now: float) -> float:
+        """Bring ``busy_share`` up to ``now`` (call before the in-flight count changes)."""
+        n = self.in_flight + self.remote_in_flight
+        if n > 0:
+            self.busy_share += (now - self.share_at) / n
+        self.share_at = now
+        return self.busy_share
 
     def record(self, outcome: Outcome, elapsed_s: float, now: float, penalty_s: float) -> None:
         """Record one finished attempt.
@@ -219,4 +233,6 @@ class NodeStats:
             self.success.successes, self.success.attempts = shared.ok, shared.n
             self.success.stamp = now - (wall - shared.sr_t)
             self.requests_total, self.failures_total = shared.req, shared.fail
-        self.remote_in_flight = remote_in_flight
+        if remote_in_flight != self.remote_in_flight:
+            self.share(now)
+            self.remote_in_flight = remote_in_flight

@@ -55,8 +55,9 @@ def from_registration(
 ) -> Node:
     """A node that joined through the API (``claims``: a validated registration body)."""
     labels = dict(claims.get("labels") or {})
-    if claims.get("price_per_mtok") is not None:
-        labels["price_per_mtok"] = repr(claims["price_per_mtok"])
+    for price in ("price_per_mtok", "price_per_hour"):
+        if claims.get(price) is not None:
+            labels[price] = repr(claims[price])
     node = Node(
         id=claims["id"],
         url=claims["url"],
