@@ -161,6 +161,7 @@ def build_router(
     config_path: Path | None = None,
 ) -> Router:
     fleet = Fleet(slow_start_s=cfg.health.slow_start_s, clock=clock)
+    fleet.locality_label = cfg.locality.label
     if cfg.pools is not None:
         fleet.pools = Pools(cfg.pools, rng)
     verify = cfg.health.verify_static and cfg.health.probe

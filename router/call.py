@@ -20,6 +20,7 @@ from router.measure import Outcome
 
 if TYPE_CHECKING:
     from router.fleet import Node
+    from router.pools import Pool
     from router.tenants import Key
     from router.upstream import Opened
 
@@ -120,7 +121,8 @@ class Call:
     gated: bool = False  # admitted by the priority gate: only nodes below their capacity
     pools: tuple[int, ...] = ()  # the pools it may use, in order (router.pools)
     region: str | None = None  # the caller's locality: preferred on ties
-    fallbacks: list[str] = field(default_factory=list)  # models left to fall back to
+    fallbacks: tuple[str, ...] = ()  # models left to fall back to
+    first_pool: Pool | None = None  # the pool of its first attempt (judged by its outcome)
     served_by: Node | None = None  # the node whose answer the client got (the last)
 
     def failed(self, f: Failed) -> None:

@@ -152,6 +152,8 @@ class Fleet:
         self.pools: Pools | None = None  # set before nodes are added
         self._by_pool: dict[str, tuple[tuple[Node, ...], ...]] = {}
         self.priced = False  # some node has a price: answers' tokens are counted
+        self.locality_label = "region"  # locality.label
+        self.localized = False  # some node has that label: callers' regions matter
         self._models: frozenset[str] = frozenset()
         self.version = 0
         self._deferred = 0  # > 0 inside batch(): rebuild once at the end
@@ -249,6 +251,7 @@ class Fleet:
                     routable.setdefault(m, []).append(node)
         self._routable = {m: tuple(ns) for m, ns in routable.items()}
         self.priced = any(n.price_per_mtok or n.price_per_hour for n in self.nodes.values())
+        self.localized = any(self.locality_label in n.labels for n in self.nodes.values())
         if self.pools is not None:
             from router.pools import split
 

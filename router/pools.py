@@ -16,15 +16,19 @@ to the first pool that
 Failover may cross pools: of a request's attempts, the last goes to the next
 pool's best node.
 
-**The spill rule.** Each router process keeps, per pool, the attempts of the last
-``pools.window_s`` seconds (their time to first byte, and failures), judged once
-a second. A pool *breaches* when the window holds at least
-``pools.min_requests`` attempts and their TTFB p95 exceeds ``slo.ttfb_p95_ms`` or
-their failure ratio exceeds ``slo.error_rate``. A serving pool that breaches is
-spilling at once; a spilling pool serves again once it has not breached for
-``pools.recover_s`` in a row. The window still holds the samples that caused the
-breach, so traffic returns at the earliest ``recover_s`` after the pool recovered
-and never more often than once per ``recover_s``: no flapping.
+**The spill rule.** Each router process keeps, per pool, the requests of the last
+``pools.window_s`` seconds that tried the pool first: their time to first byte
+as the caller saw it (retries included), and whether the pool failed them (the
+request failed, or the next pool served it; a node failing once while another
+node of the pool serves the retry is the pool serving), judged once a second. A
+pool *breaches* when the window holds at least ``pools.min_requests`` such
+requests and their TTFB p95 exceeds ``slo.ttfb_p95_ms`` or the share it failed
+exceeds ``slo.error_rate``. A serving pool that breaches is spilling at once; a
+spilling pool serves again once it has not breached for ``pools.recover_s`` in a
+row (a window too thin for a verdict is no breach). The window still holds the
+samples that caused the breach, so traffic returns at the earliest
+``recover_s`` after the pool recovered, and a pool changes state at most twice
+per ``recover_s``: no flapping.
 
 **Cost.** A node's price is its label ``price_per_mtok`` (per million tokens,
 prompt plus completion) or ``price_per_hour`` (for the whole node). An answer's
@@ -38,6 +42,7 @@ attempt. A node's idle time is nobody's answer and is not counted.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from random import Random
@@ -45,14 +50,15 @@ from random import Random
 from policies import TIE
 from router.config import PoolsConfig
 from router.fleet import Node, Source
-from router.measure.outcome import FAILURES, Outcome
+
+log = logging.getLogger("ballast.pools")
 
 POOL_HEADER = "x-ballast-pool"  # the pools a request may use, in order: "spot,reserved"
 REGION_HEADER = "x-ballast-region"  # the caller's locality (``locality.label``)
 FALLBACK_HEADER = "x-ballast-fallback"  # on an answer a fallback model gave: that model
 JUDGE_EVERY_S = 1.0
-_BUCKETS = 64  # TTFB histogram: bucket i holds up to GROWTH ** (i + 1) ms
-_GROWTH = 1.25
+_BUCKETS = 128  # TTFB histogram: bucket i holds GROWTH ** i to GROWTH ** (i + 1) ms
+_GROWTH = 1.1
 _LOG_GROWTH = math.log(_GROWTH)
 
 
@@ -93,10 +99,9 @@ class Pool:
         self.p95_ms: float | None = None
         self.error_rate = 0.0
 
-    def add(self, now: float, elapsed_s: float, outcome: Outcome) -> None:
-        """One finished attempt on a node of this pool."""
-        if outcome is Outcome.CANCELLED:
-            return  # the client left or the router moved on: says nothing
+    def add(self, now: float, ttfb_s: float, failed: bool) -> None:
+        """One request that tried this pool first: its time to first byte, and whether
+        the pool failed it (it failed, or another pool served it)."""
         sec = int(now)
         i = sec % len(self.secs)
         if self.secs[i] != sec:
@@ -104,13 +109,14 @@ class Pool:
             self.n[i] = self.errors[i] = 0
             self.hist[i] = [0] * _BUCKETS
         self.n[i] += 1
-        if outcome in FAILURES:
+        if failed:
             self.errors[i] += 1
         else:
-            self.hist[i][_bucket(elapsed_s * 1e3)] += 1
+            self.hist[i][_bucket(ttfb_s * 1e3)] += 1
 
     def window(self, now: float) -> tuple[int, int, float | None]:
-        """Attempts, failures and the TTFB p95 (ms, a bucket's upper bound) of the window."""
+        """Requests, failures and the TTFB p95 (ms, within 10%: interpolated in its
+        bucket) of the window."""
         oldest = int(now) - len(self.secs)
         n = errors = 0
         hist = [0] * _BUCKETS
@@ -124,11 +130,11 @@ class Pool:
         ok = n - errors
         if not ok:
             return n, errors, None
-        rank, seen = math.ceil(0.95 * ok), 0
+        rank, seen = 0.95 * ok, 0
         for b, c in enumerate(hist):
+            if c and seen + c >= rank:
+                return n, errors, _GROWTH ** (b + (rank - seen) / c)
             seen += c
-            if seen >= rank:
-                return n, errors, _GROWTH ** (b + 1)
         return n, errors, None  # unreachable: the counts add up to ok
 
 
@@ -182,10 +188,17 @@ class Pools:
                 if not pool.spilling:
                     pool.spilling = True
                     self.changes += 1
+                    log.warning(
+                        "pool %s spills to the next pool: TTFB p95 %s ms, %.1f%% failed, "
+                        "of %d requests in %d s", pool.name,
+                        "-" if p95 is None else f"{p95:.0f}", pool.error_rate * 100, n,
+                        cfg.window_s,
+                    )  # fmt: skip
                 pool.clear_since = now
             elif pool.spilling and now - pool.clear_since >= cfg.recover_s:
                 pool.spilling = False
                 self.changes += 1
+                log.info("pool %s serves again: within its SLO for %g s", pool.name, cfg.recover_s)
 
     def takes(self, pool: Pool) -> bool:
         """Whether this request may go to ``pool`` first (a spilling pool: a trickle)."""

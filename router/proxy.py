@@ -122,7 +122,7 @@ class Proxy:
         self.queued = 0  # requests waiting for supply
         self.pools: Pools | None = fleet.pools
         self.spill_after_s = cfg.pools.spill_after_ms / 1000 if cfg.pools else 0.0
-        self.locality = cfg.locality.label
+        self.locality = fleet.locality_label
         self.fallbacks = {m: tuple(c.fallbacks) for m, c in cfg.models.items() if c.fallbacks}
 
     @property
@@ -163,12 +163,29 @@ class Proxy:
             self.hedging.budget.earn()
         status = 500
         try:
-            call.fallbacks = self._fallbacks(call)
-            resp = await self._serve_model(call)
-            while resp is None and call.fallbacks and call.deadline > self.clock():
-                self._fall_back(call, call.fallbacks.pop(0))
-                resp = await self._serve_model(call)
-            if resp is None:
+            if call.info.model in self.fallbacks:
+                call.fallbacks = self._fallbacks(call)
+            while True:  # the request's model, then its fallbacks while none serves it
+                model, cls = call.info.model, call.ex.priority
+                gated = None
+                if self.gate.capacity(model) is not None:  # declared: admission by class
+                    t0 = self.clock()
+                    gated = await self.gate.enter(
+                        model, cls, min(call.deadline, t0 + self.queue_wait_s)
+                    )
+                    if (waited := self.clock() - t0) > GATE_WAITED_S:
+                        call.ex.queued_s += waited
+                call.gated = gated is True
+                try:
+                    resp = await self._route(call) if gated is not False else None
+                finally:
+                    if gated:
+                        self.gate.leave(model, cls)
+                if resp is not None or not call.fallbacks or call.deadline <= self.clock():
+                    break
+                self._fall_back(call, call.fallbacks[0])
+                call.fallbacks = call.fallbacks[1:]
+            if resp is None:  # no node of any of its models could serve it
                 resp = self._unserved(call)
             status = resp.status
             return resp
@@ -179,27 +196,19 @@ class Proxy:
             self.retries.active -= 1
             if call.count:
                 self._count(call, status)
+            if call.first_pool is not None:
+                self._judged(call, status)
 
-    async def _serve_model(self, call: Call) -> web.StreamResponse | None:
-        """Admission by class (when capacity is declared), then routing; None: no node
-        of the request's model could serve it."""
-        model, cls = call.info.model, call.ex.priority
-        gated = None
-        try:
-            t0 = self.clock()
-            if self.gate.capacity(model) is not None:  # declared: admission by class
-                gated = await self.gate.enter(
-                    model, cls, min(call.deadline, t0 + self.queue_wait_s)
-                )
-                if (waited := self.clock() - t0) > GATE_WAITED_S:
-                    call.ex.queued_s += waited
-            call.gated = gated is True
-            if gated is False:
-                return None
-            return await self._route(call)
-        finally:
-            if gated:
-                self.gate.leave(model, cls)
+    def _judged(self, call: Call, status: int) -> None:
+        """What the request says of the pool it tried first (router.pools): its time to
+        first byte, or that the pool failed it (failed, or another pool served it).
+        A client's own error or departure says nothing."""
+        if status == 499 or (400 <= status < 500 and status != 429):
+            return
+        pool, node, ex = call.first_pool, call.served_by, call.ex
+        assert pool is not None
+        failed = status >= 500 or node is None or node.pool is not pool
+        pool.add(self.clock(), ex.ttfb, failed)
 
     def _unserved(self, call: Call) -> web.Response:
         """No node could serve the request: why, in the API's envelope."""
@@ -212,14 +221,11 @@ class Proxy:
             return no_capacity(call.info.model)
         return exhausted(call.failures, call.deadline - self.clock() <= 0)
 
-    def _fallbacks(self, call: Call) -> list[str]:
+    def _fallbacks(self, call: Call) -> tuple[str, ...]:
         """The models configured to serve ``call``'s when none of its nodes can, that its
         key may use."""
-        found = self.fallbacks.get(call.info.model)
-        if not found:
-            return []
         allowed = call.key.models if call.key is not None else None
-        return [m for m in found if not allowed or m in allowed]
+        return tuple(m for m in self.fallbacks[call.info.model] if not allowed or m in allowed)
 
     def _fall_back(self, call: Call, model: str) -> None:
         """Send ``call`` to ``model`` instead; the answer says so (x-ballast-fallback)."""
@@ -354,7 +360,7 @@ class Proxy:
         refused = None
         if key is not None:
             refused = self._admit_key(call, key)
-        if refused is None:
+        if refused is None and (self.pools is not None or self.fleet.localized):
             refused = self._admit_pools(call, key)
         if refused is not None:
             return refused
@@ -545,6 +551,8 @@ class Proxy:
             )
         if spill is not None:
             ranked += self.policy.rank(call.info, spill, left - len(ranked), self.rng, now)
+        if call.first_pool is None and ranked:
+            call.first_pool = ranked[0].pool
         return ranked
 
     def _place(self, call: Call, candidates: Sequence[Node], ranked: list[Node]) -> list[Node]:
@@ -682,7 +690,7 @@ class Proxy:
         (for ``reason``): the new attempt, or why there is none, counted: ended (no token
         left to ask for), refused (not resumable), no_node, deadline, budget, failed."""
         may = self._may_resume(call, relay)
-        found = await self._continue(call, relay, failed) if may else "refused"
+        found = await self._continue(call, relay, failed, reason) if may else "refused"
         outcome = "continued" if isinstance(found, Opened) else found
         call.ex.resumed.append((failed.id, reason, outcome))
         return found
@@ -700,26 +708,38 @@ class Proxy:
             and call.deadline - self.clock() > 0
         )
 
-    async def _continue(self, call: Call, relay: Relay, failed: Node) -> Opened | str:
+    async def _continue(self, call: Call, relay: Relay, failed: Node, reason: str) -> Opened | str:
         """The continuing attempt, or why there is none: ended (nothing left to ask
-        for), no_node, deadline, budget or failed (every able node failed to open)."""
+        for), no_node, deadline, budget or failed (every able node failed to open).
+        Able nodes are tried in the order of the request's pools. After the node went
+        away (``reset``, ``truncated``) the continuation replaces its lost work and
+        takes no retry budget: when a pool's nodes vanish together, every one of
+        their streams moves on at once."""
         call.tried.add(failed.id)
         if relay.exhausted(call.doc):
             return "ended"
-        able = [
-            c for c in self._candidates(call)
-            if c.id not in call.tried and ENGINES.get(c.engine, NO_ENGINE).continuation
-        ]  # fmt: skip
-        if not able:
+        ranked: list[Node] = []
+        for group in self._groups(call):
+            able = [
+                c for c in group
+                if c.id not in call.tried and ENGINES.get(c.engine, NO_ENGINE).continuation
+            ]  # fmt: skip
+            ranked += self.policy.rank(call.info, able, len(able), self.rng, self.clock())
+        if not ranked:
             return "no_node"
-        for node in self.policy.rank(call.info, able, len(able), self.rng, self.clock()):
+        budgeted = reason not in ("reset", "truncated")
+        for node in ranked:
             style = ENGINES[node.engine].continuation
             assert style is not None
             doc = relay.continuation(call.doc, style)
             time_left = call.deadline - self.clock()
-            if time_left <= 0 or not await self.retries.acquire(time_left):
-                return "deadline" if time_left <= 0 else "budget"
-            opened = await self._open(replace(call, body=orjson.dumps(doc)), node, deque(), True)
+            if time_left <= 0:
+                return "deadline"
+            if budgeted and not await self.retries.acquire(time_left):
+                return "budget"
+            opened = await self._open(
+                replace(call, body=orjson.dumps(doc)), node, deque(), budgeted
+            )
             if opened is None:
                 continue
             if opened.status >= 400 or opened.whole:

@@ -155,8 +155,15 @@ async def test_dashboard_metric_names_exist_in_live_metrics(
     monkeypatch.setenv("DASH_KEY", "sk-bal-dashboard")
     a = await fleet("a")
     r = await make_router(
-        [node_entry(a)], auth={"keys": [{"name": "team", "key_env": "DASH_KEY", "rpm": 1}]}
+        [node_entry(a, labels={"pool": "spot", "price_per_mtok": "1"})],
+        auth={"keys": [{"name": "team", "key_env": "DASH_KEY", "rpm": 1}]},
+        pools={"order": ["spot"]},
+        models={"ghost": {"fallbacks": [MODEL]}},
     )
+    async with http.post(
+        r.url + "/v1/chat/completions", data=orjson.dumps(chat(model="ghost"))
+    ) as resp:
+        assert resp.status == 200  # served by the fallback model
     for status in (200, 429):  # a key's request, then one over its limit
         async with http.post(
             r.url + "/v1/chat/completions",

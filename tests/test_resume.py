@@ -82,6 +82,28 @@ async def test_a_stream_whose_node_fails_reaches_the_caller_whole(
     assert await resumes(http, r.url) == {(MODEL, reason, "continued"): 1}
 
 
+async def test_a_node_gone_moves_its_streams_without_retry_budget(
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    """With no retry budget at all, a stream whose node went away (reset) still moves
+    on: it replaces the lost work. A stalled node's stream, which may be overload,
+    does not."""
+    bad, good = await pair(fleet, Fault(mode="midstream", after_tokens=3))
+    no_budget = {"budget_percent": 0, "min_retry_concurrency": 0, "budget_wait_s": 0}
+    r = await make_router(entries(bad, good), policy={"name": "round_robin"}, retries=no_budget,
+                          timeouts={"stream_idle_s": 0.3})  # fmt: skip
+    for _ in range(2):
+        text, _ = answer(await stream(http, r.url, chat(stream=True, max_tokens=N)))
+        assert text == WHOLE
+    bad.set_fault(Fault(mode="stall", after_tokens=3))
+    for _ in range(2):
+        await stream(http, r.url, chat(stream=True, max_tokens=N))
+    assert await resumes(http, r.url) == {
+        (MODEL, "reset", "continued"): 1,
+        (MODEL, "stalled", "budget"): 1,
+    }
+
+
 async def test_llamacpp_echoes_the_prefill_and_the_caller_sees_it_once(
     fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
 ) -> None:

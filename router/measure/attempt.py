@@ -78,7 +78,8 @@ class Attempt:
         self.done = False
         st = node.stats
         self.t0 = meter.clock()
-        self.share0 = st.share(self.t0)
+        # Node time shared by the requests in flight: kept for nodes priced by the hour.
+        self.share0 = st.share(self.t0) if node.price_per_hour else -1.0
         if st.awaiting == 0:
             st.awaiting_since = self.t0
         st.awaiting += 1
@@ -111,16 +112,14 @@ class Attempt:
         self._progress(now)
         node = self.node
         st = node.stats
-        if self.bill is not None and node.price_per_hour:
-            self.bill.cost += (st.share(now) - self.share0) * node.price_per_hour / 3600.0
-        else:
-            st.share(now)
+        if node.price_per_hour:
+            share = st.share(now) - self.share0
+            if self.bill is not None and self.share0 >= 0:  # (priced when it began)
+                self.bill.cost += share * node.price_per_hour / 3600.0
         st.in_flight -= 1
         st.batch_in_flight -= self.batch
         elapsed = (self.t_first if self.t_first >= 0 else now) - self.t0
         st.record(outcome, elapsed, now, meter.penalty_s)
-        if node.pool is not None:
-            node.pool.add(now, elapsed, outcome)
         signals = meter.signals
         signals.for_health.add(self.node)
         if st.pending is not None:

@@ -131,15 +131,16 @@ class NodeStats:
         self.returned_at = -1e18  # back from an ejection at (slow start); far past: none
         self.slow_start_s = 0.0
         self.token_gap = -1.0  # usual seconds between a stream's tokens (EWMA); < 0: unknown
-        # The node's busy time shared among the requests in flight (router.pools' cost):
-        # the integral of dt / in_flight (all replicas), up to share_at.
+        # The node's busy time shared among the requests in flight (router.pools' cost,
+        # for nodes priced by the hour): the integral of dt / in_flight (all replicas),
+        # up to share_at.
         self.busy_share = 0.0
-        self.share_at = 0.0
+        self.share_at = -1.0  # < 0: not started
 
     def share(self, now: float) -> float:
         """Bring ``busy_share`` up to ``now`` (call before the in-flight count changes)."""
         n = self.in_flight + self.remote_in_flight
-        if n > 0:
+        if n > 0 and self.share_at >= 0:
             self.busy_share += (now - self.share_at) / n
         self.share_at = now
         return self.busy_share
