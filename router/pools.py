@@ -69,7 +69,7 @@ def _bucket(ms: float) -> int:
 
 
 class Pool:
-    """One pool's recent attempts (a ring of one-second slots) and its state."""
+    """One pool's recent requests (a ring of one-second slots) and its state."""
 
     __slots__ = (
         "clear_since",
@@ -83,7 +83,7 @@ class Pool:
         "samples",
         "secs",
         "spilling",
-    )  # fmt: skip
+    )
 
     def __init__(self, name: str, index: int, window_s: int) -> None:
         self.name = name
@@ -147,7 +147,7 @@ class Pools:
         self.order: tuple[int, ...] = tuple(range(len(self.pools)))  # the default order
         self.rng = rng or Random()
         self.next_judgement = 0.0
-        self.changes = 0  # state changes (a metric)
+        self.changes = 0  # spills and returns so far
 
     def pool_of(self, node: Node) -> Pool:
         if node.source is Source.JOINED and not self.cfg.trust_joined_labels:
@@ -209,7 +209,7 @@ class Pools:
             {
                 "pool": p.name,
                 "state": "spilling" if p.spilling else "serving",
-                "attempts": p.samples,
+                "requests": p.samples,
                 "ttfb_p95_ms": None if p.p95_ms is None else round(p.p95_ms, 1),
                 "error_rate": round(p.error_rate, 4),
             }

@@ -86,7 +86,7 @@ PAGE = """<!doctype html>
   <tbody></tbody></table>
   <div id="pools-section" hidden>
   <h2>Pools (this router's view)</h2>
-  <table id="pools"><thead><tr><th>pool</th><th>state</th><th>attempts in window</th>
+  <table id="pools"><thead><tr><th>pool</th><th>state</th><th>requests in window</th>
     <th>TTFB p95 ms</th><th>error rate</th></tr></thead><tbody></tbody></table>
   </div>
   <h2>Nodes</h2>
@@ -149,7 +149,7 @@ function render(doc) {
   }));
   $("pools-section").hidden = doc.pools.length === 0;
   fill("pools", doc.pools.map((p) => [cell(p.pool), cell(p.state),
-    cell(p.attempts, "num"), cell(p.ttfb_p95_ms === null ? "-" : p.ttfb_p95_ms, "num"),
+    cell(p.requests, "num"), cell(p.ttfb_p95_ms === null ? "-" : p.ttfb_p95_ms, "num"),
     cell((p.error_rate * 100).toFixed(1) + "%", "num")]));
   fill("ejections", doc.ejections.map((e) =>
     [cell(new Date(e.time * 1000).toLocaleTimeString()), cell(e.node), cell(e.reason)]));

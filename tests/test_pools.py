@@ -137,7 +137,7 @@ async def post(
 
 
 async def spot_and_reserved(
-    fleet: MakeSim, make_router: MakeRouter, n_spot: int = 2, **pools: Any
+    fleet: MakeSim, make_router: MakeRouter, n_spot: int = 2, auth: Any = None, **pools: Any
 ) -> tuple[list[SimNode], SimNode, RouterHandle]:
     spot = [await fleet(f"spot-{i}", profile="RTX 4090") for i in range(n_spot)]
     reserved = await fleet("reserved-0", profile="A100")
@@ -151,6 +151,7 @@ async def spot_and_reserved(
         nodes, pools=cfg,
         health={"probe": False, "base_ejection_s": 0.3, "max_ejection_s": 0.3},
         timeouts={"connect_s": 1, "first_byte_s": 5, "total_s": 20},
+        **({"auth": auth} if auth else {}),
     )  # fmt: skip
     return spot, reserved, r
 
@@ -221,12 +222,17 @@ async def test_a_pool_breaking_its_ttfb_slo_spills(
 
 
 async def test_cost_counters_equal_the_formula(
-    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession
+    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, monkeypatch: Any
 ) -> None:
-    """price_per_mtok: tokens (as the node counted them) x price / 1e6, by pool."""
-    spot, _, r = await spot_and_reserved(fleet, make_router, n_spot=1)
+    """price_per_mtok: tokens (as the node counted them) x price / 1e6, by pool, and
+    by client key."""
+    keys = {"keys": [{"name": "team", "key_env": "KEY_TEAM"}]}
+    monkeypatch.setenv("KEY_TEAM", "sk-bal-" + "t" * 43)
+    spot, _, r = await spot_and_reserved(fleet, make_router, n_spot=1, auth=keys)
+    team = {"Authorization": "Bearer sk-bal-" + "t" * 43}
     for i in range(12):
-        status, _, _ = await post(http, r, chat(stream=i % 3 == 0, max_tokens=5 + i))
+        headers = team if i >= 9 else {}
+        status, _, _ = await post(http, r, chat(stream=i % 3 == 0, max_tokens=5 + i), **headers)
         assert status == 200
     sent = spot[0].usage_sent
     text = await scrape(http, r.url)
@@ -235,6 +241,12 @@ async def test_cost_counters_equal_the_formula(
     assert [prompt, completion] == sent
     cost = metric_value(text, "ballast_cost_total", pool="spot")
     assert cost == pytest.approx(sum(sent) * 0.5 / 1e6)
+    keyed = sum(metric_value(text, "ballast_key_tokens_total", key="team", kind=k)
+                for k in ("prompt", "completion"))  # fmt: skip
+    assert 0 < keyed < sum(sent)
+    assert metric_value(text, "ballast_key_cost_total", key="team") == pytest.approx(
+        keyed * 0.5 / 1e6
+    )
     # Pinned to reserved (priced per hour): its cost is its node time, not nothing.
     status, doc, headers = await post(http, r, chat(max_tokens=8), **{"x-ballast-pool": "reserved"})
     assert status == 200 and headers["x-ballast-node"] == "reserved-0"
