@@ -356,6 +356,19 @@ class Mirror:
         return metric
 
 
+Sums = dict[tuple[str, str], list[float]]  # (prompt tokens, completion tokens, cost) by pair
+
+
+def _add(sums: Sums, pair: tuple[str, str], tokens: tuple[int, int], cost: float) -> None:
+    row = sums.get(pair)
+    if row is None:
+        sums[pair] = [tokens[0], tokens[1], cost]
+    else:
+        row[0] += tokens[0]
+        row[1] += tokens[1]
+        row[2] += cost
+
+
 def _child(cache: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:
     """``metric``'s child for ``labels``, looked up once and kept in ``cache``."""
     child = cache.get(labels)
@@ -522,7 +535,9 @@ class Metrics:
             registry=reg,
         )
         self._key_children: dict[tuple[str, ...], Counter] = {}
-        self._key_tokens: dict[tuple[str, ...], Counter] = {}
+        # Tokens (three labels) and cost (two) by (model, pool), and by (key, model).
+        self._pooled: dict[tuple[str, ...], Counter] = {}
+        self._per_key: dict[tuple[str, ...], Counter] = {}
         self._key_label: dict[str, str] = {}
         self.max_keys = cfg.max_keys
         self._mirroring: asyncio.Task[None] | None = None
@@ -550,12 +565,11 @@ class Metrics:
         """Count a batch of finished requests (from the Recorder)."""
         label, requests, by_model = self.model_label, self._requests, self._by_model
         retries = 0
-        # Per client key: summed over the batch, then one increment per series.
+        # Summed over the batch, then one increment per series: requests per client
+        # key; tokens and cost per (model, pool) and per (key, model).
         keyed: Tally[tuple[str, str, str]] = Tally()
-        tokens: Tally[tuple[str, str, str]] = Tally()
-        pooled: Tally[tuple[str, str, str]] = Tally()
-        costs: Tally[tuple[str, str]] = Tally()
-        key_costs: Tally[tuple[str, str]] = Tally()
+        pooled: Sums = {}
+        per_key: Sums = {}
         for ex in batch:
             model = label(ex.model)
             _child(requests, self.requests, model, str(ex.status)).inc()
@@ -575,11 +589,7 @@ class Metrics:
             if ex.fallback:
                 self.fallbacks.labels(label(ex.fallback), model).inc()
             if ex.tokens is not None:
-                pool = ex.pool or "none"
-                pooled[(model, pool, "prompt")] += ex.tokens[0]
-                pooled[(model, pool, "completion")] += ex.tokens[1]
-                if ex.cost:
-                    costs[(model, pool)] += ex.cost
+                _add(pooled, (model, ex.pool or "none"), ex.tokens, ex.cost)
             if ex.key:
                 key = self._key_label.get(ex.key)
                 if key is None:  # the first metrics.max_keys names seen; then "other"
@@ -589,20 +599,18 @@ class Metrics:
                 if ex.limited:
                     self.key_limited.labels(key).inc()
                 if ex.tokens is not None:
-                    tokens[(key, model, "prompt")] += ex.tokens[0]
-                    tokens[(key, model, "completion")] += ex.tokens[1]
-                if ex.cost:
-                    key_costs[(key, model)] += ex.cost
+                    _add(per_key, (key, model), ex.tokens, ex.cost)
         for labels, n in keyed.items():
             _child(self._key_children, self.key_requests, *labels).inc(n)
-        for labels, n in tokens.items():
-            _child(self._key_tokens, self.key_tokens, *labels).inc(n)
-        for labels, n in pooled.items():
-            self.tokens.labels(*labels).inc(n)
-        for labels2, c in costs.items():
-            self.cost.labels(*labels2).inc(c)
-        for labels2, c in key_costs.items():
-            self.key_cost.labels(*labels2).inc(c)
+        for sums, cache, tokens, cost in (
+            (pooled, self._pooled, self.tokens, self.cost),
+            (per_key, self._per_key, self.key_tokens, self.key_cost),
+        ):
+            for pair, (prompt, completion, spent) in sums.items():
+                _child(cache, tokens, *pair, "prompt").inc(prompt)
+                _child(cache, tokens, *pair, "completion").inc(completion)
+                if spent:
+                    _child(cache, cost, *pair).inc(spent)
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers
