@@ -164,7 +164,18 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
                 "shutdown": {"grace_s": 0},
                 # Round robin, so that every engine sees every feature.
                 "policy": {"name": "round_robin"},
-                "nodes": [{"id": n.id, "url": n.url, "models": [n.model]} for n in nodes],
+                # Priced: every answer's tokens are counted and its cost reported.
+                "nodes": [
+                    {
+                        "id": n.id,
+                        "url": n.url,
+                        "models": [n.model],
+                        "labels": {"price_per_mtok": str(PRICE_PER_MTOK)},
+                    }
+                    for n in nodes
+                ],
+                # A retired model name whose requests the live model serves.
+                "models": {RETIRED: {"fallbacks": [MODEL]}},
                 "registry": {
                     "join_token_env": "BALLAST_JOIN_TOKEN",
                     "allowed_networks": ["127.0.0.0/8"],
@@ -210,6 +221,8 @@ class Tally:
 
 
 KEY_PROMPT: list[Any] = [{"role": "user", "content": "Count to three"}]
+PRICE_PER_MTOK = 1000.0  # every node's price: a cost of 0.001 a token
+RETIRED = "retired-model"  # no node serves it; falls back to MODEL
 
 
 class Checks:
@@ -352,6 +365,52 @@ class Checks:
         ok = not usage_seen and charged == known
         why = f"usage chunk shown={usage_seen}, charged {charged}, plain answer's usage {known}"
         return node, ok, why
+
+    async def cost(self) -> float:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.get(self.router + "/metrics") as resp:
+            text = await resp.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ballast_cost_total{")
+        )
+
+    async def priced_stream(self) -> tuple[str, bool, str]:
+        """Without a key, on priced nodes: a stream's cost is the node's own count of
+        its tokens times the price, and the usage chunk it was asked for is hidden."""
+        before = await self.cost()
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0, stream=True
+        )
+        node, usage_seen = raw.headers["x-ballast-node"], False
+        async for chunk in raw.parse():
+            usage_seen |= chunk.usage is not None
+        after = before
+        async with asyncio.timeout(5):  # the metrics take finished requests in batches
+            while after == before:
+                await asyncio.sleep(0.05)
+                after = await self.cost()
+        charged = round((after - before) / PRICE_PER_MTOK * 1e6)
+        known = self.usage_of.get(self.engine_of[node])  # greedy: the same tokens
+        ok = not usage_seen and known is not None and charged == sum(known)
+        why = f"usage chunk shown={usage_seen}, cost of {charged} tokens, plain usage {known}"
+        return node, ok, why
+
+    async def fallback(self) -> tuple[str, bool, str]:
+        """A model no node serves, configured to fall back to one that is served."""
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=RETIRED, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        answer = raw.parse()
+        said = raw.headers.get("x-ballast-fallback")
+        ok = said == MODEL and answer.model == MODEL
+        return (
+            raw.headers["x-ballast-node"],
+            ok,
+            f"header {said!r}, answer's model {answer.model!r}",
+        )
 
     async def foreign_request_id(self) -> tuple[str, bool, str]:
         raw = await self.client.chat.completions.with_raw_response.create(
@@ -538,6 +597,11 @@ async def conformance(
         ("client x-request-id that is not a UUID", checks.foreign_request_id),
         ("client key: charged the usage of a plain answer", checks.keyed_chat),
         ("client key: stream charged the node's count, usage chunk hidden", checks.keyed_stream),
+        (
+            "priced nodes: a stream's cost from the node's count, usage chunk hidden",
+            checks.priced_stream,
+        ),
+        ("fallback model: answered by the served model, x-ballast-fallback", checks.fallback),
     ):
         await checks.each(feature, 6, call)
     await checks.each("embeddings", 4, checks.embedding)
