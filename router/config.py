@@ -340,6 +340,8 @@ class PriorityConfig(_Strict):
     # At a model's capacity (router.gate): batch requests take at most this share
     # of it while interactive requests wait.
     batch_max_share: float = Field(0.5, ge=0, le=1)
+    # Batch goes beyond its share only after no interactive request came for this long.
+    interactive_quiet_s: float = Field(5.0, ge=0, le=3600)
     # The capacity of nodes that declare no max_concurrency label; None: unknown.
     node_slots: int | None = Field(None, ge=1, le=100_000)
 

@@ -7,10 +7,12 @@ flight (through this router process) are below its capacity, requests pass at
 once. At capacity they wait, in two queues, each ordered by deadline (the
 request's own ``x-ballast-deadline-ms`` or the request timeout): when a slot
 frees, a waiting ``interactive`` request goes first; while interactive requests
-are in flight or waiting, ``batch`` requests are admitted only while they hold
-less than ``priority.batch_max_share`` of the capacity (batch may fill it all
-when no interactive request is there, and then the batch requests beyond their
-share do not count against interactive ones: those always have the rest).
+are in flight or waiting, or one came within ``priority.interactive_quiet_s``,
+``batch`` requests are admitted only while they hold less than
+``priority.batch_max_share`` of the capacity (batch may fill it all when no
+interactive request has been there for that long, and then the batch requests
+beyond their share do not count against interactive ones: those always have the
+rest).
 A request whose deadline passes while it waits gets 504; one that waited
 ``queue.max_wait_s`` gets 503.
 
@@ -41,12 +43,14 @@ Waiters = list[tuple[float, int, asyncio.Future[None]]]  # (deadline, sequence, 
 
 class ModelGate:
     __slots__ = (
-        "batch", "batch_waiting", "in_flight", "interactive_waiting", "node_waiting",
+        "batch", "batch_waiting", "in_flight", "interactive_at", "interactive_waiting",
+        "node_waiting",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.batch = 0  # of which batch
+        self.interactive_at = -1e18  # clock() when the last interactive request arrived
         self.interactive_waiting: Waiters = []
         self.batch_waiting: Waiters = []
         # Admitted, but every node of the model is at its own capacity (requests that
@@ -62,9 +66,12 @@ class Gate:
         batch_max_share: float,
         clock: Callable[[], float],
         max_waiting: int = 1000,
+        quiet_s: float = 0.0,
     ) -> None:
         self.fleet = fleet
         self.max_waiting = max_waiting  # queue.max_size: beyond, 503 at once
+        # Batch goes beyond its share only after no interactive request for this long.
+        self.quiet_s = quiet_s
         self.waiting = 0
         self.node_slots = node_slots
         self.share = batch_max_share
@@ -110,9 +117,19 @@ class Gate:
         if g.in_flight >= capacity:
             return False
         # Batch fills the whole capacity only while no interactive request is in
-        # flight or waiting; otherwise it stops at its share.
-        idle = not g.interactive_waiting and g.in_flight == g.batch
-        return idle or g.batch < batch_share
+        # flight or waiting, nor came within quiet_s; otherwise it stops at its share.
+        return g.batch < batch_share or not self._interactive(g)
+
+    def _interactive(self, g: ModelGate) -> bool:
+        """Whether interactive requests are there: in flight, waiting, or one came
+        within ``quiet_s`` (Poisson arrivals leave gaps; batch filling a gap would
+        hold the next one back for a whole batch answer)."""
+        return (
+            g.in_flight > g.batch
+            or bool(g.interactive_waiting)
+            or bool(g.node_waiting[0])
+            or self.clock() - g.interactive_at < self.quiet_s
+        )
 
     def _admit(self, g: ModelGate, cls: str) -> None:
         g.in_flight += 1
@@ -127,7 +144,11 @@ class Gate:
         g = self.models.get(model)
         if g is None:
             g = self.models[model] = ModelGate()
+        if cls == INTERACTIVE:
+            g.interactive_at = self.clock()
         queue = g.interactive_waiting if cls == INTERACTIVE else g.batch_waiting
+        while queue and queue[0][2].done():  # timed out or gone: not ahead of this one
+            heapq.heappop(queue)
         if not queue and self._admissible(g, cls, capacity):
             self._admit(g, cls)
             return True
@@ -172,9 +193,7 @@ class Gate:
         of the node, so that interactive ones find room on every node."""
         default, share = self.node_slots, self.share
         g = self.models[model]
-        crowded = cls == BATCH and (
-            g.in_flight > g.batch or bool(g.interactive_waiting) or bool(g.node_waiting[0])
-        )
+        crowded = cls == BATCH and self._interactive(g)
         out = []
         for node in nodes:
             slots = node.max_concurrency or default

@@ -91,7 +91,7 @@ class Proxy:
         self.usage = Usage()
         self.gate = Gate(
             fleet, cfg.priority.node_slots, cfg.priority.batch_max_share, upstream.clock,
-            max_waiting=cfg.queue.max_size,
+            max_waiting=cfg.queue.max_size, quiet_s=cfg.priority.interactive_quiet_s,
         )  # fmt: skip
         self.policy = policy
         self.clock = upstream.clock

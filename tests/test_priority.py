@@ -141,3 +141,22 @@ def test_nodes_keep_room_for_interactive_requests() -> None:
     assert gate.free("m", BATCH, [node]) == [node]
     node.stats.in_flight = 4
     assert gate.free("m", INTERACTIVE, [node]) == []  # full
+
+
+async def test_batch_keeps_to_its_share_through_a_gap_in_interactive_traffic() -> None:
+    """An interactive request that came within interactive_quiet_s still counts: batch
+    filling a momentary gap would hold the next interactive one back."""
+    now = [0.0]
+    fleet = Fleet()
+    labels = {"max_concurrency": "4"}
+    fleet.add(
+        Node(id="n", url="http://127.0.0.1:1", models=["m"], scoring=Scoring(), labels=labels)
+    )
+    fleet.set_state("n", NodeState.SERVING, "test")
+    gate = Gate(fleet, None, 0.5, lambda: now[0], quiet_s=5.0)
+    assert await gate.enter("m", INTERACTIVE, FAR) is True
+    gate.leave("m", INTERACTIVE)  # none in flight now, but one came at t=0
+    now[0] = 4.0
+    assert [await gate.enter("m", BATCH, 4.01) for _ in range(3)] == [True, True, False]
+    now[0] = 5.5  # quiet for 5 s: batch may fill the rest
+    assert await gate.enter("m", BATCH, FAR) is True
