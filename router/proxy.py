@@ -249,7 +249,7 @@ class Proxy:
         node = call.served_by
         if node is not None and node.price_per_mtok:
             ex.cost += (prompt + completion) * node.price_per_mtok / 1e6
-        if node is not None:
+        if node is not None and ex.cost:
             node.cost += ex.cost
         key = call.key
         if key is None:
@@ -414,9 +414,11 @@ class Proxy:
         call.count = True
         if not call.estimate:
             self._estimate(call)
+        if not call.info.stream:
+            return
         doc = call.doc
         options = doc.get("stream_options")
-        if call.info.stream and not (isinstance(options, dict) and options.get("include_usage")):
+        if not (isinstance(options, dict) and options.get("include_usage")):
             doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
             call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
 

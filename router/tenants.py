@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp.hdrs import AUTHORIZATION
 from multidict import istr
 
 from router.config import AuthConfig, KeyLimits
@@ -37,7 +38,8 @@ from router.config import AuthConfig, KeyLimits
 KEY_PREFIX = "sk-bal-"
 DISPLAY_CHARS = 12  # of a key shown in listings: "sk-bal-AbCdE"
 BURST_S = 1.0  # requests a key may send at once: one second's worth of its rate (at least 1)
-KEY_HEADERS = ("api-key", "x-api-key")  # besides Authorization: Bearer
+# Besides Authorization: Bearer (istr: looked up without case-folding each time).
+KEY_HEADERS = (istr("api-key"), istr("x-api-key"))
 # OpenAI's rate-limit headers, as case-insensitive names made once
 LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS = (
     istr(f"x-ratelimit-{what}-{unit}")
@@ -344,8 +346,8 @@ class Keyring:
 
     def presented(self, headers: Mapping[str, str]) -> str | None:
         """The key the request carries, if any."""
-        auth = headers.get("Authorization")
-        if auth is not None and auth[:7].lower() == "bearer ":
+        auth = headers.get(AUTHORIZATION)
+        if auth is not None and (auth.startswith("Bearer ") or auth[:7].lower() == "bearer "):
             return auth[7:].strip()
         for name in KEY_HEADERS:
             value = headers.get(name)
@@ -371,7 +373,7 @@ class Keyring:
             if self.required or given.startswith(KEY_PREFIX):
                 return "invalid API key"
             return None
-        if key.expired(self.wall()):
+        if key.limits.expires_at is not None and key.expired(self.wall()):
             return "expired API key"
         return key
 
