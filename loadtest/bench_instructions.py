@@ -1,15 +1,16 @@
 """Instructions per request, counted by valgrind's callgrind: repeatable on a
 shared machine where CPU time is not.
 
-    python -m loadtest.bench_instructions [--requests 800] [--auth]
+    python -m loadtest.bench_instructions [--requests 800] [--auth] [--bare]
 
 Starts the benchmark node (``loadtest.bench_overhead``'s) and ``ballast serve``
 under ``valgrind --tool=callgrind``, warms the router up, zeroes the counters
 (a dump), sends ``--requests`` non-streamed chat requests 8 at a time, dumps
 again, and prints the router's instructions per request for that window
 (background tasks included). With ``--auth`` it measures the router without and
-with ``auth.required`` and three limited keys, and prints the difference. Each
-measurement takes about half a minute.
+with ``auth.required`` and three limited keys, and prints the difference; with
+``--bare`` also the benchmark's bare aiohttp pass-through proxy, the yardstick
+for converting instructions to time. Each measurement takes about half a minute.
 """
 
 from __future__ import annotations
@@ -55,13 +56,19 @@ def dumped(out: Path, pid: int, part: int) -> int:
     raise RuntimeError(f"no dump {path}")
 
 
-def measure(tmp: Path, node_url: str, n: int, auth: bool) -> float:
+def measure(tmp: Path, node_url: str, n: int, auth: bool, bare: bool = False) -> float:
+    """Instructions per request of ``ballast serve`` (or, ``bare``, of the benchmark's
+    bare aiohttp pass-through proxy)."""
     port = free_port()
-    conf = ballast_conf(tmp, port, node_url, True, True, auth)
+    if bare:
+        me = [sys.executable, "-m", "loadtest.bench_overhead"]
+        cmd = [*me, "--role", "bare", "--port", str(port), "--url", node_url]
+    else:
+        conf = ballast_conf(tmp, port, node_url, True, True, auth)
+        cmd = [sys.executable, "-m", "router.cli", "serve", "--config", str(conf)]
     router = spawn(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p",
-         sys.executable, "-m", "router.cli", "serve", "--config", str(conf)]
-    )  # fmt: skip
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p", *cmd]
+    )
     try:
         wait_port(port, router, timeout=300)
         url = f"http://127.0.0.1:{port}"
@@ -83,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--auth", action="store_true", help="also with auth.required and 3 keys")
+    ap.add_argument("--bare", action="store_true", help="also the bare aiohttp pass-through proxy")
     args = ap.parse_args()
     me = [sys.executable, "-m", "loadtest.bench_overhead"]
     with tempfile.TemporaryDirectory() as d:
@@ -94,6 +102,9 @@ def main() -> None:
             node_url = f"http://127.0.0.1:{node_port}"
             base = measure(tmp, node_url, args.requests, auth=False)
             print(f"ballast: {base:,.0f} instructions per request")
+            if args.bare:
+                plain = measure(tmp, node_url, args.requests, auth=False, bare=True)
+                print(f"bare aiohttp proxy: {plain:,.0f} ({base / plain:.2f}x for ballast)")
             if args.auth:
                 keyed = measure(tmp, node_url, args.requests, auth=True)
                 print(f"ballast, auth.required and 3 limited keys: {keyed:,.0f} "
