@@ -509,9 +509,9 @@ class Metrics:
         )
         self.tokens = Counter(
             "ballast_tokens",
-            "Tokens of answers whose tokens are counted (a client key, pools or priced "
-            "nodes), as the nodes counted them, by the serving node's pool (kind: prompt, "
-            "completion)",
+            "Tokens of answers, as the nodes counted them, by the serving node's pool "
+            "(kind: prompt, completion); counted once pools are configured or a node has "
+            "a price",
             ["model", "pool", "kind"],
             registry=reg,
         )
@@ -570,6 +570,7 @@ class Metrics:
         keyed: Tally[tuple[str, str, str]] = Tally()
         pooled: Sums = {}
         per_key: Sums = {}
+        by_pool = self.fleet.pools is not None or self.fleet.priced  # tokens by pool, cost
         for ex in batch:
             model = label(ex.model)
             _child(requests, self.requests, model, str(ex.status)).inc()
@@ -588,7 +589,7 @@ class Metrics:
                 self.resumes.labels(model, reason, outcome).inc()
             if ex.fallback:
                 self.fallbacks.labels(label(ex.fallback), model).inc()
-            if ex.tokens is not None:
+            if by_pool and ex.tokens is not None:
                 _add(pooled, (model, ex.pool or "none"), ex.tokens, ex.cost)
             if ex.key:
                 key = self._key_label.get(ex.key)
