@@ -349,16 +349,23 @@ class Checks:
         want = [out.usage.prompt_tokens, out.usage.completion_tokens]
         return node, got == want, f"charged {got}, the node said {want}"
 
+    @staticmethod
+    async def stream_without_usage(client: Any) -> tuple[str, bool]:
+        """A greedy KEY_PROMPT stream that does not ask for usage: the node that served
+        it, and whether a usage chunk reached the client anyway."""
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0, stream=True
+        )
+        usage_seen = False
+        async for chunk in raw.parse():
+            usage_seen |= chunk.usage is not None
+        return raw.headers["x-ballast-node"], usage_seen
+
     async def keyed_stream(self) -> tuple[str, bool, str]:
         """With a client key, a stream that does not ask for usage: Ballast asks the
         node, charges its count and hides the usage chunk."""
         before = await self.key_usage()
-        raw = await self.keyed.chat.completions.with_raw_response.create(
-            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0, stream=True
-        )
-        node, usage_seen = raw.headers["x-ballast-node"], False
-        async for chunk in raw.parse():
-            usage_seen |= chunk.usage is not None
+        node, usage_seen = await self.stream_without_usage(self.keyed)
         after = await self.key_usage()
         charged = tuple(after[k] - before[k] for k in ("prompt_tokens", "completion_tokens"))
         known = self.usage_of.get(self.engine_of[node])  # greedy: the same tokens
@@ -381,12 +388,7 @@ class Checks:
         """Without a key, on priced nodes: a stream's cost is the node's own count of
         its tokens times the price, and the usage chunk it was asked for is hidden."""
         before = await self.cost()
-        raw = await self.client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=KEY_PROMPT, max_tokens=8, temperature=0, stream=True
-        )
-        node, usage_seen = raw.headers["x-ballast-node"], False
-        async for chunk in raw.parse():
-            usage_seen |= chunk.usage is not None
+        node, usage_seen = await self.stream_without_usage(self.client)
         after = before
         async with asyncio.timeout(5):  # the metrics take finished requests in batches
             while after == before:

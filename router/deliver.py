@@ -62,24 +62,23 @@ class Deliver:
         response = opened.response
         ex = call.ex
         attempt = opened.attempt
-        ex.node = attempt.node.id
-        call.served_by = attempt.node
+        node = call.served_by = attempt.node
+        ex.node = node.id
+        if node.pool is not None:
+            ex.pool = node.pool.name
         ex.ttfb = attempt.t_first - ex.start
         status = response.status
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
         headers = response_headers(response.headers)
-        headers["x-ballast-node"] = attempt.node.id
+        headers["x-ballast-node"] = node.id
         if call.answer_headers is not None:
             headers.update(call.answer_headers)
-        node = attempt.node
-        if node.pool is not None:
-            ex.pool = node.pool.name
         if opened.whole:
             opened.close(ok)
             if call.count:
                 call.tokens = usage_from(opened.doc)
             return web.Response(status=status, body=opened.first, headers=headers)
-        attempt.node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
+        node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)
         await self._relay(call, opened, out)
         return out

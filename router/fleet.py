@@ -253,11 +253,9 @@ class Fleet:
         self.priced = any(n.price_per_mtok or n.price_per_hour for n in self.nodes.values())
         self.localized = any(self.locality_label in n.labels for n in self.nodes.values())
         if self.pools is not None:
-            from router.pools import split
-
             for node in self.nodes.values():
                 node.pool = self.pools.pool_of(node)
-            self._by_pool = {m: split(ns, self.pools) for m, ns in self._routable.items()}
+            self._by_pool = {m: self.pools.split(ns) for m, ns in self._routable.items()}
         self._ejected = tuple(n for n in self.nodes.values() if n.state is NodeState.EJECTED)
         self._models = frozenset(models)
         self.version += 1

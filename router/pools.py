@@ -154,6 +154,13 @@ class Pools:
             return self.pools[0]
         return self.by_name.get(node.labels.get(self.label, ""), self.pools[-1])
 
+    def split(self, nodes: Sequence[Node]) -> tuple[tuple[Node, ...], ...]:
+        """``nodes`` by pool (each placed with :meth:`pool_of`), in the pools' order."""
+        out: list[list[Node]] = [[] for _ in self.pools]
+        for node in nodes:
+            out[self.pool_of(node).index].append(node)
+        return tuple(tuple(x) for x in out)
+
     def parse(self, value: str) -> tuple[int, ...] | str:
         """An ``x-ballast-pool`` header (or a key's list): pool indexes in order, or
         what is wrong with it."""
@@ -229,11 +236,3 @@ def prefer_local(
         if node.labels.get(label) == region and cost(node) <= best:
             return [node, *ranked[:i], *ranked[i + 1 :]]
     return ranked
-
-
-def split(nodes: Sequence[Node], pools: Pools) -> tuple[tuple[Node, ...], ...]:
-    """``nodes`` by pool, in the pools' order."""
-    out: list[list[Node]] = [[] for _ in pools.pools]
-    for node in nodes:
-        out[node.pool.index if node.pool is not None else -1].append(node)
-    return tuple(tuple(x) for x in out)

@@ -241,9 +241,12 @@ class Proxy:
         """The answer's tokens, from the node's own count where it gave one (else the
         estimate of the prompt and the tokens delivered), its cost (router.pools), and
         with a key: the key's usage and token bucket."""
-        prompt, completion = call.tokens if call.tokens is not None else (0, 0)
-        if call.tokens is None and status < 400:
+        if call.tokens is not None:
+            prompt, completion = call.tokens
+        elif status < 400:
             prompt, completion = call.estimate - call.max_tokens, call.delivered
+        else:
+            prompt = completion = 0
         ex = call.ex
         ex.tokens = (prompt, completion)
         node = call.served_by
@@ -431,7 +434,7 @@ class Proxy:
                 "model_not_allowed", "model",
             )  # fmt: skip
         if key.limits.budget_tokens is not None and self.keys is not None:
-            renews_in = self.keys.over_budget(key, time.time())
+            renews_in = self.keys.over_budget(key, self.keys.wall())
         else:
             renews_in = None
         if renews_in is not None:

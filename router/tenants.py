@@ -26,7 +26,7 @@ import calendar
 import hashlib
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,7 @@ class Limiter:
         self.cached: dict[str, str] = {}
         self.headers_at = -1.0
         self.share = 0.0
+        self.tokens = 0.0
         self.set_share(share)
         self.tokens = self.cap  # a full minute to start with
 
@@ -131,8 +132,7 @@ class Limiter:
         self.cap = float(self.tpm) * share  # the token bucket: a minute's worth
         mp = self.limits.max_parallel
         self.plimit = max(1, round(mp * share)) if mp is not None else 0
-        if hasattr(self, "tokens"):
-            self.tokens = min(self.tokens, self.cap)
+        self.tokens = min(self.tokens, self.cap)
 
     def _refill(self, now: float) -> None:
         tokens = self.tokens + (now - self.tokens_at) * self.cap / 60.0
@@ -218,9 +218,6 @@ class Key:
         """What the store keeps of a dynamic key."""
         return {**self.public(), "hash": self.hash}
 
-    def expired(self, wall: float) -> bool:
-        return self.limits.expires_at is not None and wall >= self.limits.expires_at
-
 
 def _limited(limits: KeyLimits) -> bool:
     return limits.rpm is not None or limits.tpm is not None or limits.max_parallel is not None
@@ -234,8 +231,8 @@ class Keyring:
         self,
         cfg: AuthConfig,
         env: Mapping[str, str],
-        clock: Any = time.monotonic,
-        wall: Any = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.required = cfg.required
         self.max_keys = cfg.max_keys
@@ -373,7 +370,8 @@ class Keyring:
             if self.required or given.startswith(KEY_PREFIX):
                 return "invalid API key"
             return None
-        if key.limits.expires_at is not None and key.expired(self.wall()):
+        expires_at = key.limits.expires_at
+        if expires_at is not None and self.wall() >= expires_at:
             return "expired API key"
         return key
 

@@ -33,6 +33,7 @@ from router.call import Call, Failed
 from router.config import Config
 from router.errors import retry_after_s
 from router.fleet import Node
+from router.gate import BATCH
 from router.measure import Attempt, Meter, Outcome
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those
@@ -267,7 +268,7 @@ class Upstream:
     async def open(self, call: Call, node: Node) -> Opened:
         """Send ``call`` to ``node`` and wait for its first byte (or, without
         streaming, its whole body). Every failure here raises Failed."""
-        attempt = self.meter.begin(node, call.ex.priority == "batch", call.ex)
+        attempt = self.meter.begin(node, call.ex.priority == BATCH, call.ex)
         response: ClientResponse | None = None
         try:
             response = await self.send(
