@@ -56,9 +56,17 @@ def dumped(out: Path, pid: int, part: int) -> int:
     raise RuntimeError(f"no dump {path}")
 
 
-def measure(tmp: Path, node_url: str, n: int, auth: bool, bare: bool = False) -> float:
+def dump(pid: int) -> None:
+    """Have callgrind write its counts since the last dump (and zero them)."""
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+
+
+def measure(
+    tmp: Path, node_url: str, n: int, auth: bool, bare: bool = False, idle_s: float = 0.0
+) -> tuple[float, float]:
     """Instructions per request of ``ballast serve`` (or, ``bare``, of the benchmark's
-    bare aiohttp pass-through proxy)."""
+    bare aiohttp pass-through proxy), and, with ``idle_s``, the part of that figure
+    its timers' background work would add at the same rate with no requests."""
     port = free_port()
     if bare:
         me = [sys.executable, "-m", "loadtest.bench_overhead"]
@@ -73,17 +81,27 @@ def measure(tmp: Path, node_url: str, n: int, auth: bool, bare: bool = False) ->
         wait_port(port, router, timeout=300)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(send(url, 64))  # warm-up
-        subprocess.run(
-            ["callgrind_control", "-d", str(router.pid)], check=True, capture_output=True
-        )
+        dump(router.pid)
         dumped(tmp, router.pid, 1)
+        t0 = time.monotonic()
         asyncio.run(send(url, n))
-        subprocess.run(
-            ["callgrind_control", "-d", str(router.pid)], check=True, capture_output=True
-        )
-        return dumped(tmp, router.pid, 2) / n
+        busy_s = time.monotonic() - t0
+        print(f"  {n} requests in {busy_s:.1f}s", file=sys.stderr)
+        dump(router.pid)
+        total = dumped(tmp, router.pid, 2)
+        if not idle_s:
+            return total / n, 0.0
+        t0 = time.monotonic()
+        time.sleep(idle_s)  # no requests: what the timers cost per second
+        dump(router.pid)
+        idle = dumped(tmp, router.pid, 3) / (time.monotonic() - t0)
+        return total / n, idle * busy_s / n
     finally:
         stop_all([router])
+
+
+def timers(background: float) -> str:
+    return f" (timers' share at this rate: {background:,.0f})" if background else ""
 
 
 def main() -> None:
@@ -91,6 +109,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--auth", action="store_true", help="also with auth.required and 3 keys")
     ap.add_argument("--bare", action="store_true", help="also the bare aiohttp pass-through proxy")
+    ap.add_argument(
+        "--idle", type=float, default=5.0, help="seconds without requests, for the timers' cost"
+    )
     args = ap.parse_args()
     me = [sys.executable, "-m", "loadtest.bench_overhead"]
     with tempfile.TemporaryDirectory() as d:
@@ -100,15 +121,21 @@ def main() -> None:
         try:
             wait_port(node_port, node)
             node_url = f"http://127.0.0.1:{node_port}"
-            base = measure(tmp, node_url, args.requests, auth=False)
-            print(f"ballast: {base:,.0f} instructions per request")
+            n, idle = args.requests, args.idle
+            base, base_bg = measure(tmp, node_url, n, auth=False, idle_s=idle)
+            print(f"ballast: {base:,.0f} instructions per request{timers(base_bg)}")
             if args.bare:
-                plain = measure(tmp, node_url, args.requests, auth=False, bare=True)
-                print(f"bare aiohttp proxy: {plain:,.0f} ({base / plain:.2f}x for ballast)")
+                plain, plain_bg = measure(tmp, node_url, n, auth=False, bare=True, idle_s=idle)
+                print(f"bare aiohttp proxy: {plain:,.0f}{timers(plain_bg)} "
+                      f"({base / plain:.2f}x for ballast)")  # fmt: skip
             if args.auth:
-                keyed = measure(tmp, node_url, args.requests, auth=True)
-                print(f"ballast, auth.required and 3 limited keys: {keyed:,.0f} "
-                      f"(+{keyed - base:,.0f}, {keyed / base:.3f}x)")  # fmt: skip
+                keyed, keyed_bg = measure(tmp, node_url, n, auth=True, idle_s=idle)
+                extra = f"+{keyed - base:,.0f}, {keyed / base:.3f}x"
+                print(f"ballast, auth.required and 3 limited keys: {keyed:,.0f}"
+                      f"{timers(keyed_bg)} ({extra})")  # fmt: skip
+                if idle:
+                    net = (keyed - keyed_bg) - (base - base_bg)
+                    print(f"  without the timers' share: +{net:,.0f}")
         finally:
             stop_all([node])
 

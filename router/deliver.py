@@ -69,10 +69,10 @@ class Deliver:
         ex.ttfb = attempt.t_first - ex.start
         status = response.status
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-        headers = response_headers(response.headers)
-        headers["x-ballast-node"] = node.id
+        headers = response_headers(response.headers)  # none of those added here
+        headers.add("x-ballast-node", node.id)
         if call.answer_headers is not None:
-            headers.update(call.answer_headers)
+            headers.extend(call.answer_headers)
         if opened.whole:
             opened.close(ok)
             if call.count:

@@ -572,8 +572,8 @@ class Metrics:
         per_key: Sums = {}
         by_pool = self.fleet.pools is not None or self.fleet.priced  # tokens by pool, cost
         for ex in batch:
-            model = label(ex.model)
-            _child(requests, self.requests, model, str(ex.status)).inc()
+            model, code = label(ex.model), str(ex.status)
+            _child(requests, self.requests, model, code).inc()
             hists = by_model.get(model)
             if hists is None:
                 hists = by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
@@ -596,7 +596,7 @@ class Metrics:
                 if key is None:  # the first metrics.max_keys names seen; then "other"
                     key = ex.key if len(self._key_label) < self.max_keys else "other"
                     self._key_label[ex.key] = key
-                keyed[(key, model, str(ex.status))] += 1
+                keyed[(key, model, code)] += 1
                 if ex.limited:
                     self.key_limited.labels(key).inc()
                 if ex.tokens is not None:

@@ -241,27 +241,22 @@ class Proxy:
         """The answer's tokens, from the node's own count where it gave one (else the
         estimate of the prompt and the tokens delivered), its cost (router.pools), and
         with a key: the key's usage and token bucket."""
-        if call.tokens is not None:
-            prompt, completion = call.tokens
-        elif status < 400:
-            prompt, completion = call.estimate - call.max_tokens, call.delivered
-        else:
-            prompt = completion = 0
+        tokens = call.tokens
+        if tokens is None:
+            tokens = (call.estimate - call.max_tokens, call.delivered) if status < 400 else (0, 0)
         ex = call.ex
-        ex.tokens = (prompt, completion)
+        ex.tokens = tokens
         node = call.served_by
-        if node is not None and node.price_per_mtok:
-            ex.cost += (prompt + completion) * node.price_per_mtok / 1e6
-        if node is not None and ex.cost:
+        if node is not None and (node.price_per_mtok or ex.cost):
+            ex.cost += (tokens[0] + tokens[1]) * node.price_per_mtok / 1e6
             node.cost += ex.cost
         key = call.key
-        if key is None:
-            return
-        if key.limiter is not None:
-            key.limiter.done(call.estimate, prompt + completion)
-        self.usage.add(key.name, call.info.model, status, prompt, completion)
-        if key.limits.budget_tokens is not None and self.keys is not None:
-            self.keys.spent(key.name, prompt + completion)
+        if key is not None:
+            self.usage.add(key.name, ex.model, status, tokens)
+            if key.limiter is not None:
+                key.limiter.done(call.estimate, tokens[0] + tokens[1])
+            if key.limits.budget_tokens is not None and self.keys is not None:
+                self.keys.spent(key.name, tokens[0] + tokens[1])
 
     # -- 1. admit -------------------------------------------------------------------
 
@@ -360,14 +355,18 @@ class Proxy:
         elif request.headers.get(PRIORITY_HEADER) == BATCH:
             ex.priority = BATCH  # a request may lower its own class
         call = Call(request, ex, info, doc, body, headers, deadline, need, affinity)
-        refused = None
-        if key is not None:
-            refused = self._admit_key(call, key)
-        if refused is None and (self.pools is not None or self.fleet.localized):
+        if count:  # the tokens, estimated now (its body's bytes over 4, plus max_tokens)
+            call.count = True
+            call.max_tokens = max_tokens = info.max_tokens or DEFAULT_COMPLETION_TOKENS
+            call.estimate = len(body) // PROMPT_BYTES_PER_TOKEN + max_tokens
+        # The pools first: a key's limits count the request once it passed them.
+        if self.pools is not None or self.fleet.localized:
             refused = self._admit_pools(call, key)
-        if refused is not None:
+            if refused is not None:
+                return refused
+        if key is not None and (refused := self._admit_key(call, key)) is not None:
             return refused
-        if count:
+        if count and stream:
             self._ask_usage(call)
         return call
 
@@ -404,21 +403,9 @@ class Proxy:
         call.pools = found
         return None
 
-    @staticmethod
-    def _estimate(call: Call) -> None:
-        """The request's tokens before any node counted them: its body's bytes over
-        ``PROMPT_BYTES_PER_TOKEN``, plus its ``max_tokens``."""
-        call.max_tokens = call.info.max_tokens or DEFAULT_COMPLETION_TOKENS
-        call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + call.max_tokens
-
     def _ask_usage(self, call: Call) -> None:
-        """Tokens are counted: estimated now, and on streams the node is asked for its
-        usage (the client does not see that chunk unless it asked for it too)."""
-        call.count = True
-        if not call.estimate:
-            self._estimate(call)
-        if not call.info.stream:
-            return
+        """A stream whose tokens are counted asks the node for its usage (the client
+        does not see that chunk unless it asked for it too)."""
         doc = call.doc
         options = doc.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
@@ -443,12 +430,12 @@ class Proxy:
                 f"{key.limits.budget_period}", "insufficient_quota", "insufficient_quota",
                 headers={"Retry-After": str(ceil(renews_in))},
             )  # fmt: skip
-        self._estimate(call)
-        limiter, now = key.limiter, self.clock()
+        limiter = key.limiter
         if limiter is not None:
+            now = self.clock()
             refusal = limiter.admit(now, call.estimate)
             if refusal is not None:
-                self.usage.add(key.name, model, 429, 0, 0)
+                self.usage.add(key.name, model, 429, (0, 0))
                 call.ex.limited = True
                 headers = {
                     **limiter.headers(now, fresh=True),

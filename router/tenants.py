@@ -41,10 +41,13 @@ BURST_S = 1.0  # requests a key may send at once: one second's worth of its rate
 # Besides Authorization: Bearer (istr: looked up without case-folding each time).
 KEY_HEADERS = (istr("api-key"), istr("x-api-key"))
 # OpenAI's rate-limit headers, as case-insensitive names made once
-LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS = (
+RATE_LIMIT_HEADERS = tuple(
     istr(f"x-ratelimit-{what}-{unit}")
     for unit in ("requests", "tokens")
     for what in ("limit", "remaining", "reset")
+)
+LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS = (
+    RATE_LIMIT_HEADERS
 )
 HEADERS_TTL_S = 0.05  # a busy key's rate-limit headers are reused for this long
 SEEN_KEYS = 4096  # valid keys remembered as presented (cleared when the keys change)
@@ -147,10 +150,13 @@ class Limiter:
             wait = self.tat - now - (self.tolerance - t)
             return Refusal("rate_limit_exceeded", f"over {self.rpm} requests per minute", wait)
         if self.tpm:
-            self._refill(now)
-            need = estimate if estimate < self.cap else self.cap  # larger: a full bucket
-            if self.tokens < need:
-                wait = (need - self.tokens) * 60.0 / self.cap
+            cap = self.cap
+            tokens = self.tokens + (now - self.tokens_at) * cap / 60.0
+            self.tokens = tokens = tokens if tokens < cap else cap
+            self.tokens_at = now
+            need = estimate if estimate < cap else cap  # larger: a full bucket
+            if tokens < need:
+                wait = (need - tokens) * 60.0 / cap
                 return Refusal("rate_limit_exceeded", f"over {self.tpm} tokens per minute", wait)
             self.tokens -= estimate
         if t:
@@ -202,6 +208,7 @@ class Key:
     created_at: float = 0.0
     limiter: Limiter | None = None  # None: no rate, token or parallel limit
     models: frozenset[str] = field(default_factory=frozenset)  # empty: every model
+    expires_at: float | None = None  # Unix time (limits.expires_at)
 
     def public(self) -> dict[str, Any]:
         """What listings show: never the key or its hash."""
@@ -261,11 +268,12 @@ class Keyring:
     ) -> Key:  # fmt: skip
         limiter = Limiter(limits, self.share, self.clock()) if _limited(limits) else None
         return Key(id, name, digest, prefix, limits, source, created_at, limiter,
-                   frozenset(limits.models))  # fmt: skip
+                   frozenset(limits.models), limits.expires_at)  # fmt: skip
 
     def _index(self) -> None:
         self.by_hash = {k.hash: k for k in (*self.static.values(), *self.dynamic.values())}
-        self._seen: dict[str, Key] = {}  # presented key -> Key: the hash once per key
+        # Authorization header -> Key: each key hashed once, not on every request
+        self._seen: dict[str, Key] = {}
         # Whether requests are looked at at all: keys exist, or they are required.
         self.active = self.required or bool(self.by_hash)
 
@@ -341,28 +349,36 @@ class Keyring:
             if key.limiter is not None:
                 key.limiter.set_share(share)
 
-    def presented(self, headers: Mapping[str, str]) -> str | None:
-        """The key the request carries, if any."""
-        auth = headers.get(AUTHORIZATION)
-        if auth is not None and (auth.startswith("Bearer ") or auth[:7].lower() == "bearer "):
-            return auth[7:].strip()
-        for name in KEY_HEADERS:
-            value = headers.get(name)
-            if value:
-                return value.strip()
-        return None
-
     def lookup(self, headers: Mapping[str, str]) -> Key | str | None:
         """The request's key; None when it has none that counts (allowed unless keys
         are required); a string: why it is refused (401)."""
-        given = self.presented(headers)
+        auth = headers.get(AUTHORIZATION)
+        key = self._seen.get(auth) if auth is not None else None  # presented before
+        if key is None:
+            found = self._find(auth, headers)
+            if not isinstance(found, Key):
+                return found
+            key = found
+        if key.expires_at is not None and self.wall() >= key.expires_at:
+            return "expired API key"
+        return key
+
+    def _find(self, auth: str | None, headers: Mapping[str, str]) -> Key | str | None:
+        """``lookup`` for a key not presented before: hashed, and remembered by its
+        Authorization header."""
+        given = None
+        if auth is not None and (auth.startswith("Bearer ") or auth[:7].lower() == "bearer "):
+            given = auth[7:].strip()
+        else:
+            auth = None
+            for name in KEY_HEADERS:
+                value = headers.get(name)
+                if value:
+                    given = value.strip()
+                    break
         if given is None:
             return "missing API key" if self.required else None
-        key = self._seen.get(given)
-        if key is None:
-            key = self.by_hash.get(hash_key(given))  # a lookup by hash: nothing to time
-            if key is not None and len(self._seen) < SEEN_KEYS:
-                self._seen[given] = key
+        key = self.by_hash.get(hash_key(given))  # a lookup by hash: nothing to time
         if key is None:
             # Unknown: refused when keys are required, or when it looks like one of
             # ours (revoked, mistyped); any other string (a client's placeholder) is
@@ -370,9 +386,8 @@ class Keyring:
             if self.required or given.startswith(KEY_PREFIX):
                 return "invalid API key"
             return None
-        expires_at = key.limits.expires_at
-        if expires_at is not None and self.wall() >= expires_at:
-            return "expired API key"
+        if auth is not None and len(self._seen) < SEEN_KEYS:
+            self._seen[auth] = key
         return key
 
 
@@ -384,14 +399,16 @@ class Usage:
     def __init__(self) -> None:
         self.pending: dict[tuple[str, str], list[int]] = {}
 
-    def add(self, key: str, model: str, status: int, prompt: int, completion: int) -> None:
+    def add(self, key: str, model: str, status: int, tokens: tuple[int, int]) -> None:
         row = self.pending.get((key, model))
         if row is None:
-            row = self.pending[(key, model)] = [0, 0, 0, 0]
+            self.pending[(key, model)] = [1, int(status >= 400), *tokens]
+            return
         row[0] += 1
-        row[1] += status >= 400
-        row[2] += prompt
-        row[3] += completion
+        if status >= 400:
+            row[1] += 1
+        row[2] += tokens[0]
+        row[3] += tokens[1]
 
     def take(self) -> dict[tuple[str, str], list[int]]:
         taken, self.pending = self.pending, {}

@@ -35,6 +35,8 @@ from router.errors import retry_after_s
 from router.fleet import Node
 from router.gate import BATCH
 from router.measure import Attempt, Meter, Outcome
+from router.pools import FALLBACK_HEADER
+from router.tenants import RATE_LIMIT_HEADERS
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those
 # Ballast sets itself or must not leak to a node.
@@ -57,7 +59,11 @@ HOP_BY_HOP = frozenset(
 # agent) stays here. Ballast sets Content-Type (the body is JSON: it was parsed),
 # x-request-id and x-ballast-via.
 FORWARD_REQUEST = frozenset({"traceparent", "tracestate", "baggage"})
-DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+# A node's answer keeps none of the headers Ballast sets on answers itself: which
+# node served, the fallback model, and the client key's rate limits (a node's own
+# limits are Ballast's to handle, not the client's).
+ROUTER_SETS = frozenset({"x-ballast-node", FALLBACK_HEADER, *RATE_LIMIT_HEADERS})
+DROP_RESPONSE = HOP_BY_HOP | ROUTER_SETS | {"content-length", "set-cookie", "set-cookie2"}
 SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
 # 404 too: a node that claims the model but does not know it is broken for this
 # request, and another node may well serve it.

@@ -582,8 +582,15 @@ async def test_only_allowed_headers_cross_the_router(
         got.append({k.lower(): v for k, v in request.headers.items()})
         if (await request.json()).get("stream"):
             return await sse_answer(request)
-        return web.json_response(ANSWER, headers={"Set-Cookie": "session=node"})
+        return web.json_response(ANSWER, headers=spoofed)
 
+    # A node's answer may not pose as the router: which node served, the client's limits.
+    spoofed = {
+        "Set-Cookie": "session=node",
+        "x-ballast-node": "someone-else",
+        "x-ballast-fallback": "other-model",
+        "x-ratelimit-remaining-requests": "999999",
+    }
     url = await hostile({("POST", "/v1/chat/completions"): answer})
     r = await make_router([{"id": "h", "url": url, "models": [MODEL]}])
     sent = {
@@ -599,6 +606,9 @@ async def test_only_allowed_headers_cross_the_router(
     async with aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",)) as plain:
         async with plain.post(r.url + "/v1/chat/completions", json=chat(), headers=sent) as resp:
             assert resp.status == 200 and "Set-Cookie" not in resp.headers
+            assert resp.headers.getall("x-ballast-node") == ["h"]
+            assert "x-ballast-fallback" not in resp.headers
+            assert "x-ratelimit-remaining-requests" not in resp.headers
         async with plain.post(
             r.url + "/v1/chat/completions", json=chat(), headers={"Accept-Encoding": "gzip"}
         ) as resp:
