@@ -567,7 +567,7 @@ class Metrics:
         retries = 0
         # Summed over the batch, then one increment per series: requests per client
         # key; tokens and cost per (model, pool) and per (key, model).
-        keyed: Tally[tuple[str, str, str]] = Tally()
+        keyed: dict[tuple[str, str, str, bool], list[float]] = {}
         pooled: Sums = {}
         per_key: Sums = {}
         by_pool = self.fleet.pools is not None or self.fleet.priced  # tokens by pool, cost
@@ -591,31 +591,45 @@ class Metrics:
                 self.fallbacks.labels(label(ex.fallback), model).inc()
             if by_pool and ex.tokens is not None:
                 _add(pooled, (model, ex.pool or "none"), ex.tokens, ex.cost)
-            if ex.key:
-                key = self._key_label.get(ex.key)
-                if key is None:  # the first metrics.max_keys names seen; then "other"
-                    key = ex.key if len(self._key_label) < self.max_keys else "other"
-                    self._key_label[ex.key] = key
-                keyed[(key, model, code)] += 1
-                if ex.limited:
-                    self.key_limited.labels(key).inc()
+            if ex.key:  # by the key's name here; by its label below, once per batch
+                series = (ex.key, model, code, ex.limited)
+                row = keyed.get(series)
+                if row is None:
+                    row = keyed[series] = [0, 0, 0, 0.0]
+                row[0] += 1
                 if ex.tokens is not None:
-                    _add(per_key, (key, model), ex.tokens, ex.cost)
-        for labels, n in keyed.items():
-            _child(self._key_children, self.key_requests, *labels).inc(n)
+                    row[1] += ex.tokens[0]
+                    row[2] += ex.tokens[1]
+                    row[3] += ex.cost
+        for (name, model, code, limited), (n, prompt, completion, spent) in keyed.items():
+            key = self._key_name(name)
+            _child(self._key_children, self.key_requests, key, model, code).inc(n)
+            if limited:
+                self.key_limited.labels(key).inc(n)
+            _add(per_key, (key, model), (prompt, completion), spent)
         for sums, cache, tokens, cost in (
             (pooled, self._pooled, self.tokens, self.cost),
             (per_key, self._per_key, self.key_tokens, self.key_cost),
         ):
             for pair, (prompt, completion, spent) in sums.items():
-                _child(cache, tokens, *pair, "prompt").inc(prompt)
-                _child(cache, tokens, *pair, "completion").inc(completion)
+                if prompt or completion:
+                    _child(cache, tokens, *pair, "prompt").inc(prompt)
+                    _child(cache, tokens, *pair, "completion").inc(completion)
                 if spent:
                     _child(cache, cost, *pair).inc(spent)
         if retries:
             self.retries.inc(retries)
         if self.multiprocess:  # each worker's share; summed over live workers
             self.in_flight.set(self.active())
+
+    def _key_name(self, name: str) -> str:
+        """A client key's label: its name for the first ``metrics.max_keys`` names
+        seen, then "other"."""
+        key = self._key_label.get(name)
+        if key is None:
+            key = name if len(self._key_label) < self.max_keys else "other"
+            self._key_label[name] = key
+        return key
 
     def denied(self, request: web.Request) -> web.Response | None:
         """With ``metrics.token_env`` set, a scrape needs that bearer token."""

@@ -423,15 +423,12 @@ class Usage:
 
 
 def usage_from(doc: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an answer's ``usage``, if it has a valid one."""
-    if not isinstance(doc, dict):
-        return None
-    usage = doc.get("usage")
-    if not isinstance(usage, dict):
+    """(prompt, completion) tokens from an answer's ``usage``, if it has a valid one:
+    whole numbers (not booleans) below 2**40, a node's figure bounded like any other."""
+    usage = doc.get("usage") if type(doc) is dict else None
+    if type(usage) is not dict:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    if not (0 <= prompt < 1 << 40 and 0 <= completion < 1 << 40):
-        return None  # a node's figure, bounded like any other
-    return prompt, completion
+    if type(prompt) is int and type(completion) is int and 0 <= prompt < 1 << 40:
+        return (prompt, completion) if 0 <= completion < 1 << 40 else None
+    return None

@@ -288,7 +288,11 @@ def test_usage_is_read_from_the_answers_own_usage_object() -> None:
     body = orjson.dumps({"choices": [{"message": {"content": trick}}], "usage": usage})
     assert usage_from(orjson.loads(body)) == (10, 8)
     assert usage_from({"data": [], "usage": {"prompt_tokens": 7}}) == (7, 0)
-    for bad in ({"usage": None}, {"usage": {"prompt_tokens": -1}}, None, {"usage": "x"}):
+    for bad in (
+        {"usage": None}, {"usage": {"prompt_tokens": -1}}, None, {"usage": "x"},
+        {"usage": {"prompt_tokens": True}},
+        {"usage": {"prompt_tokens": 1, "completion_tokens": 2**40}},
+    ):  # fmt: skip
         assert usage_from(bad) is None
 
 
