@@ -86,7 +86,6 @@ def measure(
         t0 = time.monotonic()
         asyncio.run(send(url, n))
         busy_s = time.monotonic() - t0
-        print(f"  {n} requests in {busy_s:.1f}s", file=sys.stderr)
         dump(router.pid)
         total = dumped(tmp, router.pid, 2)
         if not idle_s:

@@ -359,7 +359,7 @@ class Mirror:
 Sums = dict[tuple[str, str], list[float]]  # (prompt tokens, completion tokens, cost) by pair
 
 
-def _add(sums: Sums, pair: tuple[str, str], tokens: tuple[int, int], cost: float) -> None:
+def _add(sums: Sums, pair: tuple[str, str], tokens: tuple[float, float], cost: float) -> None:
     row = sums.get(pair)
     if row is None:
         sums[pair] = [tokens[0], tokens[1], cost]

@@ -45,7 +45,7 @@ from router.addresses import VIA_HEADER, via_refused
 from router.affinity import HIT, affinity_key, place
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
-from router.config import Config
+from router.config import AuthConfig, Config
 from router.deliver import Deliver
 from router.engines import ENGINES, NO_ENGINE, context_error
 from router.errors import error_response, exhausted, is_error_envelope, no_capacity
@@ -56,7 +56,7 @@ from router.hedge import Hedging
 from router.measure import Outcome
 from router.pools import FALLBACK_HEADER, POOL_HEADER, REGION_HEADER, Pools, prefer_local
 from router.relay import Relay
-from router.tenants import Key, Keyring, Usage
+from router.tenants import Key, Keyring, Refusal
 from router.upstream import Opened, Upstream
 
 log = logging.getLogger("ballast.proxy")
@@ -87,8 +87,8 @@ class Proxy:
         keys: Keyring | None = None,
     ) -> None:
         self.fleet = fleet
-        self.keys = keys  # client keys (router.tenants); None: nobody is asked for one
-        self.usage = Usage()
+        # client keys (router.tenants); by default none, and nobody is asked for one
+        self.keys = keys or Keyring(AuthConfig(), {}, upstream.clock)
         self.gate = Gate(
             fleet, cfg.priority.node_slots, cfg.priority.batch_max_share, upstream.clock,
             max_waiting=cfg.queue.max_size, quiet_s=cfg.priority.interactive_quiet_s,
@@ -250,19 +250,14 @@ class Proxy:
         if node is not None and (node.price_per_mtok or ex.cost):
             ex.cost += (tokens[0] + tokens[1]) * node.price_per_mtok / 1e6
             node.cost += ex.cost
-        key = call.key
-        if key is not None:
-            self.usage.add(key.name, ex.model, status, tokens)
-            if key.limiter is not None:
-                key.limiter.done(call.estimate, tokens[0] + tokens[1])
-            if key.limits.budget_tokens is not None and self.keys is not None:
-                self.keys.spent(key.name, tokens[0] + tokens[1])
+        if call.key is not None:
+            self.keys.settle(call.key, ex.model, status, tokens, call.estimate)
 
     # -- 1. admit -------------------------------------------------------------------
 
     async def _admit(self, request: web.Request, ex: Exchange) -> Call | web.Response:
         key = None
-        if self.keys is not None and self.keys.active:
+        if self.keys.active:
             found = self.keys.lookup(request.headers)
             if isinstance(found, str):
                 return error_response(
@@ -364,8 +359,12 @@ class Proxy:
             refused = self._admit_pools(call, key)
             if refused is not None:
                 return refused
-        if key is not None and (refused := self._admit_key(call, key)) is not None:
-            return refused
+        if key is not None:
+            admitted = self.keys.admit(key, model, call.estimate)
+            if isinstance(admitted, Refusal):
+                return self._refused(ex, admitted)
+            call.answer_headers = admitted
+            call.key = key
         if count and stream:
             self._ask_usage(call)
         return call
@@ -403,6 +402,18 @@ class Proxy:
         call.pools = found
         return None
 
+    @staticmethod
+    def _refused(ex: Exchange, refused: Refusal) -> web.Response:
+        """A key's request refused (router.tenants), in the API's envelope."""
+        ex.limited = refused.code == "rate_limit_exceeded"
+        headers = dict(refused.headers or {})
+        if refused.retry_after is not None:
+            headers["Retry-After"] = str(ceil(refused.retry_after))
+        param = "model" if refused.code == "model_not_allowed" else None
+        return error_response(
+            refused.status, refused.message, refused.type, refused.code, param, headers=headers
+        )
+
     def _ask_usage(self, call: Call) -> None:
         """A stream whose tokens are counted asks the node for its usage (the client
         does not see that chunk unless it asked for it too)."""
@@ -411,43 +422,6 @@ class Proxy:
         if not (isinstance(options, dict) and options.get("include_usage")):
             doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
             call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
-
-    def _admit_key(self, call: Call, key: Key) -> web.Response | None:
-        """The key's model allow-list, budget and limits."""
-        model = call.info.model
-        if key.models and model not in key.models:
-            return error_response(
-                403, f"this key may not use the model {model[:64]!r}", "invalid_request_error",
-                "model_not_allowed", "model",
-            )  # fmt: skip
-        if key.limits.budget_tokens is not None and self.keys is not None:
-            renews_in = self.keys.over_budget(key, self.keys.wall())
-        else:
-            renews_in = None
-        if renews_in is not None:
-            return error_response(
-                429, f"key {key.name} has used its token budget for the "
-                f"{key.limits.budget_period}", "insufficient_quota", "insufficient_quota",
-                headers={"Retry-After": str(ceil(renews_in))},
-            )  # fmt: skip
-        limiter = key.limiter
-        if limiter is not None:
-            now = self.clock()
-            refusal = limiter.admit(now, call.estimate)
-            if refusal is not None:
-                self.usage.add(key.name, model, 429, (0, 0))
-                call.ex.limited = True
-                headers = {
-                    **limiter.headers(now, fresh=True),
-                    "Retry-After": str(ceil(refusal.retry_after)),
-                }
-                return error_response(
-                    429, f"rate limit reached for key {key.name}: {refusal.message}",
-                    "requests", refusal.code, headers=headers,
-                )  # fmt: skip
-            call.answer_headers = limiter.headers(now)
-        call.key = key
-        return None
 
     # -- 2. candidates ----------------------------------------------------------------
 

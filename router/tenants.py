@@ -85,11 +85,16 @@ def period_days(period: str, wall: float) -> list[str]:
 
 @dataclass(slots=True)
 class Refusal:
-    """Over a limit: why, and when to try again."""
+    """Why a key's request is refused: the status, the error's type and code, a
+    message, when to try again (seconds, for Retry-After) and, over a rate limit,
+    the key's rate-limit headers."""
 
+    status: int
+    type: str
     code: str
     message: str
-    retry_after: float
+    retry_after: float | None = None
+    headers: dict[str, str] | None = None
 
 
 class Limiter:
@@ -144,11 +149,11 @@ class Limiter:
 
     def admit(self, now: float, estimate: int) -> Refusal | None:
         if self.plimit and self.parallel >= self.plimit:
-            return Refusal("rate_limit_exceeded", "too many requests in progress", 1.0)
+            return _over_limit("too many requests in progress", 1.0)
         t = self.t
         if t and self.tat - now > self.tolerance - t:
             wait = self.tat - now - (self.tolerance - t)
-            return Refusal("rate_limit_exceeded", f"over {self.rpm} requests per minute", wait)
+            return _over_limit(f"over {self.rpm} requests per minute", wait)
         if self.tpm:
             cap = self.cap
             tokens = self.tokens + (now - self.tokens_at) * cap / 60.0
@@ -157,7 +162,7 @@ class Limiter:
             need = estimate if estimate < cap else cap  # larger: a full bucket
             if tokens < need:
                 wait = (need - tokens) * 60.0 / cap
-                return Refusal("rate_limit_exceeded", f"over {self.tpm} tokens per minute", wait)
+                return _over_limit(f"over {self.tpm} tokens per minute", wait)
             self.tokens -= estimate
         if t:
             self.tat = (self.tat if self.tat > now else now) + t
@@ -195,6 +200,10 @@ class Limiter:
             out[REMAINING_TOKENS] = str(int(tokens / share)) if tokens > 0 else "0"
             out[RESET_TOKENS] = f"{int((self.cap - tokens) * 60000 / self.cap)}ms"
         return out
+
+
+def _over_limit(message: str, retry_after: float) -> Refusal:
+    return Refusal(429, "requests", "rate_limit_exceeded", message, retry_after)
 
 
 @dataclass(eq=False)
@@ -248,6 +257,7 @@ class Keyring:
         self.share = 1.0
         self.by_hash: dict[str, Key] = {}
         self.active = False
+        self.usage = Usage()  # flushed to the store in the background
         # Token budgets: the store's count at its last sync, this process's since, and
         # the period (UTC day or month) that count is for, per key name.
         self._budget_base: dict[str, int] = {}
@@ -339,6 +349,45 @@ class Keyring:
             self._budget_period[key.name] = period
         used = self._budget_base.get(key.name, 0) + self._budget_local.get(key.name, 0)
         return period_end(key.limits.budget_period, wall) - wall if used >= budget else None
+
+    # -- a request made with a key -----------------------------------------------------
+
+    def admit(self, key: Key, model: str, estimate: int) -> Refusal | dict[str, str] | None:
+        """Whether ``key`` may send a request for ``model`` of about ``estimate``
+        tokens: why not, or the rate-limit headers its answer carries (None: the key
+        has no limits). Admitted, it holds its share of the key's limits until
+        :meth:`settle`."""
+        if key.models and model not in key.models:
+            message = f"this key may not use the model {model[:64]!r}"
+            return Refusal(403, "invalid_request_error", "model_not_allowed", message)
+        if key.limits.budget_tokens is not None:
+            renews_in = self.over_budget(key, self.wall())
+            if renews_in is not None:
+                message = f"key {key.name} has used its token budget for the "
+                message += key.limits.budget_period
+                return Refusal(429, "insufficient_quota", "insufficient_quota", message, renews_in)
+        limiter = key.limiter
+        if limiter is None:
+            return None
+        now = self.clock()
+        refused = limiter.admit(now, estimate)
+        if refused is None:
+            return limiter.headers(now)
+        self.usage.add(key.name, model, 429, (0, 0))
+        refused.message = f"rate limit reached for key {key.name}: {refused.message}"
+        refused.headers = limiter.headers(now, fresh=True)
+        return refused
+
+    def settle(
+        self, key: Key, model: str, status: int, tokens: tuple[int, int], estimate: int
+    ) -> None:
+        """An admitted request ended: its usage, and its tokens as the node counted
+        them (not as estimated) in the key's token bucket and budget."""
+        self.usage.add(key.name, model, status, tokens)
+        if key.limiter is not None:
+            key.limiter.done(estimate, tokens[0] + tokens[1])
+        if key.limits.budget_tokens is not None:
+            self.spent(key.name, tokens[0] + tokens[1])
 
     def set_share(self, share: float) -> None:
         """This process's share of every key's limits (1 / live router processes)."""
