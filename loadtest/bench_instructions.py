@@ -1,16 +1,21 @@
 """Instructions per request, counted by valgrind's callgrind: repeatable on a
 shared machine where CPU time is not.
 
-    python -m loadtest.bench_instructions [--requests 800] [--auth] [--bare]
+    python -m loadtest.bench_instructions [--requests 2000] [--auth] [--bare] [--idle 5]
 
 Starts the benchmark node (``loadtest.bench_overhead``'s) and ``ballast serve``
 under ``valgrind --tool=callgrind``, warms the router up, zeroes the counters
 (a dump), sends ``--requests`` non-streamed chat requests 8 at a time, dumps
 again, and prints the router's instructions per request for that window
-(background tasks included). With ``--auth`` it measures the router without and
-with ``auth.required`` and three limited keys, and prints the difference; with
-``--bare`` also the benchmark's bare aiohttp pass-through proxy, the yardstick
-for converting instructions to time. Each measurement takes about half a minute.
+(background tasks included). It then leaves the router idle for ``--idle``
+seconds and prints the timers' share: what the background work seen while idle
+adds per request at the rate the window ran (under callgrind the router serves
+about 150 requests a second, several times fewer than natively, so timers
+weigh more per request here than in service). With ``--auth`` it measures the
+router without and with ``auth.required`` and three limited keys, and prints
+the difference (also without the timers' share); with ``--bare`` also the
+benchmark's bare aiohttp pass-through proxy, the yardstick for converting
+instructions to time. Each measurement takes under a minute.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def timers(background: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--requests", type=int, default=800)
+    ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--auth", action="store_true", help="also with auth.required and 3 keys")
     ap.add_argument("--bare", action="store_true", help="also the bare aiohttp pass-through proxy")
     ap.add_argument(
