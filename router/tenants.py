@@ -413,13 +413,13 @@ class Keyring:
         return key
 
     def _find(self, auth: str | None, headers: Mapping[str, str]) -> Key | str | None:
-        """``lookup`` for a key not presented before: hashed, and remembered by its
-        Authorization header."""
+        """``lookup`` for a key not presented before: hashed, and remembered when it
+        came as ``Authorization: Bearer <key>`` exactly (other spellings of the same
+        key cannot fill the memory)."""
         given = None
         if auth is not None and (auth.startswith("Bearer ") or auth[:7].lower() == "bearer "):
             given = auth[7:].strip()
         else:
-            auth = None
             for name in KEY_HEADERS:
                 value = headers.get(name)
                 if value:
@@ -435,7 +435,7 @@ class Keyring:
             if self.required or given.startswith(KEY_PREFIX):
                 return "invalid API key"
             return None
-        if auth is not None and len(self._seen) < SEEN_KEYS:
+        if auth == "Bearer " + given and len(self._seen) < SEEN_KEYS:
             self._seen[auth] = key
         return key
 

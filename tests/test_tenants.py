@@ -10,9 +10,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict
 
-from router.config import KeyLimits
-from router.tenants import Limiter, hash_key, usage_from
+from router.config import AuthConfig, KeyLimits
+from router.tenants import Key, Keyring, Limiter, hash_key, usage_from
 from tests.conftest import MODEL, MakeRouter, MakeSim, RedisServer, chat, node_entry
 from tests.test_supply import until
 
@@ -62,6 +63,31 @@ async def test_keys_are_required_and_allow_listed(
         assert status == 200, doc
     status, _, doc = await post(http, r.url, chat(model="m2"), bearer(STATIC_KEY))
     assert status == 403 and doc["error"]["code"] == "model_not_allowed"
+
+
+def test_a_key_is_hashed_once_and_its_expiry_read_every_time() -> None:
+    wall = [1000.0]
+    auth = AuthConfig(
+        required=True,
+        keys=[{"name": "team", "hash": hash_key(STATIC_KEY), "expires_at": 2000.0}],
+    )
+    ring = Keyring(auth, {}, wall=lambda: wall[0])
+    spellings = (
+        {"Authorization": f"Bearer {STATIC_KEY}"},
+        {"Authorization": f"bearer  {STATIC_KEY} "},
+        {"api-key": STATIC_KEY},
+        {"x-api-key": f" {STATIC_KEY}"},
+    )
+    for headers in spellings * 2:
+        key = ring.lookup(CIMultiDict(headers))
+        assert isinstance(key, Key) and key.name == "team", headers
+    # Remembered only as Authorization: Bearer <key> exactly: other spellings of one
+    # key cannot fill the memory.
+    assert list(ring._seen) == [f"Bearer {STATIC_KEY}"]
+    assert ring.lookup(CIMultiDict({"Authorization": "Bearer sk-bal-other"})) == "invalid API key"
+    wall[0] = 2000.0
+    for headers in spellings:
+        assert ring.lookup(CIMultiDict(headers)) == "expired API key"
 
 
 async def test_without_required_keys_anonymous_callers_still_pass(
