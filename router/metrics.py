@@ -565,15 +565,18 @@ class Metrics:
         """Count a batch of finished requests (from the Recorder)."""
         label, requests, by_model = self.model_label, self._requests, self._by_model
         retries = 0
-        # Summed over the batch, then one increment per series: requests per client
-        # key; tokens and cost per (model, pool) and per (key, model).
+        # Summed over the batch, then one increment per series: requests by model and
+        # status, and by model and placement; per client key; tokens and cost per
+        # (model, pool) and per (key, model).
+        counted: dict[tuple[str, str], int] = {}
+        placed: dict[tuple[str, str], int] = {}
         keyed: dict[tuple[str, str, str, bool], list[float]] = {}
         pooled: Sums = {}
         per_key: Sums = {}
         by_pool = self.fleet.pools is not None or self.fleet.priced  # tokens by pool, cost
         for ex in batch:
             model, code = label(ex.model), str(ex.status)
-            _child(requests, self.requests, model, code).inc()
+            counted[(model, code)] = counted.get((model, code), 0) + 1
             hists = by_model.get(model)
             if hists is None:
                 hists = by_model[model] = (self.duration.labels(model), self.ttfb.labels(model))
@@ -582,7 +585,7 @@ class Metrics:
                 hists[1].observe(ex.ttfb)
             retries += max(0, ex.attempts - 1)
             if ex.attempts:
-                _child(self._affinity, self.affinity, model, ex.affinity).inc()
+                placed[(model, ex.affinity)] = placed.get((model, ex.affinity), 0) + 1
             if ex.queued_s:
                 self.queue_wait.labels(ex.priority).observe(ex.queued_s)
             for _, reason, outcome in ex.resumed:
@@ -601,6 +604,10 @@ class Metrics:
                     row[1] += ex.tokens[0]
                     row[2] += ex.tokens[1]
                     row[3] += ex.cost
+        for pair, n in counted.items():
+            _child(requests, self.requests, *pair).inc(n)
+        for pair, n in placed.items():
+            _child(self._affinity, self.affinity, *pair).inc(n)
         for (name, model, code, limited), (n, prompt, completion, spent) in keyed.items():
             key = self._key_name(name)
             _child(self._key_children, self.key_requests, key, model, code).inc(n)
