@@ -105,7 +105,7 @@ def measure(
 
 
 def timers(background: float) -> str:
-    return f" (timers' share at this rate: {background:,.0f})" if background else ""
+    return f" (timers' share at this rate: {background:,.0f})" if round(background) else ""
 
 
 def main() -> None:

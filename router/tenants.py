@@ -154,7 +154,7 @@ class Limiter:
         if t and self.tat - now > self.tolerance - t:
             wait = self.tat - now - (self.tolerance - t)
             return _over_limit(f"over {self.rpm} requests per minute", wait)
-        if self.tpm:
+        if self.tpm:  # _refill, inline on the request path
             cap = self.cap
             tokens = self.tokens + (now - self.tokens_at) * cap / 60.0
             self.tokens = tokens = tokens if tokens < cap else cap
