@@ -175,7 +175,7 @@ def build_router(
     keys = Keyring(cfg.auth, os.environ, clock)
     proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder, keys=keys)
     store = make_store(cfg, clock)
-    store.keyring, store.usage = keys, keys.usage
+    store.keyring = keys
     health = HealthMonitor(cfg.health, fleet, meter.signals, store, clock)
     prober = Prober(cfg.health, fleet, store, upstream, clock) if cfg.health.probe else None
     metrics = Metrics(

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import ClientError, web
 
 from router.call import Call
-from router.errors import sse_error_event
+from router.errors import NODE_HEADER, sse_error_event
 from router.fleet import Node
 from router.measure import Outcome
 from router.relay import Relay
@@ -70,7 +70,7 @@ class Deliver:
         status = response.status
         ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
         headers = response_headers(response.headers)  # none of those added here
-        headers.add("x-ballast-node", node.id)
+        headers.add(NODE_HEADER, node.id)
         if call.answer_headers is not None:
             headers.extend(call.answer_headers)
         if opened.whole:

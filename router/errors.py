@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from router.call import Failed
 
 
-ROUTER_NODE = {"x-ballast-node": "ballast"}  # answers the router gives itself
+NODE_HEADER = "x-ballast-node"  # which node served an answer
+ROUTER_NODE = {NODE_HEADER: "ballast"}  # answers the router gives itself
 
 
 def error_body(

@@ -48,7 +48,7 @@ from router.call import Call, Exchange, Failed
 from router.config import AuthConfig, Config
 from router.deliver import Deliver
 from router.engines import ENGINES, NO_ENGINE, context_error
-from router.errors import error_response, exhausted, is_error_envelope, no_capacity
+from router.errors import NODE_HEADER, error_response, exhausted, is_error_envelope, no_capacity
 from router.fit import Fit
 from router.fleet import Fleet, Node
 from router.gate import BATCH, Gate
@@ -632,7 +632,7 @@ class Proxy:
         status, body, node = opened.status, opened.first, opened.node
         self._settle(call, opened)
         call.ex.node = node.id
-        headers = {"x-ballast-node": node.id}
+        headers = {NODE_HEADER: node.id}
         if context_error(status, body) is not None:
             return error_response(
                 400,

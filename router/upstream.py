@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from router.addresses import VIA_HEADER
 from router.call import Call, Failed
 from router.config import Config
-from router.errors import retry_after_s
+from router.errors import NODE_HEADER, retry_after_s
 from router.fleet import Node
 from router.gate import BATCH
 from router.measure import Attempt, Meter, Outcome
@@ -62,7 +62,7 @@ FORWARD_REQUEST = frozenset({"traceparent", "tracestate", "baggage"})
 # A node's answer keeps none of the headers Ballast sets on answers itself: which
 # node served, the fallback model, and the client key's rate limits (a node's own
 # limits are Ballast's to handle, not the client's).
-ROUTER_SETS = frozenset({"x-ballast-node", FALLBACK_HEADER, *RATE_LIMIT_HEADERS})
+ROUTER_SETS = frozenset({NODE_HEADER, FALLBACK_HEADER, *RATE_LIMIT_HEADERS})
 DROP_RESPONSE = HOP_BY_HOP | ROUTER_SETS | {"content-length", "set-cookie", "set-cookie2"}
 SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
 # 404 too: a node that claims the model but does not know it is broken for this

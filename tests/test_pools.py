@@ -8,7 +8,6 @@ from random import Random
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from loadtest.simnode import Fault, SimNode
@@ -18,6 +17,7 @@ from router.measure import Meter, Outcome
 from router.pools import Pools, prefer_local
 from tests.conftest import MakeRouter, MakeSim, RouterHandle, chat, node_entry
 from tests.test_observability import metric_value, scrape
+from tests.test_tenants import post
 
 SLO = {"ttfb_p95_ms": 200, "error_rate": 0.2}
 
@@ -125,17 +125,6 @@ def test_locality_breaks_ties_only() -> None:
 # -- through the router -------------------------------------------------------------------
 
 
-async def post(
-    http: aiohttp.ClientSession, r: RouterHandle, body: dict[str, Any], **headers: str
-) -> tuple[int, Any, Any]:
-    async with http.post(
-        r.url + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
-    ) as resp:
-        raw = await resp.read()
-        doc = orjson.loads(raw) if not body.get("stream") else raw
-        return resp.status, doc, resp.headers
-
-
 async def spot_and_reserved(
     fleet: MakeSim, make_router: MakeRouter, n_spot: int = 2, auth: Any = None, **pools: Any
 ) -> tuple[list[SimNode], SimNode, RouterHandle]:
@@ -163,8 +152,8 @@ async def test_spot_first_all_spot_killed_reserved_serves_spot_back_returns(
     served: Counter[str] = Counter()
 
     async def burst(n: int) -> None:
-        for status, doc, headers in await asyncio.gather(
-            *(post(http, r, chat(stream=i % 2 == 0, max_tokens=8)) for i in range(n))
+        for status, headers, doc in await asyncio.gather(
+            *(post(http, r.url, chat(stream=i % 2 == 0, max_tokens=8), {}) for i in range(n))
         ):
             assert status == 200, doc
             served[headers["x-ballast-node"]] += 1
@@ -198,15 +187,15 @@ async def test_a_pool_breaking_its_ttfb_slo_spills(
     async with asyncio.timeout(15):
         while not r.router.proxy.pools.pools[0].spilling:  # type: ignore[union-attr]
             for status, _, _ in await asyncio.gather(
-                *(post(http, r, chat(max_tokens=8)) for _ in range(5))
+                *(post(http, r.url, chat(max_tokens=8), {}) for _ in range(5))
             ):
                 assert status == 200
     for _ in range(10):
-        status, _, headers = await post(http, r, chat(max_tokens=8))
+        status, headers, _ = await post(http, r.url, chat(max_tokens=8), {})
         served[headers["x-ballast-node"]] += 1
     assert served == {"reserved-0": 10}
     # Pinned to spot, a request still goes there (it may not spill).
-    status, _, headers = await post(http, r, chat(max_tokens=8), **{"x-ballast-pool": "spot"})
+    status, headers, _ = await post(http, r.url, chat(max_tokens=8), {"x-ballast-pool": "spot"})
     assert status == 200 and headers["x-ballast-node"].startswith("spot-")
     # Fast again: with no trickle the pool's window empties (2 s) and after recover_s
     # (1 s) without a breach it takes its traffic back.
@@ -214,7 +203,7 @@ async def test_a_pool_breaking_its_ttfb_slo_spills(
         s.set_fault(Fault())
     async with asyncio.timeout(10):
         while True:
-            status, _, headers = await post(http, r, chat(max_tokens=8))
+            status, headers, _ = await post(http, r.url, chat(max_tokens=8), {})
             if headers["x-ballast-node"].startswith("spot-"):
                 break
             await asyncio.sleep(0.05)  # paced: the window must empty, not fill with reserved
@@ -232,7 +221,7 @@ async def test_cost_counters_equal_the_formula(
     team = {"Authorization": "Bearer sk-bal-" + "t" * 43}
     for i in range(12):
         headers = team if i >= 9 else {}
-        status, _, _ = await post(http, r, chat(stream=i % 3 == 0, max_tokens=5 + i), **headers)
+        status, _, _ = await post(http, r.url, chat(stream=i % 3 == 0, max_tokens=5 + i), headers)
         assert status == 200
     sent = spot[0].usage_sent
     text = await scrape(http, r.url)
@@ -248,11 +237,12 @@ async def test_cost_counters_equal_the_formula(
         keyed * 0.5 / 1e6
     )
     # Pinned to reserved (priced per hour): its cost is its node time, not nothing.
-    status, doc, headers = await post(http, r, chat(max_tokens=8), **{"x-ballast-pool": "reserved"})
+    pinned = {"x-ballast-pool": "reserved"}
+    status, headers, doc = await post(http, r.url, chat(max_tokens=8), pinned)
     assert status == 200 and headers["x-ballast-node"] == "reserved-0"
     text = await scrape(http, r.url)
     assert 0 < metric_value(text, "ballast_cost_total", pool="reserved") < 3.6 / 3600 * 5
-    status, doc, _ = await post(http, r, chat(), **{"x-ballast-pool": "moon"})
+    status, _, doc = await post(http, r.url, chat(), {"x-ballast-pool": "moon"})
     assert status == 400 and doc["error"]["code"] == "invalid_pool"  # type: ignore[index]
 
 
@@ -268,11 +258,11 @@ async def test_a_fallback_model_answers_when_the_primary_has_no_supply(
         timeouts={"connect_s": 1, "first_byte_s": 5, "total_s": 10},
         queue={"max_wait_s": 0.5},
     )  # fmt: skip
-    status, doc, headers = await post(http, r, {**chat(), "model": "big"})
+    status, headers, doc = await post(http, r.url, {**chat(), "model": "big"}, {})
     assert status == 200 and "x-ballast-fallback" not in headers  # the primary serves
     await big.stop()
     for stream in (False, True, False):  # a refused attempt, then no supply at all
-        status, doc, headers = await post(http, r, {**chat(stream=stream), "model": "big"})
+        status, headers, doc = await post(http, r.url, {**chat(stream=stream), "model": "big"}, {})
         assert status == 200, doc
         assert headers["x-ballast-fallback"] == "small"
         assert headers["x-ballast-node"] == "small-0"
@@ -281,7 +271,7 @@ async def test_a_fallback_model_answers_when_the_primary_has_no_supply(
         else:
             assert b'"model":"small"' in doc  # type: ignore[operator]
     # A model no node claims, with a fallback configured: served, not 404.
-    status, doc, headers = await post(http, r, {**chat(), "model": "gone"})
+    status, headers, doc = await post(http, r.url, {**chat(), "model": "gone"}, {})
     assert status == 200 and headers["x-ballast-fallback"] == "small"
     text = await scrape(http, r.url)
     assert metric_value(text, "ballast_fallbacks_total", model="big", fallback="small") == 3
@@ -305,18 +295,18 @@ async def test_a_key_pinned_to_a_pool_and_a_region_preferred(
     )  # fmt: skip
     cheap = {"Authorization": "Bearer sk-bal-" + "c" * 43}
     for _ in range(2):  # refused before the key's limits count it: no slot is kept
-        status, doc, _ = await post(http, r, chat(), **cheap, **{"x-ballast-pool": "reserved"})
+        status, _, doc = await post(http, r.url, chat(), {**cheap, "x-ballast-pool": "reserved"})
         assert status == 403 and doc["error"]["code"] == "pool_not_allowed"
     await spot.stop()
     await spot_us.stop()
-    status, doc, _ = await post(http, r, chat(), **cheap)  # spot only: nothing to spill to
+    status, _, doc = await post(http, r.url, chat(), cheap)  # spot only: nothing to spill to
     assert status == 502 and doc["error"]["code"] == "upstream_failed"
-    status, _, headers = await post(http, r, chat())  # anonymous: reserved takes it
+    status, headers, _ = await post(http, r.url, chat(), {})  # anonymous: reserved takes it
     assert status == 200 and headers["x-ballast-node"] == "reserved-0"
     await spot.start()
     await spot_us.start()
     served: Counter[str] = Counter()
     for _ in range(20):  # equal nodes: the region decides
-        status, _, headers = await post(http, r, chat(), **{"x-ballast-region": "us"})
+        status, headers, _ = await post(http, r.url, chat(), {"x-ballast-region": "us"})
         served[headers["x-ballast-node"]] += 1
     assert served["spot-us"] >= 15

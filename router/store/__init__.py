@@ -26,7 +26,7 @@ from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Signals
 from router.store import codec
 from router.tasks import cancel_and_wait
-from router.tenants import Keyring, Usage
+from router.tenants import Keyring
 
 log = logging.getLogger("ballast.store")
 
@@ -77,9 +77,9 @@ class StateStore(Protocol):
     # Client keys and their usage (router.tenants). The store hands ``keyring`` every
     # dynamic key record whenever they change (on any replica), its share of the
     # keys' limits when the number of live router processes changes, and each
-    # budgeted key's count for its period; it flushes ``usage`` in the background.
+    # budgeted key's count for its period; it flushes the keyring's usage in the
+    # background.
     keyring: Keyring | None
-    usage: Usage | None
 
     async def put_key(self, record: dict[str, Any]) -> None: ...
 
@@ -129,7 +129,6 @@ class MemoryStore:
     routers = ("local",)
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
     keyring: Keyring | None = None  # one process: its own counts are the whole counts
-    usage: Usage | None = None
 
     def __init__(
         self,
@@ -163,8 +162,9 @@ class MemoryStore:
             self.keyring.adopt(self.keys)
 
     async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
-        if self.usage is not None:
-            add_rows(self.days.setdefault(utc_day(self.wall()), {}), self.usage.take())
+        if self.keyring is not None:
+            taken = self.keyring.usage.take()
+            add_rows(self.days.setdefault(utc_day(self.wall()), {}), taken)
         out: dict[tuple[str, str], list[int]] = {}
         for day, rows in self.days.items():
             if day >= since:

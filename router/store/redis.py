@@ -125,7 +125,6 @@ class RedisStore:
             p + "usage:",
         )
         self.keyring: Keyring | None = None
-        self.usage: Usage | None = None
         self._budgets_at = -float("inf")
         self._keys_seen: bytes | None = None
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
@@ -409,9 +408,10 @@ class RedisStore:
     async def _flush_usage(self) -> int:
         """This process's usage since the last flush, added to the day's totals; kept
         for the next flush when Redis cannot take it."""
-        if self.usage is None or not self.usage.pending:
+        if self.keyring is None or not self.keyring.usage.pending:
             return 0
-        taken = self.usage.take()
+        usage = self.keyring.usage
+        taken = usage.take()
         key = self.k_usage + utc_day(self.wall())
         pipe = self.client.pipeline(transaction=False)
         for (name, model), row in taken.items():
@@ -422,7 +422,7 @@ class RedisStore:
         try:
             await pipe.execute()
         except BaseException:
-            self.usage.restore(taken)
+            usage.restore(taken)
             raise
         return 1
 
@@ -468,8 +468,8 @@ class RedisStore:
                 except ValueError:
                     continue
                 out.setdefault((name, model), [0] * len(Usage.FIELDS))[i] += int(value)
-        if self.usage is not None:
-            add_rows(out, self.usage.pending)  # not flushed yet
+        if self.keyring is not None:
+            add_rows(out, self.keyring.usage.pending)  # not flushed yet
         return out
 
     async def _republish(self) -> int:
