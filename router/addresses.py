@@ -13,6 +13,11 @@ Always refused: link-local addresses (the usual cloud metadata address
 router's own listen address. Then, with ``registry.allowed_networks`` set, an
 address must lie in one of those networks; without it, it must be a global
 (public) address: no loopback, private, shared (CGNAT) or reserved ranges.
+An IPv6 address that carries an IPv4 one (NAT64 ``64:ff9b::/96``, 6to4
+``2002::/16``, Teredo ``2001::/32``, the IPv4-mapped, -translated and
+-compatible forms) is judged by that IPv4 address, as a connection to it reaches
+it; a local-use NAT64 address (``64:ff9b:1::/48``), whose IPv4 address only its
+network knows, is refused.
 
 Requests Ballast sends carry ``x-ballast-via`` (the ids of the routers they
 passed); a router refuses a request that has already passed it, or too many
@@ -47,6 +52,19 @@ METADATA = tuple(
         "fd20:ce::254/128",  # Google Cloud over IPv6
     )
 )
+# IPv6 ranges that carry an IPv4 address a connection really goes to (by NAT64,
+# SIIT or the deprecated IPv4-compatible form); 6to4, Teredo and IPv4-mapped
+# addresses are read by ``ipaddress`` itself.
+CARRY_IPV4 = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "64:ff9b::/96",  # NAT64, well-known prefix (RFC 6052)
+        "::ffff:0:0:0/96",  # IPv4-translated (RFC 2765)
+        "::/96",  # IPv4-compatible (RFC 4291, deprecated); :: and ::1 are judged as such
+    )
+)
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
+LOOPBACK6, UNSPECIFIED6 = ipaddress.IPv6Address("::1"), ipaddress.IPv6Address("::")
 VIA_HEADER = "x-ballast-via"
 MAX_HOPS = 4  # routers one request may pass
 
@@ -76,11 +94,22 @@ class AddressRules:
                 infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
             except OSError:
                 continue
-            self.own_addresses.update(_plain(ipaddress.ip_address(i[4][0])) for i in infos)
+            for info in infos:
+                self.own_addresses.update(carried(ipaddress.ip_address(info[4][0])))
 
     def refused(self, addr: IPAddress, port: int) -> str | None:
-        """Why a node may not be reached at ``addr``:``port``, or None."""
-        addr = _plain(addr)
+        """Why a node may not be reached at ``addr``:``port``, or None. An IPv6
+        address carrying IPv4 ones (NAT64, 6to4, Teredo, IPv4-mapped, -translated or
+        -compatible) is judged by those, each by the same rules as any IPv4 address."""
+        inner = carried(addr)
+        if not inner:
+            return "a local-use NAT64 address (the IPv4 address it reaches is unknown)"
+        for one in inner:
+            if (why := self._refused(one, port)) is not None:
+                return why if one == addr else f"carries {one}, {why}"
+        return None
+
+    def _refused(self, addr: IPAddress, port: int) -> str | None:
         if addr.is_link_local or any(addr in net for net in METADATA):
             return "a link-local or cloud metadata address"
         if (
@@ -100,10 +129,23 @@ class AddressRules:
         return None
 
 
-def _plain(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+def carried(addr: IPAddress) -> tuple[IPAddress, ...]:
+    """The addresses ``addr`` is judged by: the IPv4 ones an IPv6 transition address
+    carries (Teredo: its server and its client), else ``addr`` itself; none for a
+    local-use NAT64 address, whose mapping only its network knows."""
+    if isinstance(addr, ipaddress.IPv4Address) or addr in (LOOPBACK6, UNSPECIFIED6):
+        return (addr,)
+    if addr in NAT64_LOCAL:
+        return ()
+    if addr.ipv4_mapped is not None:
+        return (addr.ipv4_mapped,)
+    if addr.sixtofour is not None:
+        return (addr.sixtofour,)
+    if addr.teredo is not None:
+        return addr.teredo
+    if any(addr in net for net in CARRY_IPV4):
+        return (ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF),)
+    return (addr,)
 
 
 async def check_url(url: str, rules: AddressRules) -> str | None:

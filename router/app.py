@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
@@ -27,7 +27,7 @@ from policies import Policy, PolicyError, build_policy
 from router import ui
 from router.addresses import AddressRules, GuardedResolver, hosts_of
 from router.config import Config, ConfigError, load_config
-from router.errors import ROUTER_NODE, error_body, error_response
+from router.errors import ROUTER_NODE, error_body, error_response, invalid_key
 from router.fleet import Fleet
 from router.health import HealthMonitor
 from router.keyadmin import KeyAdmin
@@ -68,18 +68,20 @@ class Router:
     clock: Callable[[], float]
     config_path: Path | None = None
     draining: bool = False  # SIGTERM received: /readyz fails, connections close after use
+    _models: list[str] = field(default_factory=list)
     _models_body: bytes = b""
     _models_version: int = -1
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def models_body(self) -> bytes:
+    def models_body(self, allowed: frozenset[str] = frozenset()) -> bytes:
+        """``GET /v1/models``: the models served, only those in ``allowed`` when it
+        is not empty (a key's allow-list)."""
         if self._models_version != self.fleet.version:
-            data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "ballast"}
-                for m in self.fleet.served_models()
-            ]
-            self._models_body = orjson.dumps({"object": "list", "data": data})
+            self._models = self.fleet.served_models()
+            self._models_body = _model_list(self._models)
             self._models_version = self.fleet.version
+        if allowed:
+            return _model_list([m for m in self._models if m in allowed])
         return self._models_body
 
     def swap_policy(self, name: str, params: dict[str, object]) -> Policy:
@@ -127,6 +129,20 @@ class Router:
 
 
 ROUTER = web.AppKey("router", Router)
+
+
+def _model_list(models: Iterable[str]) -> bytes:
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "ballast"} for m in models]
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def warn_if_open(router: Router) -> None:
+    """At start: say so when ``/metrics`` answers anyone who can reach it."""
+    if router.cfg.metrics.enabled and router.metrics.token is None:
+        log.warning(
+            "/metrics is open to anyone who can reach the router: it shows node ids, client "
+            "key names and per-key counts; set metrics.token_env to require a token"
+        )
 
 
 class ListenError(Exception):
@@ -330,7 +346,12 @@ def create_app(
         return response
 
     async def models(request: web.Request) -> web.Response:
-        body = request.app[ROUTER].models_body()
+        router = request.app[ROUTER]
+        keys = router.proxy.keys
+        key = keys.lookup(request.headers) if keys.active else None
+        if isinstance(key, str):  # as an inference request with that key would be
+            return invalid_key(key)
+        body = router.models_body(key.models if key is not None else frozenset())
         return web.Response(body=body, content_type="application/json", headers=ROUTER_NODE)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -350,7 +371,8 @@ def create_app(
             "routable_nodes": n,
             "store": store,
         }
-        if "verbose" in request.query:
+        # The detail is the operator's (the admin token); without it, the plain answer.
+        if "verbose" in request.query and admin_denied(request, router.admin_token) is None:
             body["routers"] = len(router.store.routers)
             body["models"] = router.fleet.supply_by_model()
         return web.json_response(body, status=503 if router.draining else 200)
@@ -496,6 +518,7 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, app[ROUTER].reload)
     log.info("ballast listening on http://%s:%d", cfg.listen.host, port)
+    warn_if_open(app[ROUTER])
     if ready is not None:
         ready(port)
     try:

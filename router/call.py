@@ -19,6 +19,7 @@ from router.affinity import NONE
 from router.measure import Outcome
 
 if TYPE_CHECKING:
+    from router.bill import Sizes
     from router.fleet import Node
     from router.pools import Pool
     from router.tenants import Key
@@ -99,6 +100,7 @@ class Call:
     body: bytes
     headers: CIMultiDict[str]  # what every attempt sends upstream (before the node's key)
     deadline: float  # clock() after which the request has failed
+    sizes: Sizes  # stream, token limit and choices, as the engine reads them (router.bill)
     need: int | None = None  # tokens of context and KV cache the request needs, if known
     # the affinity key (router.affinity): (group, conversation), when placement uses it
     affinity: tuple[int, int] | None = None
@@ -107,17 +109,16 @@ class Call:
     # A 4xx held back while a node of another kind tries the request: whose fault?
     rejected: Opened | None = None
     # With a client key (router.tenants): the key, and the tokens estimated at admission.
-    # Counted (a key, pools or priced nodes): the node's count (prompt, completion)
-    # when it gave one, tokens streamed, and whether the usage chunk is hidden from the
+    # Counted (a key, pools or priced nodes): the tokens billed (router.bill: the node's
+    # count within what was delivered) and whether the usage chunk is hidden from the
     # client. Headers every answer carries (rate limits, x-ballast-fallback).
     key: Key | None = None
     count: bool = False
     answer_headers: dict[str, str] | None = None
     estimate: int = 0
-    max_tokens: int = 0
     tokens: tuple[int, int] | None = None
-    delivered: int = 0
     hide_usage: bool = False
+    buffered: int = 0  # bytes of its answers read whole (limits.buffered_bytes)
     gated: bool = False  # admitted by the priority gate: only nodes below their capacity
     pools: tuple[int, ...] = ()  # the pools it may use, in order (router.pools)
     region: str | None = None  # the caller's locality: preferred on ties

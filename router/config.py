@@ -16,7 +16,15 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -37,13 +45,55 @@ class PolicyConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-# Names and free text a node supplies: bounded, and no control characters (they would
-# reach operators' terminals and logs).
-PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
-ModelName = Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)]
-Text = Annotated[str, Field(min_length=1, max_length=128, pattern=PRINTABLE)]
-LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,62}$")
+def unprintable(value: str) -> str | None:
+    """Why a name or text from outside (a node's claims, a key's fields, the config)
+    may not be kept, or None: it holds a character ``str.isprintable`` refuses, one
+    of the controls, format characters (bidi embeddings, overrides and isolates,
+    zero-width characters, U+FEFF), line and paragraph separators, spaces other than
+    U+0020, surrogates, private-use and unassigned code points. They would reach
+    operators' terminals and logs, or make one name look like another."""
+    if value.isprintable():
+        return None
+    bad = next(c for c in value if not c.isprintable())
+    return f"U+{ord(bad):04X}: no control, invisible or bidi characters"
+
+
+def printable(value: str) -> str:
+    """``value`` if it may be kept (see ``unprintable``); a validator."""
+    if (why := unprintable(value)) is not None:
+        raise ValueError(why)
+    return value
+
+
+ROUTER_ID = "ballast"  # the x-ballast-node of the router's own answers
+
+
+def not_the_router(value: str) -> str:
+    """A node id that cannot pass for the router's own answers (any case)."""
+    if value.lower() == ROUTER_ID:
+        raise ValueError(f"{ROUTER_ID!r} is reserved for the router's own answers")
+    return value
+
+
+NodeId = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$"),
+    AfterValidator(not_the_router),
+]
+# Names and free text a node supplies: bounded and printable (see ``printable``).
+ModelName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(printable)]
+Text = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(printable)]
+LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,62}")  # the whole key (fullmatch)
+
+
+def label_key(value: str) -> str:
+    """A label name as the config or a node may give it (``LABEL_KEY``, whole)."""
+    if not LABEL_KEY.fullmatch(value):
+        raise ValueError(f"label key {value[:64]!r} must match {LABEL_KEY.pattern}")
+    return value
+
+
+LabelKey = Annotated[str, AfterValidator(label_key)]
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 256
 # Labels Ballast reads as numbers, with their bounds (inclusive).
@@ -74,10 +124,11 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     if len(labels) > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} labels")
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
-            raise ValueError(f"label key {key[:64]!r} must match {LABEL_KEY.pattern}")
-        if len(value) > MAX_LABEL_VALUE or not re.match(PRINTABLE, value or "x"):
-            raise ValueError(f"label {key}: at most {MAX_LABEL_VALUE} printable characters")
+        label_key(key)
+        if len(value) > MAX_LABEL_VALUE:
+            raise ValueError(f"label {key}: at most {MAX_LABEL_VALUE} characters")
+        if (why := unprintable(value)) is not None:
+            raise ValueError(f"label {key}: {why}")
         if key in NUMERIC_LABELS and label_number(labels, key) is None:
             lo, hi = NUMERIC_LABELS[key]
             raise ValueError(f"label {key}: must be a number from {lo:g} to {hi:g}")
@@ -86,6 +137,8 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
 
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a node's base URL, or None (its address is checked apart)."""
+    if " " in url or not url.isprintable():  # urlsplit drops tabs and newlines silently
+        return "must not contain whitespace or control characters"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
@@ -148,7 +201,13 @@ class Retries(_Strict):
 
 class Limits(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # One answer read whole (every non-streamed answer) may be at most this large, and
+    # all the answers this process is reading whole at once at most buffered_bytes:
+    # over either, the attempt fails (the node is not blamed for the router's budget).
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # One SSE event of a stream may be at most this large; a longer one is garbage.
+    max_event_bytes: int = Field(1024 * 1024, ge=1024)
     # A client's request body must arrive within this time (else 408).
     body_timeout_s: float = Field(60.0, gt=0)
     # A connection with no complete request header this long after it opened, or
@@ -274,6 +333,9 @@ class ResumeConfig(_Strict):
     enabled: bool = True
     max_continuations: int = Field(2, ge=0, le=10)
     straggler_factor: float = Field(3.0, ge=0)
+    # A stream this many times slower than the median pace of the model's nodes is a
+    # timeout failure of its node, continued elsewhere; 0: never.
+    slow_factor: float = Field(8.0, ge=0)
 
 
 class AffinityConfig(_Strict):
@@ -356,7 +418,7 @@ class PoolSlo(_Strict):
 class PoolsConfig(_Strict):
     """Nodes grouped by a label into pools tried in order (router.pools)."""
 
-    label: str = Field("pool", pattern=LABEL_KEY.pattern)
+    label: LabelKey = "pool"
     order: list[PoolName] = Field(min_length=1, max_length=16)
     # A pool whose nodes are all at their capacity is waited for this long, then skipped.
     spill_after_ms: float = Field(0.0, ge=0, le=600_000)
@@ -380,7 +442,7 @@ class PoolsConfig(_Strict):
 class LocalityConfig(_Strict):
     """Prefer nodes whose ``label`` matches the caller's region, as a tie-breaker."""
 
-    label: str = Field("region", pattern=LABEL_KEY.pattern)
+    label: LabelKey = "region"
 
 
 class ShutdownConfig(_Strict):
@@ -407,7 +469,7 @@ class Config(_Strict):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     registry: JoinConfig = Field(default_factory=JoinConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    models: dict[ModelName, ModelConfig] = Field(default_factory=dict)
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     resume: ResumeConfig = Field(default_factory=ResumeConfig)

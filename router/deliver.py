@@ -3,10 +3,19 @@
 A plain answer was read whole by :meth:`~router.upstream.Upstream.open` and is
 sent as one response. A stream goes through a :class:`~router.relay.Relay`
 event by event: between chunks the node may be silent for
-``timeouts.stream_idle_s``, and the request deadline is checked as each chunk
-arrives. When the node fails after the first byte, the ``resume`` step asks
-another node to continue the answer (see :mod:`router.relay`); when no node
-can, the stream ends with an SSE error event.
+``timeouts.stream_idle_s``, and may send bytes without making progress (no new
+generated text) for no longer either; the request deadline is checked as each
+chunk arrives. A stream is cut with ``finish_reason: length`` once it delivered
+more content events than the request's ``max_tokens * n`` (a node that never
+stops), and moved elsewhere when its pace falls ``resume.slow_factor`` times
+behind the median of the model's nodes. When the node fails after the first
+byte, the ``resume`` step asks another node to continue the answer (see
+:mod:`router.relay`); when no node can, the stream ends with an SSE error event.
+
+However the answer ends (completed, cut, failed, or the client gone), a counted
+request's tokens are billed here (:func:`router.bill.bill`): the node's usage
+within what it delivered. A usage over those bounds is the node's
+``bad_usage`` failure.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientError, web
 
+from router.bill import bill, generated_bytes
 from router.call import Call
 from router.errors import NODE_HEADER, sse_error_event
 from router.fleet import Node
@@ -27,12 +37,18 @@ from router.upstream import Opened, response_headers
 # Continue ``call`` elsewhere after ``node`` failed (for ``reason``): the new attempt,
 # or why there is none ("ended": nothing left to ask for).
 Resume = Callable[[Call, Relay, Node, str], Awaitable[Opened | str]]
+# The usual seconds between tokens of a model's nodes (their median); < 0: unknown.
+FleetPace = Callable[[str], float]
 PACE_WINDOW = 16  # tokens between two looks at a stream's pace
 PACE_FLOOR_S = 0.05  # a stream faster than one token per this is never a straggler
 _FAILURE_CODES = {
     "stalled": ("node stopped sending", "upstream_stalled"),
     "deadline": ("request deadline exceeded", "deadline_exceeded"),
+    "late": ("request deadline exceeded", "deadline_exceeded"),
 }
+# Moved for its pace: a straggler (behind its own usual pace: the node is busy,
+# not at fault) or slow (behind the fleet's: a timeout of its node).
+MOVED = {"straggler": Outcome.CANCELLED, "slow": Outcome.TIMEOUT}
 
 
 class Deliver:
@@ -43,12 +59,18 @@ class Deliver:
         resume: Resume,
         track: bool = True,
         straggler_factor: float = 0.0,
+        max_event: int = 1024 * 1024,
+        slow_factor: float = 0.0,
+        fleet_pace: FleetPace = lambda model: -1.0,
     ) -> None:
         self.stream_idle_s = stream_idle_s
         self.clock = clock
         self.resume = resume
         self.track = track  # False (resume.enabled: false): bytes pass as they come
         self.straggler_factor = straggler_factor  # 0: never move a slow stream
+        self.max_event = max_event  # limits.max_event_bytes
+        self.slow_factor = slow_factor  # 0: no pace floor relative to the fleet
+        self.fleet_pace = fleet_pace
         self.streams: set[asyncio.Task[object]] = set()  # relaying now (ended on shutdown)
 
     def end_streams(self) -> int:
@@ -67,16 +89,22 @@ class Deliver:
         if node.pool is not None:
             ex.pool = node.pool.name
         ex.ttfb = attempt.t_first - ex.start
-        status = response.status
-        ok = Outcome.OK if status < 400 else Outcome.CLIENT_ERROR
-        headers = response_headers(response.headers)  # none of those added here
+        status = 200  # a node's other 2xx (201, 206, ...) mean nothing in these APIs
+        headers = response_headers(response.headers, stream=not opened.whole)
         headers.add(NODE_HEADER, node.id)
+        headers["x-request-id"] = ex.request_id
         if call.answer_headers is not None:
             headers.extend(call.answer_headers)
         if opened.whole:
-            opened.close(ok)
+            outcome = Outcome.OK
             if call.count:
-                call.tokens = usage_from(opened.doc)
+                doc = opened.doc or {}
+                call.tokens, over = bill(
+                    call.sizes, call.body, usage_from(doc), None, generated_bytes(doc)
+                )
+                if over:
+                    outcome = Outcome.BAD_USAGE
+            opened.close(outcome)
             return web.Response(status=status, body=opened.first, headers=headers)
         node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)
@@ -85,12 +113,14 @@ class Deliver:
 
     async def _relay(self, call: Call, opened: Opened, out: web.StreamResponse) -> None:
         """Pass the stream on event by event; continue it elsewhere when its node fails
-        (or, a straggler, falls far behind its own usual pace)."""
-        relay = Relay(call.request.path.endswith("/chat/completions"), call.hide_usage)
+        (or falls far behind its own usual pace, or the fleet's)."""
+        sizes = call.sizes
+        chat = call.request.path.endswith("/chat/completions")
+        relay = Relay(chat, call.hide_usage, sizes.limit, sizes.events, self.max_event)
         pass_through = True  # the first answer's events go out as they came
         current: Opened | None = opened
         chunk = opened.first
-        pace = self.straggler_factor > 0
+        pace = True
         task = asyncio.current_task()
         if task is not None:
             self.streams.add(task)
@@ -99,22 +129,25 @@ class Deliver:
             while current is not None:
                 reason = await self._copy(call, current, out, relay, chunk, pass_through, pace)
                 if reason is None:
-                    current.close(Outcome.OK)
+                    over = self._bill(call, relay) if call.count else False
+                    current.close(Outcome.BAD_USAGE if over else Outcome.OK)
                     current = None
-                    if call.count:
-                        call.tokens = usage_from({"usage": relay.usage})
-                        call.delivered = relay.delivered
                     await out.write_eof()
                     return
-                if reason == "deadline":
+                if reason == "overlong":  # more than it was asked for: cut here
+                    current.close(Outcome.BAD_ANSWER)
+                    current = None
+                    await out.write(relay.final_event("length") + b"\n\ndata: [DONE]\n\n")
+                    await out.write_eof()
+                    return
+                if reason in ("deadline", "late"):
                     found: Opened | str = "deadline"
                 else:
                     found = await self.resume(call, relay, current.node, reason)
-                if reason == "straggler" and not isinstance(found, Opened):
+                if reason in MOVED and not isinstance(found, Opened):
                     pace, chunk = False, b""  # nowhere better: stay on this node
                     continue
-                slow = reason in ("deadline", "straggler")  # the node was working
-                current.close(Outcome.CANCELLED if slow else _outcome(reason))
+                current.close(_outcome(reason))
                 current = None
                 if found == "ended":
                     await out.write(relay.final_event("length") + b"\n\ndata: [DONE]\n\n")
@@ -143,6 +176,16 @@ class Deliver:
             raise
         finally:
             self.streams.discard(task)  # type: ignore[arg-type]
+            if call.count and call.tokens is None:  # it ended early: what was delivered
+                self._bill(call, relay)
+
+    @staticmethod
+    def _bill(call: Call, relay: Relay) -> bool:
+        """Bill the stream's tokens; True when the node's usage claimed more than it
+        delivered."""
+        claimed = usage_from({"usage": relay.usage})
+        call.tokens, over = bill(call.sizes, call.body, claimed, relay.delivered, relay.volume)
+        return over
 
     async def _copy(
         self,
@@ -155,28 +198,40 @@ class Deliver:
         pace: bool,
     ) -> str | None:
         """Copy one node's stream (from ``chunk``, or from its next bytes when empty);
-        None when it ended properly, else why it stopped: reset, stalled, error_event,
-        garbage, truncated, deadline, or straggler (``pace``: it fell ``straggler_factor`` times
-        behind its own usual time between tokens)."""
+        None when it ended properly, else why it stopped: reset, stalled (silent, or
+        sending without progress, for ``stream_idle_s``), error_event, garbage,
+        truncated, overlong (more content events than asked for), deadline (late:
+        with a pace far behind the fleet's), straggler (``pace``: it fell
+        ``straggler_factor`` times behind its own usual time between tokens) or slow
+        (``slow_factor`` times behind the fleet's)."""
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
         if not self.track and not call.count:  # counting tokens needs the events read
             return await self._copy_bytes(call, opened, out, chunk)
-        clock, deadline = self.clock, call.deadline
+        clock, deadline, idle = self.clock, call.deadline, self.stream_idle_s
         readany = opened.response.content.readany
         write = out.write
         stats = opened.node.stats
         usual = stats.token_gap * self.straggler_factor if pace and stats.token_gap > 0 else 0.0
+        fleet = self.fleet_pace(call.info.model) if self.slow_factor else -1.0
+        slowest = fleet * self.slow_factor if fleet > 0 else 0.0
+        cut = relay.cut
         began, began_n = clock(), relay.delivered
         mark, mark_n = began, began_n
+        moved, moved_at = relay.delivered + relay.volume, began
         while True:
             if chunk:
                 held = bool(relay.buf)
                 events = relay.feed(chunk)
+                over = False
                 if pass_through:
-                    for event in events:
+                    for i, event in enumerate(events):
                         relay.track(event)
+                        if relay.delivered > cut:
+                            del events[i:]  # from the event past the request's tokens on
+                            over = True
+                            break
                     if relay.failure:
                         return relay.failure
                     if relay.hidden is not None:  # the usage chunk the client did not ask for
@@ -184,7 +239,8 @@ class Deliver:
                         relay.hidden, held = None, True
                     if events:
                         # Whole events only: a chunk that ends mid-event waits for the rest.
-                        whole = not held and not relay.buf and chunk.endswith(b"\n\n")
+                        whole = not held and not over and not relay.buf
+                        whole = whole and chunk.endswith(b"\n\n")
                         await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
                 else:
                     rewritten = [e for e in map(relay.rewrite, events) if e is not None]
@@ -192,13 +248,25 @@ class Deliver:
                         return relay.failure
                     if rewritten:
                         await write(b"\n\n".join(rewritten) + b"\n\n")
+                    over = relay.delivered > cut
+                if over:
+                    return "overlong"
                 now = clock()
                 if now > deadline:
-                    return "deadline"
-                if usual and relay.delivered - mark_n >= PACE_WINDOW:
+                    gap = (now - began) / max(relay.delivered - began_n, 1)
+                    return "late" if slowest and gap > slowest else "deadline"
+                progress = relay.delivered + relay.volume
+                if progress != moved:
+                    moved, moved_at = progress, now
+                elif now - moved_at > idle:
+                    return "stalled"  # bytes, but no new text
+                if pace and (usual or slowest) and relay.delivered - mark_n >= PACE_WINDOW:
                     gap = (now - mark) / (relay.delivered - mark_n)
-                    if gap > usual and gap > PACE_FLOOR_S and not relay.exhausted(call.doc):
-                        return "straggler"
+                    if gap > PACE_FLOOR_S and not relay.exhausted:
+                        if slowest and gap > slowest:
+                            return "slow"
+                        if usual and gap > usual:
+                            return "straggler"
                     mark, mark_n = now, relay.delivered
             try:
                 chunk = await readany()
@@ -235,9 +303,14 @@ class Deliver:
 
 
 def _outcome(reason: str) -> Outcome:
+    """What a node's stream that stopped for ``reason`` says of the node."""
+    if reason in MOVED:
+        return MOVED[reason]
+    if reason == "deadline":
+        return Outcome.CANCELLED  # the node was working; the caller's time ran out
     if reason == "garbage":
         return Outcome.BAD_ANSWER
-    return Outcome.TIMEOUT if reason == "stalled" else Outcome.STREAM_ERROR
+    return Outcome.TIMEOUT if reason in ("stalled", "late") else Outcome.STREAM_ERROR
 
 
 async def _end_stream(out: web.StreamResponse, message: str, code: str) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from router.config import ROUTER_ID
 from router.measure import Outcome
 
 if TYPE_CHECKING:
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 
 
 NODE_HEADER = "x-ballast-node"  # which node served an answer
-ROUTER_NODE = {NODE_HEADER: "ballast"}  # answers the router gives itself
+NOSNIFF = "X-Content-Type-Options"  # "nosniff" on every answer: JSON is never run as a page
+# answers the router gives itself
+ROUTER_NODE = {NODE_HEADER: ROUTER_ID, NOSNIFF: "nosniff"}
 
 
 def error_body(
@@ -43,6 +46,14 @@ def error_response(
     )
 
 
+def invalid_key(why: str) -> web.Response:
+    """401 for a request whose client key is missing, unknown or expired (``why``)."""
+    return error_response(
+        401, f"{why}: pass a Ballast key as Authorization: Bearer sk-bal-...",
+        "invalid_request_error", "invalid_api_key",
+    )  # fmt: skip
+
+
 def sse_error_event(message: str, code: str) -> bytes:
     """A terminal SSE event for a stream that failed after its first byte."""
     return b"data: " + error_body(message, "upstream_error", code) + b"\n\n"
@@ -67,6 +78,11 @@ def exhausted(failures: Sequence[Failed], deadline_passed: bool) -> web.Response
             429, f"every node tried is rate limited ({summary})", "rate_limit_error",
             "upstream_rate_limited", headers={"Retry-After": retry_after},
         )  # fmt: skip
+    if all(f.outcome is Outcome.CANCELLED for f in failures):  # the router's own budget
+        return error_response(
+            503, f"the router is busy ({failures[0].detail})", "service_unavailable",
+            "router_busy", headers={"Retry-After": "1"},
+        )  # fmt: skip
     return error_response(
         502, f"{len(failures)} attempt(s) failed: {summary}", "upstream_error",
         "upstream_failed", headers={"Retry-After": "1"},
@@ -88,10 +104,30 @@ def retry_after_s(value: str) -> float:
         return 1.0
 
 
-def is_error_envelope(body: bytes) -> bool:
-    """Whether ``body`` is already an OpenAI-style ``{"error": {...}}`` document."""
+MAX_NODE_MESSAGE = 512  # characters of a node's error message a client sees
+
+
+def node_error(body: bytes) -> tuple[str | None, str | None]:
+    """The message and ``param`` of a node's error answer (OpenAI's envelope, or a
+    bare ``{"message"}``/``{"error": "..."}`` as some engines send), printable and
+    short; (None, None) when it has none."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(doc, dict) and isinstance(doc.get("error"), dict)
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    err = doc.get("error", doc)
+    if isinstance(err, str):
+        err = {"message": err}
+    if not isinstance(err, dict):
+        return None, None
+    message, param = err.get("message"), err.get("param")
+    return _printable(message, MAX_NODE_MESSAGE), _printable(param, 64)
+
+
+def _printable(value: object, limit: int) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    text = "".join(c if c.isprintable() else " " for c in value[:limit])
+    return text.strip() or None

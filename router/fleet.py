@@ -158,7 +158,7 @@ class Fleet:
         self.version = 0
         self._deferred = 0  # > 0 inside batch(): rebuild once at the end
         self._stale = False
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def add(self, node: Node) -> None:
         self.nodes[node.id] = node
@@ -259,13 +259,17 @@ class Fleet:
         self._ejected = tuple(n for n in self.nodes.values() if n.state is NodeState.EJECTED)
         self._models = frozenset(models)
         self.version += 1
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, set()
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
 
     async def changed(self) -> None:
-        """Until the next membership or state change."""
+        """Until the next membership or state change. A waiter that gives up (its
+        deadline) leaves at once: a flood of them keeps nothing."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
+        self._waiters.add(fut)
+        try:
+            await fut
+        finally:
+            self._waiters.discard(fut)

@@ -4,17 +4,18 @@ A node may declare how many requests it serves at once (the label
 ``max_concurrency``, or ``priority.node_slots`` for every node); a model's
 capacity is the sum over its routable nodes. While requests of a model in
 flight (through this router process) are below its capacity, requests pass at
-once. At capacity they wait, in two queues, each ordered by deadline (the
-request's own ``x-ballast-deadline-ms`` or the request timeout): when a slot
-frees, a waiting ``interactive`` request goes first; while interactive requests
-are in flight or waiting, or one came within ``priority.interactive_quiet_s``,
-``batch`` requests are admitted only while they hold less than
-``priority.batch_max_share`` of the capacity (batch may fill it all when no
-interactive request has been there for that long, and then the batch requests
-beyond their share do not count against interactive ones: those always have the
-rest).
-A request whose deadline passes while it waits gets 504; one that waited
-``queue.max_wait_s`` gets 503.
+once. At capacity they wait, in two queues, each in arrival order (first come,
+first served): when a slot frees, the longest-waiting ``interactive`` request
+goes first; while interactive requests are in flight or waiting, or one came
+within ``priority.interactive_quiet_s``, ``batch`` requests are admitted only
+while they hold less than ``priority.batch_max_share`` of the capacity (batch
+may fill it all when no interactive request has been there for that long, and
+then the batch requests beyond their share do not count against interactive
+ones: those always have the rest).
+A request's deadline (its own ``x-ballast-deadline-ms`` or the request timeout)
+bounds only its own wait: when it passes, that request leaves the queue (504);
+it never moves the request ahead of others, or a caller could jump the queue by
+naming a short deadline. One that waited ``queue.max_wait_s`` gets 503.
 
 Each node is held to its own capacity too (:meth:`Gate.free`, :meth:`Gate.wait_node`):
 an admitted request goes to nodes below their ``max_concurrency`` and, for batch
@@ -29,8 +30,7 @@ accept that the engines queue what is beyond).
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from router.fleet import Fleet, Node
@@ -38,7 +38,8 @@ from router.fleet import Fleet, Node
 INTERACTIVE, BATCH = "interactive", "batch"
 
 
-Waiters = list[tuple[float, int, asyncio.Future[None]]]  # (deadline, sequence, future) heap
+# Waiting requests in arrival order (an ordered set: one that gives up leaves at once).
+Waiters = OrderedDict[asyncio.Future[None], None]
 
 
 class ModelGate:
@@ -51,11 +52,11 @@ class ModelGate:
         self.in_flight = 0
         self.batch = 0  # of which batch
         self.interactive_at = -1e18  # clock() when the last interactive request arrived
-        self.interactive_waiting: Waiters = []
-        self.batch_waiting: Waiters = []
+        self.interactive_waiting: Waiters = OrderedDict()
+        self.batch_waiting: Waiters = OrderedDict()
         # Admitted, but every node of the model is at its own capacity (requests that
         # came in before the capacity shrank, or failed over): interactive, batch.
-        self.node_waiting: tuple[Waiters, Waiters] = ([], [])
+        self.node_waiting: tuple[Waiters, Waiters] = (OrderedDict(), OrderedDict())
 
 
 class Gate:
@@ -79,7 +80,6 @@ class Gate:
         self.models: dict[str, ModelGate] = {}
         self._capacity: dict[str, int | None] = {}
         self._version = -1
-        self._seq = itertools.count()
         self._watch: asyncio.Task[None] | None = None
 
     def capacity(self, model: str) -> int | None:
@@ -147,9 +147,7 @@ class Gate:
         if cls == INTERACTIVE:
             g.interactive_at = self.clock()
         queue = g.interactive_waiting if cls == INTERACTIVE else g.batch_waiting
-        while queue and queue[0][2].done():  # timed out or gone: not ahead of this one
-            heapq.heappop(queue)
-        if not queue and self._admissible(g, cls, capacity):
+        if _first(queue) is None and self._admissible(g, cls, capacity):
             self._admit(g, cls)
             return True
         if self.waiting >= self.max_waiting:
@@ -161,17 +159,19 @@ class Gate:
             self.waiting -= 1
 
     async def _wait(self, queue: Waiters, until: float, give_back: Callable[[], None]) -> bool:
-        """Wait in ``queue`` (by deadline) until woken: True; False at ``until``. When
-        the wait ends otherwise (timeout, the client left) in the instant it was
-        woken, ``give_back()`` hands on what it was given."""
+        """Wait at the back of ``queue`` until woken: True; False at ``until``, the
+        request's own deadline, which never moves it within the queue. When the wait
+        ends otherwise (timeout, the client left) in the instant it was woken,
+        ``give_back()`` hands on what it was given."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(queue, (until, next(self._seq), fut))
+        queue[fut] = None
         self._watching()
         try:
             async with asyncio.timeout(until - self.clock()):
                 await fut
             return True
         except BaseException as e:
+            queue.pop(fut, None)  # gives up its place
             if fut.done() and not fut.cancelled():
                 give_back()
             fut.cancel()  # a wake skips it
@@ -206,7 +206,7 @@ class Gate:
 
     async def wait_node(self, model: str, cls: str, until: float) -> bool:
         """An admitted request whose model's nodes are all at their capacity waits
-        for one to free a slot (interactive first, then by deadline); False: it
+        for one to free a slot (interactive first, then in arrival order); False: it
         waited until ``until``."""
         g = self.models[model]
         queue = g.node_waiting[0 if cls == INTERACTIVE else 1]
@@ -215,11 +215,11 @@ class Gate:
     @staticmethod
     def _wake_one(queues: tuple[Waiters, Waiters]) -> None:
         for queue in queues:
-            while queue:
-                fut = heapq.heappop(queue)[2]
-                if not fut.done():
-                    fut.set_result(None)
-                    return
+            fut = _first(queue)
+            if fut is not None:
+                del queue[fut]
+                fut.set_result(None)
+                return
 
     def _dispatch(self, model: str, g: ModelGate) -> None:
         """Hand free slots to waiting requests: interactive first, then batch within
@@ -228,14 +228,8 @@ class Gate:
         if capacity is None:
             capacity = 1 << 30  # no longer declared: let everyone through
         for cls, queue in ((INTERACTIVE, g.interactive_waiting), (BATCH, g.batch_waiting)):
-            while queue:
-                fut = queue[0][2]
-                if fut.done():  # timed out or cancelled
-                    heapq.heappop(queue)
-                    continue
-                if not self._admissible(g, cls, capacity):
-                    break
-                heapq.heappop(queue)
+            while (fut := _first(queue)) is not None and self._admissible(g, cls, capacity):
+                del queue[fut]
                 self._admit(g, cls)
                 fut.set_result(None)
 
@@ -257,7 +251,7 @@ class Gate:
             for model, g in list(self.models.items()):
                 for queue in g.node_waiting:  # they look at the nodes again
                     while queue:
-                        fut = heapq.heappop(queue)[2]
+                        fut = queue.popitem(last=False)[0]
                         if not fut.done():
                             fut.set_result(None)
                 self._dispatch(model, g)
@@ -265,3 +259,14 @@ class Gate:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+
+
+def _first(queue: Waiters) -> asyncio.Future[None] | None:
+    """The longest-waiting request of ``queue`` that still waits; those cancelled in
+    this instant (their client left) are dropped on the way."""
+    while queue:
+        fut = next(iter(queue))
+        if not fut.done():
+            return fut
+        del queue[fut]
+    return None

@@ -152,9 +152,8 @@ class Prober:
         """The fleet changed: put every node on the heap at its current pace (its
         earlier entry, if later, is then skipped when it comes up)."""
         self._fleet_version = self.fleet.version
-        if self.challenges is not None:
-            for gone in [n for n in self.challenges.strikes if n not in self.fleet.nodes]:
-                self.challenges.forget(gone)
+        if self.challenges is not None:  # removed nodes' answers go with them
+            self.challenges.forget_absent(self.fleet.nodes)
         dip = self._dip()
         for node in self.fleet.nodes.values():
             pace = self._pace(node, dip)
@@ -243,7 +242,9 @@ class Prober:
     async def _passed(
         self, node: Node, before: NodeState, findings: dict[str, object], answers: Answers
     ) -> None:
-        if self.challenges is not None:
+        # A node removed while it was probed leaves no answers behind.
+        if self.challenges is not None and node.id in self.fleet.nodes:
+            self.challenges.retain(node.id, node.engine, node.models)
             for model, (prompt, text) in answers.items():
                 self.challenges.record(model, node.engine, prompt, node.id, text)
             why = self.challenges.suspect(node.id, verified=before in ROUTABLE)

@@ -43,12 +43,22 @@ from aiohttp import web
 from policies import Policy, RequestInfo, node_cost
 from router.addresses import VIA_HEADER, via_refused
 from router.affinity import HIT, affinity_key, place
+from router.bill import PROMPT_BYTES_PER_TOKEN, Invalid, read_sizes
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import AuthConfig, Config
 from router.deliver import Deliver
 from router.engines import ENGINES, NO_ENGINE, context_error
-from router.errors import NODE_HEADER, error_response, exhausted, is_error_envelope, no_capacity
+from router.errors import (
+    NODE_HEADER,
+    NOSNIFF,
+    error_body,
+    error_response,
+    exhausted,
+    invalid_key,
+    no_capacity,
+    node_error,
+)
 from router.fit import Fit
 from router.fleet import Fleet, Node
 from router.gate import BATCH, Gate
@@ -66,8 +76,8 @@ MAX_MODEL_NAME = 256
 DEADLINE_HEADER = "x-ballast-deadline-ms"  # the caller's own deadline, from now
 PRIORITY_HEADER = "x-ballast-priority"  # "batch" lowers a request's class
 GATE_WAITED_S = 0.001  # an admission slower than this waited for capacity
-DEFAULT_COMPLETION_TOKENS = 256  # a request's completion estimate when it sets no max_tokens
-PROMPT_BYTES_PER_TOKEN = 4  # the prompt's estimate: its body's bytes over this
+PACE_PEERS = 3  # nodes with a known pace needed before a stream is judged by theirs
+MAX_PACES = 4096  # models whose pace is remembered
 
 
 def _bad_request(message: str, code: str, param: str | None = None) -> web.Response:
@@ -104,7 +114,11 @@ class Proxy:
             self._resume,
             track=cfg.resume.enabled,
             straggler_factor=cfg.resume.straggler_factor,
+            max_event=cfg.limits.max_event_bytes,
+            slow_factor=cfg.resume.slow_factor,
+            fleet_pace=self._fleet_pace,
         )
+        self._paces: dict[str, tuple[float, float]] = {}  # model: (until, median token gap)
         self.resume_enabled = cfg.resume.enabled
         self.max_continuations = cfg.resume.max_continuations
         self.hedging = Hedging(cfg)
@@ -194,10 +208,26 @@ class Proxy:
             raise
         finally:
             self.retries.active -= 1
+            if call.buffered:
+                self.upstream.release(call)
             if call.count:
                 self._count(call, status)
             if call.first_pool is not None:
                 self._judged(call, status)
+
+    def _fleet_pace(self, model: str) -> float:
+        """The median of the usual seconds between tokens of ``model``'s nodes (< 0:
+        fewer than three nodes have one), worked out at most once a second."""
+        now = self.clock()
+        known = self._paces.get(model)
+        if known is not None and known[0] > now:
+            return known[1]
+        gaps = sorted(g for n in self.fleet.candidates(model) or () if (g := n.stats.token_gap) > 0)
+        pace = gaps[len(gaps) // 2] if len(gaps) >= PACE_PEERS else -1.0
+        if known is None and len(self._paces) >= MAX_PACES:
+            self._paces.clear()
+        self._paces[model] = (now + 1.0, pace)
+        return pace
 
     def _judged(self, call: Call, status: int) -> None:
         """What the request says of the pool it tried first (router.pools): its time to
@@ -238,12 +268,10 @@ class Proxy:
         call.answer_headers = {**(call.answer_headers or {}), FALLBACK_HEADER: model}
 
     def _count(self, call: Call, status: int) -> None:
-        """The answer's tokens, from the node's own count where it gave one (else the
-        estimate of the prompt and the tokens delivered), its cost (router.pools), and
-        with a key: the key's usage and token bucket."""
-        tokens = call.tokens
-        if tokens is None:
-            tokens = (call.estimate - call.max_tokens, call.delivered) if status < 400 else (0, 0)
+        """The answer's tokens as billed (router.bill: the node's count within what it
+        delivered, however the request ended; none when no answer was delivered), its
+        cost (router.pools), and with a key: the key's usage, token bucket and budget."""
+        tokens = call.tokens or (0, 0)
         ex = call.ex
         ex.tokens = tokens
         node = call.served_by
@@ -260,10 +288,7 @@ class Proxy:
         if self.keys.active:
             found = self.keys.lookup(request.headers)
             if isinstance(found, str):
-                return error_response(
-                    401, f"{found}: pass a Ballast key as Authorization: Bearer sk-bal-...",
-                    "invalid_request_error", "invalid_api_key",
-                )  # fmt: skip
+                return invalid_key(found)
             key = found
             if key is not None:
                 ex.key = key.name
@@ -304,18 +329,20 @@ class Proxy:
                 f"model must be at most {MAX_MODEL_NAME} characters", "invalid_model", "model"
             )
         ex.model = model
-        ex.stream = stream = doc.get("stream") is True
         if self.fleet.candidates(model) is None and model not in self.fallbacks:
             return error_response(
                 404, f"the model {model[:64]!r} does not exist or no node serves it",
                 "invalid_request_error", "model_not_found", "model",
             )  # fmt: skip
-        max_tokens = doc.get("max_tokens") or doc.get("max_completion_tokens")
+        try:
+            sizes = read_sizes(doc)
+        except Invalid as e:
+            return _bad_request(str(e), "invalid_value", e.param)
+        if sizes.changed:  # sent as the engine reads it, which is what is billed
+            body = orjson.dumps(doc)
+        ex.stream = stream = sizes.stream
         info = RequestInfo(
-            model=model,
-            stream=stream,
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-            prompt_bytes=len(body),
+            model=model, stream=stream, max_tokens=sizes.limit, prompt_bytes=len(body)
         )
         need = self.fit.need_tokens(info)
         if need is not None and not self.fit.possible(model, need):
@@ -349,11 +376,10 @@ class Proxy:
             ex.priority = BATCH  # a key's class is the highest its requests get
         elif request.headers.get(PRIORITY_HEADER) == BATCH:
             ex.priority = BATCH  # a request may lower its own class
-        call = Call(request, ex, info, doc, body, headers, deadline, need, affinity)
-        if count:  # the tokens, estimated now (its body's bytes over 4, plus max_tokens)
+        call = Call(request, ex, info, doc, body, headers, deadline, sizes, need, affinity)
+        if count:  # the tokens, estimated now: the body's bytes over 4, plus limit x n
             call.count = True
-            call.max_tokens = max_tokens = info.max_tokens or DEFAULT_COMPLETION_TOKENS
-            call.estimate = len(body) // PROMPT_BYTES_PER_TOKEN + max_tokens
+            call.estimate = len(body) // PROMPT_BYTES_PER_TOKEN + sizes.completion_estimate
         # The pools first: a key's limits count the request once it passed them.
         if self.pools is not None or self.fleet.localized:
             refused = self._admit_pools(call, key)
@@ -632,7 +658,7 @@ class Proxy:
         status, body, node = opened.status, opened.first, opened.node
         self._settle(call, opened)
         call.ex.node = node.id
-        headers = {NODE_HEADER: node.id}
+        headers = {NODE_HEADER: node.id, NOSNIFF: "nosniff"}
         if context_error(status, body) is not None:
             return error_response(
                 400,
@@ -640,13 +666,17 @@ class Proxy:
                 f"{call.info.model!r} that was tried",
                 "invalid_request_error", "context_length_exceeded", "messages", headers=headers,
             )  # fmt: skip
-        if is_error_envelope(body):
-            return web.Response(
-                status=status, body=body, content_type="application/json", headers=headers
-            )
-        return error_response(
-            status, f"the node rejected the request (HTTP {status})", "invalid_request_error",
-            "upstream_rejected", headers=headers,
+        # The node's own words, in Ballast's envelope: a node's error never passes as
+        # one of Ballast's, whatever its type and code say.
+        message, param = node_error(body)
+        text = f"the node rejected the request (HTTP {status})"
+        type_ = "invalid_request_error" if status < 500 else "upstream_error"
+        return web.Response(
+            status=status,
+            body=error_body(f"{text}: {message}" if message else text, type_,
+                            "upstream_rejected", param),
+            content_type="application/json",
+            headers=headers,
         )  # fmt: skip
 
     # -- 4. deliver: continuing a stream whose node failed ---------------------------------
@@ -664,12 +694,11 @@ class Proxy:
     def _may_resume(self, call: Call, relay: Relay) -> bool:
         """Only what can be continued honestly: one choice, no log-probabilities, no
         tool calls, within the deadline and ``resume.max_continuations``."""
-        doc = call.doc
         return (
             self.resume_enabled
             and relay.resumable
-            and doc.get("n", 1) in (1, None)
-            and not doc.get("logprobs")
+            and call.sizes.n == 1
+            and not call.doc.get("logprobs")
             and relay.continued < self.max_continuations
             and call.deadline - self.clock() > 0
         )
@@ -682,7 +711,7 @@ class Proxy:
         takes no retry budget: when a pool's nodes vanish together, every one of
         their streams moves on at once."""
         call.tried.add(failed.id)
-        if relay.exhausted(call.doc):
+        if relay.exhausted:
             return "ended"
         ranked: list[Node] = []
         for group in self._groups(call):
@@ -709,7 +738,8 @@ class Proxy:
             if opened is None:
                 continue
             if opened.status >= 400 or opened.whole:
-                opened.close(Outcome.REJECTED if opened.status < 500 else Outcome.HTTP_5XX)
+                # A 4xx refuses a request Ballast built from another node's text: no fault.
+                opened.close(Outcome.CLIENT_ERROR if opened.status < 500 else Outcome.HTTP_5XX)
                 continue
             relay.continued_by(style)
             call.ex.node = node.id

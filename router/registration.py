@@ -8,7 +8,7 @@
   SHA-256. Without an ``id`` the router picks one.
 * ``POST /v1/nodes/{id}/heartbeat`` (``Authorization: Bearer <node secret>``):
   liveness and telemetry. A node can only speak for itself, and an unknown id
-  and a wrong secret get the same 401. Nodes silent for
+  and a wrong secret get the same 401 after the same work. Nodes silent for
   ``registry.heartbeat_ttl_s`` leave the candidate set (state ``gone``) and are
   forgotten after ``registry.gone_retention_s``.
 * ``POST /admin/nodes/{id}/drain``, ``/resume`` and ``DELETE /admin/nodes/{id}``
@@ -35,7 +35,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.addresses import AddressRules, check_url
-from router.config import Config, ModelName, NodeId, Text, check_labels
+from router.config import ROUTER_ID, Config, ModelName, NodeId, Text, check_labels
 from router.errors import error_response
 from router.fleet import Node, NodeState, Source
 from router.store import StateStore, codec
@@ -57,6 +57,15 @@ class RegisterBody(BaseModel):
     price_per_mtok: float | None = Field(None, ge=0, le=1_000_000)
     price_per_hour: float | None = Field(None, ge=0, le=1_000_000)
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        # A stranger's node must not look like the router (static ones may, but not
+        # take its exact name: see NodeId).
+        if v is not None and v.lower().startswith(ROUTER_ID):
+            raise ValueError(f"ids starting with {ROUTER_ID!r} are reserved for the router")
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -80,6 +89,11 @@ def _bytes(value: str) -> bytes:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(_bytes(secret)).hexdigest()
+
+
+# What a given secret's hash is compared with when there is no stored one: as long
+# as a real hash, and never equal to one (it is not hex).
+NO_SECRET = "-" * 64
 
 
 def _bearer(request: web.Request) -> str:
@@ -209,19 +223,29 @@ class Membership:
         )
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        node = await self.store.fetch(request.match_info["id"])
-        if node is not None and (node.source is not Source.JOINED or not node.secret_hash):
-            node = None
-        # An unknown id and a wrong secret get the same answer, at the same cost.
-        given = _bearer(request)
-        matches = _same(hash_secret(given), node.secret_hash if node else "-")
-        if node is None or not given or not matches:
+        node = await self._heartbeat_node(request)
+        if node is None:
             return _bad("unknown node or wrong node secret", "invalid_node_secret", 401)
         body = await self._body(request, HeartbeatBody)
         if isinstance(body, web.Response):
             return body
         await self.store.heartbeat(node.id, body.model_dump(exclude_none=True))
         return web.json_response({"id": node.id, "state": node.state.value})
+
+    async def _heartbeat_node(self, request: web.Request) -> Node | None:
+        """The self-registered node a heartbeat speaks for, when its secret is right.
+        An unknown id, a static node's id and a wrong or missing secret take the same
+        steps (one read of the stored secret, one hash, one comparison of equal
+        length) and get the same None, so neither answer nor timing says which ids
+        exist."""
+        node_id = request.match_info["id"]
+        stored = await self.store.secret_of(node_id)
+        given = _bearer(request)
+        matches = _same(hash_secret(given), stored or NO_SECRET)
+        if stored is None or not given or not matches:
+            return None
+        node = await self.store.fetch(node_id)
+        return node if node is not None and node.source is Source.JOINED else None
 
     async def _admin_node(self, request: web.Request) -> Node | web.Response:
         if (denied := admin_denied(request, self.admin_token)) is not None:

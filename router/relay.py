@@ -28,8 +28,21 @@ from typing import Any
 
 import orjson
 
-DONE = b"data: [DONE]"
+from router.bill import UNLIMITED_EVENTS, text_bytes
+
+DONE = (b"data: [DONE]", b"data:[DONE]")
 SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
+MAX_EVENT_BYTES = 1024 * 1024  # one event at most (limits.max_event_bytes)
+
+
+def _json(event: bytes) -> bytes | None:
+    """The JSON object of a ``data:`` event (the space after the colon is optional in
+    SSE), or None for any other event."""
+    if event.startswith(b"data: {"):
+        return event[6:]
+    if event.startswith(b"data:{"):
+        return event[5:]
+    return None
 
 
 class Relay:
@@ -38,6 +51,7 @@ class Relay:
         "buf",
         "chat",
         "continued",
+        "cut",
         "delivered",
         "done",
         "failure",
@@ -45,26 +59,40 @@ class Relay:
         "hidden",
         "hide_usage",
         "ident",
+        "limit",
+        "max_event",
         "resumable",
         "role_sent",
         "started",
         "strip",
         "text",
         "usage",
+        "volume",
     )
 
-    def __init__(self, chat: bool, hide_usage: bool = False) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        hide_usage: bool = False,
+        limit: int | None = None,
+        cut: int = UNLIMITED_EVENTS,
+        max_event: int = MAX_EVENT_BYTES,
+    ) -> None:
         self.chat = chat
+        self.limit = limit  # the request's completion tokens (router.bill); None: unlimited
+        self.cut = cut  # more content events than this: the stream is cut (Sizes.events)
+        self.max_event = max_event
         # The node was asked for usage the client did not ask for: the usage-only
         # chunk is read (``usage``) and left out (``hidden``: the event to drop).
         self.hide_usage = hide_usage
         self.usage: dict[str, Any] | None = None
         self.hidden: bytes | None = None
-        self.buf = b""
+        self.buf = bytearray()  # the event begun and not yet ended
         self.ident: dict[str, Any] = {}  # id, created, model, system_fingerprint of the answer
         self.text: list[str] = []  # the answer's text so far, in pieces
         # Content events sent to the client: tokens, on engines that stream one each.
         self.delivered = 0
+        self.volume = 0  # UTF-8 bytes of generated text delivered (router.bill)
         self.finish: str | None = None
         self.done = False  # [DONE] passed
         # Why the node's stream went bad: "error_event" (it sent an error event) or
@@ -83,21 +111,54 @@ class Relay:
         return self.done or self.finish is not None
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Whole events (each without its blank line) from the next bytes of a stream."""
+        """Whole events (each without its blank line) from the next bytes of a stream.
+
+        Linear in the bytes: only new bytes are searched for an event's end, and an
+        event begun is kept in a growing buffer, not copied again with every chunk.
+        An event longer than ``max_event`` bytes is garbage (``failure``)."""
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
-        buf = self.buf + data if self.buf else data
-        events = buf.split(b"\n\n")
-        self.buf = events.pop()
+        buf = self.buf
+        events: list[bytes] = []
+        if buf:
+            if buf[-1] == 10 and data[:1] == b"\n":  # the blank line spans two chunks
+                end = 0
+                events.append(bytes(buf[:-1]))
+            else:
+                end = data.find(b"\n\n")
+                if end < 0:
+                    buf += data
+                    if len(buf) > self.max_event:
+                        self._overlong()
+                    return events
+                buf += data[:end]
+                events.append(bytes(buf))
+                end += 1
+            buf.clear()
+            data = data[end + 1 :]
+        more = data.split(b"\n\n")
+        rest = more.pop()
+        if rest:
+            buf += rest
+        events += more
+        max_event = self.max_event
+        if len(buf) > max_event or (events and max(map(len, events)) > max_event):
+            self._overlong()
+            return []
         return events
+
+    def _overlong(self) -> None:
+        self.failure = "garbage"
+        self.buf.clear()
 
     def track(self, event: bytes) -> None:
         """Read one event of the first answer (passed through unchanged)."""
-        if not event.startswith(b"data: {"):
+        body = _json(event)
+        if body is None:
             self._other(event)
             return
         try:
-            doc = orjson.loads(event[6:])
+            doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             self.failure = "garbage"
             return
@@ -117,6 +178,7 @@ class Relay:
                 ):
                     self.text.append(piece)
                     self.delivered += 1
+                    self.volume += len(piece.encode())
                     return
             except (KeyError, TypeError, ValueError):
                 pass
@@ -162,6 +224,7 @@ class Relay:
                     self.resumable = False
                 if delta.get("role"):
                     self.role_sent = True
+                self.volume += text_bytes(delta)
                 piece = delta.get("content" if self.chat else "text")
                 if isinstance(piece, str) and piece:
                     self.text.append(piece)
@@ -171,19 +234,20 @@ class Relay:
 
     # -- continuing ---------------------------------------------------------------
 
-    def exhausted(self, request: dict[str, Any]) -> bool:
+    @property
+    def exhausted(self) -> bool:
         """Whether every token the request asked for has already been delivered."""
-        limit = request.get("max_completion_tokens", request.get("max_tokens"))
-        return isinstance(limit, int) and self.delivered >= limit
+        return self.limit is not None and self.delivered >= self.limit
 
     def continuation(self, request: dict[str, Any], style: str) -> dict[str, Any]:
         """The request asking another node for the rest (when not :meth:`exhausted`)."""
         text = "".join(self.text)
         cont = dict(request)
-        limit_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
-        limit = request.get(limit_key)
-        if isinstance(limit, int):
-            cont[limit_key] = max(1, limit - self.delivered)
+        if self.limit is not None:
+            left = max(1, self.limit - self.delivered)
+            for name in ("max_tokens", "max_completion_tokens"):
+                if name in request:
+                    cont[name] = left
         if self.chat:
             messages = list(request.get("messages") or [])
             messages.append({"role": "assistant", "content": text})
@@ -201,16 +265,17 @@ class Relay:
         self.strip = "".join(self.text) if style == "prefill" else ""
         self.base = self.delivered
         self.continued += 1
-        self.buf = b""  # what the failed node left half-sent is not the new node's
+        self.buf.clear()  # what the failed node left half-sent is not the new node's
         self.failure = None
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""
-        if not event.startswith(b"data: {"):
+        body = _json(event)
+        if body is None:
             self._other(event)
             return event if event.startswith(DONE) else None
         try:
-            doc = orjson.loads(event[6:])
+            doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             self.failure = "garbage"
             return None

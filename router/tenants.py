@@ -50,6 +50,7 @@ LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS, LIMIT_TOKENS, REMAINING_TOKE
     RATE_LIMIT_HEADERS
 )
 HEADERS_TTL_S = 0.05  # a busy key's rate-limit headers are reused for this long
+BUDGET_RETRY_S = 1.0  # a budget held by requests in progress: try again after this
 SEEN_KEYS = 4096  # valid keys remembered as presented (cleared when the keys change)
 
 
@@ -173,7 +174,9 @@ class Limiter:
         """The request ended: its tokens as counted by the node, not as estimated."""
         self.parallel -= 1
         if self.tpm:
-            self.tokens -= actual - estimate
+            tokens = self.tokens - (actual - estimate)
+            # A long answer's debt is at most a minute's worth: it delays, never locks out.
+            self.tokens = tokens if tokens > -self.cap else -self.cap
 
     def headers(self, now: float, fresh: bool = False) -> dict[str, str]:
         """OpenAI's rate-limit headers, for the whole key (this process's view; the
@@ -263,6 +266,9 @@ class Keyring:
         self._budget_base: dict[str, int] = {}
         self._budget_local: dict[str, int] = {}
         self._budget_period: dict[str, str] = {}
+        # Tokens estimated for requests admitted and not yet settled, per key name:
+        # reserved against the budget at admission, so that a burst cannot overrun it.
+        self._budget_reserved: dict[str, int] = {}
         self.static: dict[str, Key] = {}
         for k in cfg.keys:
             digest = k.hash or hash_key(env[k.key_env or ""])
@@ -337,18 +343,34 @@ class Keyring:
         self._budget_period = dict(period)
         self._budget_local = {}
 
-    def over_budget(self, key: Key, wall: float) -> float | None:
-        """Seconds until the key's budget renews when it is used up, else None."""
+    def over_budget(self, key: Key, wall: float) -> Refusal | None:
+        """Why the key's budget admits no more now, else None.
+
+        Used up: the store's count and this process's since reach the budget (until
+        the period ends). Or this process's share is in use: what it used and
+        reserved since the store's count reaches its ``share`` of what that count
+        left (until the next sync, when the shares are dealt again). So N replicas
+        together overrun a budget by at most one request's estimate each."""
         budget = key.limits.budget_tokens
         if budget is None:
             return None
+        name = key.name
         period = period_of(key.limits.budget_period, wall)
-        if self._budget_period.get(key.name) != period:  # a new day or month
-            self._budget_base[key.name] = 0
-            self._budget_local[key.name] = 0
-            self._budget_period[key.name] = period
-        used = self._budget_base.get(key.name, 0) + self._budget_local.get(key.name, 0)
-        return period_end(key.limits.budget_period, wall) - wall if used >= budget else None
+        if self._budget_period.get(name) != period:  # a new day or month
+            self._budget_base[name] = 0
+            self._budget_local[name] = 0
+            self._budget_period[name] = period
+        base = self._budget_base.get(name, 0)
+        local = self._budget_local.get(name, 0)
+        mine = local + self._budget_reserved.get(name, 0)
+        what = f"key {name} has used its token budget for the {key.limits.budget_period}"
+        if base + local >= budget:
+            renews_in = period_end(key.limits.budget_period, wall) - wall
+            return Refusal(429, "insufficient_quota", "insufficient_quota", what, renews_in)
+        if base + mine < budget and mine < (budget - base) * self.share:
+            return None
+        what = f"key {name} is near its token budget: its requests in progress may use the rest"
+        return Refusal(429, "insufficient_quota", "insufficient_quota", what, BUDGET_RETRY_S)
 
     # -- a request made with a key -----------------------------------------------------
 
@@ -361,32 +383,43 @@ class Keyring:
             message = f"this key may not use the model {model[:64]!r}"
             return Refusal(403, "invalid_request_error", "model_not_allowed", message)
         if key.limits.budget_tokens is not None:
-            renews_in = self.over_budget(key, self.wall())
-            if renews_in is not None:
-                message = f"key {key.name} has used its token budget for the "
-                message += key.limits.budget_period
-                return Refusal(429, "insufficient_quota", "insufficient_quota", message, renews_in)
+            refused = self.over_budget(key, self.wall())
+            if refused is not None:
+                return refused
         limiter = key.limiter
         if limiter is None:
+            self._reserve(key, estimate)
             return None
         now = self.clock()
         refused = limiter.admit(now, estimate)
         if refused is None:
+            self._reserve(key, estimate)
             return limiter.headers(now)
         self.usage.add(key.name, model, 429, (0, 0))
         refused.message = f"rate limit reached for key {key.name}: {refused.message}"
         refused.headers = limiter.headers(now, fresh=True)
         return refused
 
+    def _reserve(self, key: Key, estimate: int) -> None:
+        if key.limits.budget_tokens is not None:
+            reserved = self._budget_reserved
+            reserved[key.name] = reserved.get(key.name, 0) + estimate
+
     def settle(
         self, key: Key, model: str, status: int, tokens: tuple[int, int], estimate: int
     ) -> None:
-        """An admitted request ended: its usage, and its tokens as the node counted
-        them (not as estimated) in the key's token bucket and budget."""
+        """An admitted request ended: its usage, and its tokens as billed (not as
+        estimated) in the key's token bucket and budget, whose reservation ends."""
         self.usage.add(key.name, model, status, tokens)
         if key.limiter is not None:
             key.limiter.done(estimate, tokens[0] + tokens[1])
         if key.limits.budget_tokens is not None:
+            reserved = self._budget_reserved
+            left = reserved.get(key.name, 0) - estimate
+            if left > 0:
+                reserved[key.name] = left
+            else:
+                reserved.pop(key.name, None)
             self.spent(key.name, tokens[0] + tokens[1])
 
     def set_share(self, share: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,46 +32,42 @@ from multidict import CIMultiDict
 from router.addresses import VIA_HEADER
 from router.call import Call, Failed
 from router.config import Config
-from router.errors import NODE_HEADER, retry_after_s
+from router.errors import retry_after_s
 from router.fleet import Node
 from router.gate import BATCH
 from router.measure import Attempt, Meter, Outcome
-from router.pools import FALLBACK_HEADER
-from router.tenants import RATE_LIMIT_HEADERS
 
-# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those
-# Ballast sets itself or must not leak to a node.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # The client's headers a node receives: trace context, and the compression the
 # client accepts for answers read whole (a stream must stay readable event by
 # event). Everything else (keys, cookies, organisation ids, the client's user
 # agent) stays here. Ballast sets Content-Type (the body is JSON: it was parsed),
 # x-request-id and x-ballast-via.
 FORWARD_REQUEST = frozenset({"traceparent", "tracestate", "baggage"})
-# A node's answer keeps none of the headers Ballast sets on answers itself: which
-# node served, the fallback model, and the client key's rate limits (a node's own
-# limits are Ballast's to handle, not the client's).
-ROUTER_SETS = frozenset({NODE_HEADER, FALLBACK_HEADER, *RATE_LIMIT_HEADERS})
-DROP_RESPONSE = HOP_BY_HOP | ROUTER_SETS | {"content-length", "set-cookie", "set-cookie2"}
+# Of a node's answer headers, a client sees only these: the answer's compression
+# (which the client asked for, and which was decoded to check the answer). Ballast
+# sets the type of every answer itself (JSON or SSE, as it checked it) with
+# ``nosniff``, so that no node can make a browser run what it sends (text/html),
+# set cookies, CORS, caching, redirects or HSTS in the router's origin, or show
+# rate limits or a request id that are not Ballast's.
+ANSWER_HEADERS = frozenset({"content-encoding"})
+JSON_HEADERS = (("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff"))
+SSE_HEADERS = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+)
 SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
+# The compressions an answer read whole may come in (when the client accepts them):
+# each is decoded, within limits.max_response_bytes, to check and count the answer.
+DECODABLE = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 # 404 too: a node that claims the model but does not know it is broken for this
 # request, and another node may well serve it.
 RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
 _OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
+BUSY = "router busy: answers being read exceed limits.buffered_bytes"
 
 
+_REFUSED = re.compile(r"\s*q\s*=\s*0(\.0{0,3})?\s*", re.IGNORECASE)  # "not acceptable"
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
@@ -137,6 +134,18 @@ class Opened:
         self.attempt.end(outcome)
 
 
+def decodable(accept_encoding: str) -> str | None:
+    """Of a client's ``Accept-Encoding``, what a node may use: the compressions
+    Ballast can decode to check the answer (None: none of them)."""
+    wanted = []
+    for part in accept_encoding.split(","):
+        name, _, params = part.partition(";")
+        name = name.strip().lower()
+        if name in DECODABLE and not _REFUSED.fullmatch(params):
+            wanted.append(name)
+    return ", ".join(wanted) if wanted else None
+
+
 def _connection_names(headers: Mapping[str, str]) -> frozenset[str]:
     """Header names a ``Connection`` header declares hop-by-hop (RFC 9110 §7.6.1)."""
     value = headers.get("Connection")
@@ -145,33 +154,50 @@ def _connection_names(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(n.strip().lower() for n in value.split(","))
 
 
-def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """A node's response headers a client may see: no hop-by-hop headers (nor any
-    the node's ``Connection`` names), no cookies, no length (set again)."""
-    named = _connection_names(headers)
-    return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if (low := k.lower()) not in DROP_RESPONSE and low not in named
-    )
+def response_headers(headers: Mapping[str, str], stream: bool) -> CIMultiDict[str]:
+    """The headers of an answer to a client: its type as Ballast checked it, and of
+    the node's only :data:`ANSWER_HEADERS`."""
+    out = CIMultiDict(SSE_HEADERS if stream else JSON_HEADERS)
+    for k, v in headers.items():
+        if k.lower() in ANSWER_HEADERS:
+            out.add(k, v)
+    return out
 
 
-COMPRESSED: dict[str, Any] = {}  # what read_answer gives for a body it passes on unread
+def encoding_of(headers: Mapping[str, str]) -> str:
+    """An answer's ``Content-Encoding``, lower case; "identity" when it has none."""
+    return headers.get("Content-Encoding", "identity").strip().lower() or "identity"
 
 
-def read_answer(path: str, body: bytes, headers: Mapping[str, str]) -> dict[str, Any] | None:
-    """A 2xx body read whole, parsed, when it is an answer for ``path``: a JSON object
-    with ``choices`` (completions) or ``data`` (embeddings); None when it is not. A
-    compressed body (the client asked for compression) is passed on unread
-    (:data:`COMPRESSED`)."""
-    if headers.get("Content-Encoding", "identity") != "identity":
-        return COMPRESSED
+def decode(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """A compressed answer's bytes, or None when it is not valid in ``encoding`` or
+    inflates past ``limit`` bytes (a compression bomb stops there)."""
+    inflate = zlib.decompressobj(DECODABLE[encoding])
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    if len(out) > limit or inflate.unconsumed_tail or not inflate.eof:
+        return None
+    return out
+
+
+def read_answer(path: str, body: bytes) -> dict[str, Any] | None:
+    """A 2xx body read whole (decoded), parsed, when it is an answer for ``path``: a
+    JSON object with ``choices`` (completions) or ``data`` (embeddings); None when
+    it is not."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     key = "data" if path.endswith("/embeddings") else "choices"
     return doc if isinstance(doc, dict) and isinstance(doc.get(key), list) else None
+
+
+def is_answer_status(status: int) -> bool:
+    """Statuses a node may answer with: 2xx, 4xx and 5xx. A 1xx or 3xx (a redirect
+    would make clients send the prompt elsewhere) or anything past 599 is not one."""
+    return 200 <= status < 300 or 400 <= status < 600
 
 
 def stale_connection(e: BaseException) -> bool:
@@ -206,6 +232,9 @@ class Upstream:
         self.connect_s = t.connect_s
         self.first_byte_s = t.first_byte_s
         self.max_response = cfg.limits.max_response_bytes
+        # Bytes of answers being read whole, in this process, and the most there may be.
+        self.buffered = 0
+        self.max_buffered = cfg.limits.buffered_bytes
         # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
         self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         self.stale_retries = 0  # requests sent again after a node closed a pooled connection
@@ -221,10 +250,12 @@ class Upstream:
         headers: CIMultiDict[str] = CIMultiDict()
         for k, v in request_headers.items():
             low = k.lower()
-            if (low in FORWARD_REQUEST or (compress and low == "accept-encoding")) and (
-                not named or low not in named
-            ):
+            if named and low in named:
+                continue
+            if low in FORWARD_REQUEST:
                 headers.add(k, v)
+            elif compress and low == "accept-encoding" and (wanted := decodable(v)):
+                headers.add(k, wanted)
         headers["Content-Type"] = "application/json"
         headers["x-request-id"] = request_id
         via = request_headers.get(VIA_HEADER)
@@ -287,17 +318,23 @@ class Upstream:
                     node.stats.paused_until = self.clock() + retry_after_s(retry_after)
                 outcome = _OUTCOME_OF.get(status, Outcome.HTTP_5XX)
                 raise Failed(outcome, f"HTTP {status}", retry_after)
+            if not is_answer_status(status):
+                raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} is not an answer")
+            encoding = encoding_of(response.headers)
             if call.info.stream and status < 400:
+                if encoding != "identity":
+                    raise Failed(Outcome.BAD_ANSWER, f"a stream compressed with {encoding[:32]}")
                 first = await response.content.readany()
                 attempt.first_byte()
                 if not first.lstrip().startswith(SSE_START):
                     raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not SSE")
                 return Opened(attempt, response, first, whole=False)
+            attempt.progress()  # the headers: not hung; its latency runs to the last byte
+            body = await self.read_body(response, self.max_response, call.deadline, call)
             attempt.first_byte()
-            body = await self.read_body(response, self.max_response, call.deadline)
             doc = None
             if status < 300:
-                doc = read_answer(call.request.path, body, response.headers)
+                doc = self._answer(call, body, encoding)
                 if doc is None:
                     raise Failed(
                         Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer"
@@ -308,17 +345,31 @@ class Upstream:
             raise
         except TimeoutError:
             self._abandon(attempt, response, Outcome.TIMEOUT)
-            late = attempt.t_first >= 0
+            late = response is not None
             raise Failed(
                 Outcome.TIMEOUT, "body not complete in time" if late else "no first byte in time"
             ) from None
         except (ClientError, OSError) as e:
-            outcome = Outcome.STREAM_ERROR if attempt.t_first >= 0 else Outcome.CONNECT_ERROR
+            outcome = Outcome.STREAM_ERROR if response is not None else Outcome.CONNECT_ERROR
             self._abandon(attempt, response, outcome)
             raise Failed(outcome, type(e).__name__) from None
         except BaseException:
             self._abandon(attempt, response, Outcome.CANCELLED)
             raise
+
+    def _answer(self, call: Call, body: bytes, encoding: str) -> dict[str, Any] | None:
+        """A 2xx body read whole, parsed (decoded first when compressed as the client
+        accepts); None when it is not an answer, or is compressed in a way the client
+        did not accept."""
+        if encoding != "identity":
+            accepted = call.headers.get("Accept-Encoding", "")
+            if encoding not in accepted.split(", "):
+                return None
+            decoded = decode(body, encoding, self.max_response)
+            if decoded is None:
+                return None
+            body = decoded
+        return read_answer(call.request.path, body)
 
     @staticmethod
     def _abandon(attempt: Attempt, response: ClientResponse | None, outcome: Outcome) -> None:
@@ -327,18 +378,41 @@ class Upstream:
         attempt.end(outcome)
 
     async def read_body(
-        self, response: ClientResponse, limit: int, deadline: float = float("inf")
+        self,
+        response: ClientResponse,
+        limit: int,
+        deadline: float = float("inf"),
+        call: Call | None = None,
     ) -> bytes:
-        """The whole body; ClientError past ``limit`` bytes, TimeoutError past ``deadline``."""
+        """The whole body; ClientError past ``limit`` bytes, TimeoutError past
+        ``deadline``. For ``call``, its bytes count against ``limits.buffered_bytes``
+        until the request ends (:meth:`release`); past it, the attempt fails
+        without blaming the node."""
         clock = self.clock
         content = response.content
         parts: list[bytes] = []
-        size = 0
-        while chunk := await content.readany():
-            if clock() > deadline:
-                raise TimeoutError
-            size += len(chunk)
-            if size > limit:
-                raise ClientError(f"answer larger than {limit} bytes")
-            parts.append(chunk)
+        size = taken = 0
+        try:
+            while chunk := await content.readany():
+                if clock() > deadline:
+                    raise TimeoutError
+                size += len(chunk)
+                if size > limit:
+                    raise ClientError(f"answer larger than {limit} bytes")
+                if call is not None:
+                    if self.buffered + len(chunk) > self.max_buffered:
+                        raise Failed(Outcome.CANCELLED, BUSY)
+                    self.buffered += len(chunk)
+                    taken += len(chunk)
+                parts.append(chunk)
+        except BaseException:
+            self.buffered -= taken
+            raise
+        if call is not None:
+            call.buffered += taken
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self, call: Call) -> None:
+        """The request ended: the bytes of its answers no longer count."""
+        self.buffered -= call.buffered
+        call.buffered = 0

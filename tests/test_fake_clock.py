@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from policies import RequestInfo, build_policy
+from router.bill import Sizes
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import HealthConfig, Scoring, parse_config
@@ -125,7 +126,8 @@ def _call(now: float) -> Call:
     """A call with no client request behind it: these steps never read it."""
     info = RequestInfo(model="m", stream=True)
     ex = Exchange("rid", "rid", now)
-    return Call(cast(web.Request, None), ex, info, {}, b"{}", CIMultiDict(), now + 600)
+    sizes = Sizes(stream=True, limit=None, n=1, changed=False)
+    return Call(cast(web.Request, None), ex, info, {}, b"{}", CIMultiDict(), now + 600, sizes)
 
 
 class FakeOpen:

@@ -9,10 +9,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 
 from tests.conftest import MakeRouter, MakeSim, RedisServer, chat, free_port, node_entry
 from tests.test_cli import run, spawn, stop, wait_for_line
+
+ADMIN = {"Authorization": "Bearer admin-token"}
 
 
 def write_config(tmp_path: Path, nodes: list[dict[str, Any]], **extra: Any) -> tuple[str, Path]:
@@ -125,24 +128,31 @@ async def test_a_stream_longer_than_the_drain_ends_with_an_error_event(
 
 
 async def test_ready_without_supply_and_during_a_store_outage(
-    fleet: MakeSim, make_router: MakeRouter, http: aiohttp.ClientSession, redis_server: RedisServer
+    fleet: MakeSim,
+    make_router: MakeRouter,
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Readiness is this process's, not the fleet's or the store's: a router with no
     routable node, or with its store down, stays in the Service and answers
-    503 with Retry-After itself; `?verbose` shows the supply."""
+    503 with Retry-After itself; `?verbose` shows the supply (to the admin token)."""
+    monkeypatch.setenv("T_ADMIN", "admin-token")
     r = await make_router([], state={"redis_url": redis_server.url, "timeout_s": 0.2})
     async with http.get(r.url + "/readyz") as resp:
         assert resp.status == 200
         assert (await resp.json())["routable_nodes"] == 0
     sim = await fleet("a")
     r2 = await make_router(
-        [node_entry(sim)], state={"redis_url": redis_server.url, "timeout_s": 0.2}
+        [node_entry(sim)],
+        state={"redis_url": redis_server.url, "timeout_s": 0.2},
+        admin={"token_env": "T_ADMIN"},
     )
     redis_server.kill()
     async with http.post(r2.url + "/v1/chat/completions", data=orjson.dumps(chat())) as resp:
         assert resp.status == 200
     for _ in range(100):
-        async with http.get(r2.url + "/readyz?verbose") as resp:
+        async with http.get(r2.url + "/readyz?verbose", headers=ADMIN) as resp:
             doc = await resp.json()
         if doc["store"] == "redis:degraded":
             break

@@ -314,7 +314,11 @@ async def test_a_node_pointing_back_at_the_router_makes_no_loop(
     r = await make_router([me], listen={"port": port})
     async with http.post(r.url + "/v1/chat/completions", json=chat()) as resp:
         assert resp.status == 508
-        assert (await resp.json())["error"]["code"] == "loop_detected"
+        error = (await resp.json())["error"]
+        # The copy that came back was refused; the client reads it as the node's answer.
+        assert error["code"] == "upstream_rejected"
+        assert "came back to a router it already passed" in error["message"]
+        assert resp.headers["x-ballast-node"] == "me"
     r.router.recorder.flush()
     assert sum(1 for _ in r.router.fleet.nodes) == 1
     async with http.get(r.url + "/metrics") as resp:

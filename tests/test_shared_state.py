@@ -616,7 +616,7 @@ async def test_replicas_split_the_probes_and_take_over(
 
         async def both_routable_and_known() -> bool:
             for url in (a, b):
-                async with http.get(url + "/readyz?verbose") as resp:
+                async with http.get(url + "/readyz?verbose", headers=ADMIN) as resp:
                     doc = await resp.json()
                 if doc["routable_nodes"] != len(sims) or doc["routers"] != 2:
                     return False

@@ -96,6 +96,11 @@ class Attempt:
             self.t_first = now
         self._progress(now)
 
+    def progress(self) -> None:
+        """The node has begun to answer (its headers): no longer awaiting, though its
+        latency runs on to :meth:`first_byte`."""
+        self._progress(self.meter.clock())
+
     def _progress(self, now: float) -> None:
         if self.awaiting:
             self.awaiting = False

@@ -18,6 +18,8 @@ class Outcome(StrEnum):
     # 4xx for a request that a node of another kind then served: the node's fault
     REJECTED = "rejected"
     CANCELLED = "cancelled"  # the client went away; says nothing about the node
+    # an answer delivered whose usage claimed more tokens than it could have (router.bill)
+    BAD_USAGE = "bad_usage"
 
 
 FAILURES = frozenset(
@@ -30,5 +32,6 @@ FAILURES = frozenset(
         Outcome.STREAM_ERROR,
         Outcome.BAD_ANSWER,
         Outcome.REJECTED,
+        Outcome.BAD_USAGE,
     }
 )

@@ -59,6 +59,12 @@ class StateStore(Protocol):
         """The node, looked up in the shared state if this process has not seen it yet."""
         ...
 
+    async def secret_of(self, node_id: str) -> str | None:
+        """The SHA-256 of a self-registered node's secret; None for an unknown id or a
+        node without one. The same work for every id, known here or not (with Redis,
+        one read of the shared state), so the time it takes tells nothing."""
+        ...
+
     def joined_count(self) -> int:
         """Self-registered nodes known (in any state, until forgotten)."""
         ...
@@ -97,6 +103,14 @@ def apply_heartbeat(
     node.telemetry = telemetry
     if node.state is NodeState.GONE:
         fleet.set_state(node.id, *codec.returning(node, verify))
+
+
+def secret_in(fleet: Fleet, node_id: str) -> str | None:
+    """A self-registered node's secret hash in a process's own snapshot, or None."""
+    node = fleet.nodes.get(node_id)
+    if node is None or node.source is not Source.JOINED:
+        return None
+    return node.secret_hash or None
 
 
 def joined_count(fleet: Fleet) -> int:
@@ -193,6 +207,9 @@ class MemoryStore:
 
     async def fetch(self, node_id: str) -> Node | None:
         return self.fleet.nodes.get(node_id)
+
+    async def secret_of(self, node_id: str) -> str | None:
+        return secret_in(self.fleet, node_id)
 
     def joined_count(self) -> int:
         return joined_count(self.fleet)

@@ -54,7 +54,7 @@ from router.config import Scoring, StateConfig
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Pending, Signals
 from router.measure.merge import MERGE_LUA
-from router.store import add_rows, apply_heartbeat, codec, joined_count, scripts, utc_day
+from router.store import add_rows, apply_heartbeat, codec, joined_count, scripts, secret_in, utc_day
 from router.tasks import cancel_and_wait
 from router.tenants import Keyring, Usage, period_days, period_of
 
@@ -277,6 +277,17 @@ class RedisStore:
             return None
         self._apply(node_id, h, self.wall(), self.clock())
         return self.fleet.nodes.get(node_id)
+
+    async def secret_of(self, node_id: str) -> str | None:
+        """Read from Redis for every id, whether this process knows it or not; only
+        when Redis cannot answer, from the last snapshot."""
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                stored = await self.client.hget(self.k_node + node_id, "secret")
+        except _ERRORS as e:
+            self._failed(e)
+            return secret_in(self.fleet, node_id)
+        return stored.decode() if stored else None
 
     # -- background sync --------------------------------------------------------
 
