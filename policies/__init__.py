@@ -11,6 +11,7 @@ Each policy lives in its own module; :data:`POLICIES` maps names to them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from random import Random
@@ -90,6 +91,15 @@ def _by_name() -> dict[str, type]:
 
 
 POLICIES: dict[str, type] = _by_name()
+
+
+def policy_params(name: str) -> list[str] | None:
+    """The parameters a policy takes (its constructor's keyword parameters), or None
+    when it takes any; ``KeyError`` for an unknown policy."""
+    params = inspect.signature(POLICIES[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def build_policy(name: str, params: dict[str, Any] | None = None) -> Policy:

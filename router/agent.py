@@ -5,6 +5,14 @@ the GPU's free memory and utilisation, read from ``nvidia-smi`` when present
 and from flags otherwise. If the router forgets the node (restart, removal,
 expiry) it registers again with the node's own secret, kept in memory and, with
 ``--secret-file``, on disk.
+
+It says what the node is: labels (``--label k=v``: its pool, ``--region``, which
+``locality.label`` reads, ``--max-concurrency``, any others), prices
+(``--price-per-mtok``, ``--price-per-hour``) and engine (``--engine``), from
+flags or a small YAML file (``--file``; flags win). They are checked at start
+with the model registration checks them with
+(:class:`router.registration.NodeClaims`), so a mistake ends the agent at once
+with one line, and sent in every registration.
 """
 
 from __future__ import annotations
@@ -15,11 +23,16 @@ import logging
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
+from pydantic import ValidationError
+
+from router.registration import NodeClaims
 
 log = logging.getLogger("ballast.agent")
 
@@ -61,6 +74,81 @@ def read_nvidia_smi() -> GpuFacts | None:
         return None
 
 
+class AgentError(Exception):
+    """Invalid agent input, in one line (the CLI exits 2 with it)."""
+
+
+# What the file may hold: the claims, and two labels with their own flag.
+LABEL_FIELDS = ("region", "max_concurrency")  # labels of these names (router.pools, router.gate)
+FILE_KEYS = frozenset(NodeClaims.model_fields) - {"id"} | set(LABEL_FIELDS)
+
+
+def _label_text(key: str, value: object) -> str:
+    """A label's value as YAML may give it (a number, a word) as the text it is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise AgentError(f"label {key}: must be a string or a number")
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The agent's YAML file: a mapping of claims (``FILE_KEYS``)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise AgentError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise AgentError(f"{path}: not valid YAML{where}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise AgentError(f"{path}: must be a mapping of {', '.join(sorted(FILE_KEYS))}")
+    unknown = sorted(str(k) for k in doc if k not in FILE_KEYS)
+    if unknown:
+        raise AgentError(
+            f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FILE_KEYS))})"
+        )
+    return doc
+
+
+def node_claims(
+    file: Mapping[str, Any], flags: Mapping[str, Any], labels: Sequence[str] = ()
+) -> NodeClaims:
+    """The node's claims from its file, then its flags (``None``: not given) and
+    ``--label key=value`` items, validated as registration validates them."""
+    found = file.get("labels") or {}
+    if not isinstance(found, dict):
+        raise AgentError("labels: must be a mapping of name: value")
+    merged = {str(k): _label_text(str(k), v) for k, v in found.items()}
+    doc = {k: v for k, v in file.items() if k != "labels" and k not in LABEL_FIELDS}
+    for key in LABEL_FIELDS:  # region, max_concurrency: labels with keys of their own
+        if file.get(key) is not None:
+            merged[key] = _label_text(key, file[key])
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AgentError(f"--label {item[:64]!r}: give it as key=value")
+        merged[key] = value
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in LABEL_FIELDS:
+            merged[key] = _label_text(key, value)
+        else:
+            doc[key] = value
+    try:
+        return NodeClaims.model_validate({**doc, "labels": merged})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p)[:64] for p in first["loc"]) or "claims"
+        flag = f" (--{where.replace('_', '-')})" if where in NodeClaims.model_fields else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise AgentError(f"{where}{flag}: {message}"[:300]) from None
+
+
 @dataclass
 class AgentConfig:
     router: str
@@ -73,6 +161,9 @@ class AgentConfig:
     vram_gb: float | None = None
     interval_s: float = 5.0
     secret_file: Path | None = None
+    # What the node says it is besides its hardware: labels, prices, engine
+    # (NodeClaims fields, validated; sent in every registration).
+    claims: dict[str, Any] = field(default_factory=dict)
 
 
 class Agent:
@@ -100,6 +191,7 @@ class Agent:
     async def register(self, http: aiohttp.ClientSession) -> None:
         f = self.facts()
         body: dict[str, Any] = {
+            **self.cfg.claims,
             "id": self.cfg.node_id,
             "url": self.cfg.node_url,
             "models": await self.models(http),

@@ -30,7 +30,7 @@ from router.config import Config, ConfigError, load_config
 from router.errors import ROUTER_NODE, error_body, error_response, invalid_key
 from router.fleet import Fleet
 from router.health import HealthMonitor
-from router.keyadmin import KeyAdmin
+from router.keyadmin import JoinTokenAdmin, KeyAdmin
 from router.logs import AccessLog
 from router.measure import Meter
 from router.metrics import Metrics
@@ -77,7 +77,9 @@ class Router:
         """``GET /v1/models``: the models served, only those in ``allowed`` when it
         is not empty (a key's allow-list)."""
         if self._models_version != self.fleet.version:
-            self._models = self.fleet.served_models()
+            served = self.fleet.served_models()
+            aliases = sorted(a for a, m in self.fleet.aliases.items() if m in set(served))
+            self._models = [*served, *aliases]  # a model's aliases are names to ask for
             self._models_body = _model_list(self._models)
             self._models_version = self.fleet.version
         if allowed:
@@ -164,7 +166,7 @@ def make_store(cfg: Config, clock: Callable[[], float]) -> StateStore:
         return RedisStore(
             cfg.state, cfg.scoring, ttl, verify=verify, retention_s=retention, clock=clock
         )
-    return MemoryStore(ttl, verify=verify, retention_s=retention)
+    return MemoryStore(ttl, verify=verify, retention_s=retention, path=cfg.state.path)
 
 
 def build_router(
@@ -178,6 +180,7 @@ def build_router(
 ) -> Router:
     fleet = Fleet(slow_start_s=cfg.health.slow_start_s, clock=clock)
     fleet.locality_label = cfg.locality.label
+    fleet.aliases = cfg.aliases
     if cfg.pools is not None:
         fleet.pools = Pools(cfg.pools, rng)
     verify = cfg.health.verify_static and cfg.health.probe
@@ -456,6 +459,8 @@ def create_app(
 
     for method, path, name in KeyAdmin.ROUTES:
         app.router.add_route(method, path, delegate("keys", name))
+    for method, path, name in JoinTokenAdmin.ROUTES:
+        app.router.add_route(method, path, delegate("membership.token_admin", name))
     app.router.add_post("/v1/nodes/register", delegate("membership", "register"))
     app.router.add_post("/v1/nodes/{id}/heartbeat", delegate("membership", "heartbeat"))
     app.router.add_post("/admin/nodes/{id}/drain", delegate("membership", "drain"))
@@ -467,10 +472,14 @@ def create_app(
 
 def delegate(part: str, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """A route handler calling ``<part>.<name>`` of the running router (its
-    ``membership`` or its ``keys``)."""
+    ``membership``, its ``keys``, or a dotted path such as ``membership.token_admin``)."""
+    path = part.split(".")
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await getattr(getattr(request.app[ROUTER], part), name)(request)
+        target: Any = request.app[ROUTER]
+        for attr in path:
+            target = getattr(target, attr)
+        return await getattr(target, name)(request)
 
     return handler
 

@@ -29,7 +29,10 @@ DEFAULT_COMPLETION_TOKENS = 256  # a request's completion estimate when it sets 
 PROMPT_BYTES_PER_TOKEN = 4  # the prompt's estimate: its body's bytes over this
 PROMPT_SLACK = 512  # tokens a chat template may add beyond the body's bytes
 MEDIA_TOKENS = 16_384  # tokens one image, audio or video part may add to a prompt
-MEDIA_MARKERS = (b'"image_url"', b'"input_audio"', b'"video_url"', b'"audio_url"')
+MEDIA_PARTS = frozenset({"image_url", "input_audio", "video_url", "audio_url", "image", "file"})
+# Every field an engine reads as the completion's length (llama.cpp's server reads
+# n_predict before max_tokens; TGI max_new_tokens): the largest is the limit.
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_new_tokens")
 STOP_SLACK = 16  # tokens per choice a node may count without text (stop, template tokens)
 MAX_TOKENS_LIMIT = 1 << 31  # a larger max_tokens is refused, as engines refuse it
 MAX_N = 128  # choices per request (OpenAI's limit)
@@ -46,9 +49,10 @@ class Sizes:
     """A request's generation size, as its engine will read it."""
 
     stream: bool
-    limit: int | None  # max(max_tokens, max_completion_tokens); None: no limit set
+    limit: int | None  # the largest of LIMIT_FIELDS; None: no limit set
     n: int  # choices asked for
     changed: bool  # the body must be sent rewritten (a value was coerced)
+    media: int = 0  # image, audio and video parts of the messages
 
     @property
     def completion_estimate(self) -> int:
@@ -117,14 +121,38 @@ def read_sizes(doc: dict[str, Any]) -> Sizes:
             doc["stream_options"] = {**options, "include_usage": _as_bool(usage, "include_usage")}
             changed = True
     limit = None
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in LIMIT_FIELDS:
         value, coerced = _int_field(doc, name, MAX_TOKENS_LIMIT)
         changed = changed or coerced
         if value is not None and (limit is None or value > limit):
             limit = value
     n, coerced = _int_field(doc, "n", MAX_N)
     changed = changed or coerced
-    return Sizes(stream is True, limit, n or 1, changed)
+    return Sizes(stream is True, limit, n or 1, changed, _media(doc.get("messages")))
+
+
+def _media(messages: Any) -> int:
+    """Image, audio and video parts of chat messages (counted by their structure,
+    not by their names appearing anywhere in the body)."""
+    if type(messages) is not list:
+        return 0
+    n = 0
+    for message in messages:
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is list:
+            n += sum(
+                1 for part in content if type(part) is dict and part.get("type") in MEDIA_PARTS
+            )
+    return n
+
+
+def limit_to(doc: dict[str, Any], sizes: Sizes, limit: int) -> None:
+    """Lower the request's completion limit to ``limit`` tokens per choice, in
+    ``doc`` (every length field it has, else ``max_tokens``) and ``sizes``."""
+    named = [name for name in LIMIT_FIELDS if name in doc] or ["max_tokens"]
+    for name in named:
+        doc[name] = limit
+    sizes.limit, sizes.changed = limit, True
 
 
 def _int_field(doc: dict[str, Any], name: str, high: int) -> tuple[int | None, bool]:
@@ -141,9 +169,8 @@ def _int_field(doc: dict[str, Any], name: str, high: int) -> tuple[int | None, b
     return value, True
 
 
-def prompt_bound(body: bytes) -> int:
-    """The most prompt tokens a request body can make."""
-    media = sum(body.count(m) for m in MEDIA_MARKERS)
+def prompt_bound(body: bytes, media: int = 0) -> int:
+    """The most prompt tokens a request body (with ``media`` parts) can make."""
     return len(body) + PROMPT_SLACK + media * MEDIA_TOKENS
 
 
@@ -216,4 +243,4 @@ def bill(
         most = sizes.limit * n
     measured = events if events is not None else -(-volume // PROMPT_BYTES_PER_TOKEN)
     estimate = len(body) // PROMPT_BYTES_PER_TOKEN
-    return bounded(claimed, prompt_bound(body), estimate, measured, most)
+    return bounded(claimed, prompt_bound(body, sizes.media), estimate, measured, most)

@@ -118,7 +118,9 @@ class Call:
     estimate: int = 0
     tokens: tuple[int, int] | None = None
     hide_usage: bool = False
-    buffered: int = 0  # bytes of its answers read whole (limits.buffered_bytes)
+    # The model's name as the client asked for it, when the model has aliases: the
+    # answer's ``model`` says that (nodes may serve it by another name).
+    asked: str | None = None
     gated: bool = False  # admitted by the priority gate: only nodes below their capacity
     pools: tuple[int, ...] = ()  # the pools it may use, in order (router.pools)
     region: str | None = None  # the caller's locality: preferred on ties

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,22 @@ def _load(path: str) -> Any:
     try:
         return load_config(path)
     except ConfigError as e:
-        print(f"ballast: invalid config {path}:\n{e}", file=sys.stderr)
+        n = len(e.problems)
+        found = f" ({n} problem{'s' if n != 1 else ''})" if n else ""
+        print(f"ballast: invalid config {path}{found}:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Output a reader may stop reading (``ballast nodes --watch | head``): when it
+    leaves, stop quietly, with status 0. Python's documented recipe for EPIPE: stdout
+    then points at /dev/null, so that the flush at exit does not fail again."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -114,8 +129,9 @@ def cmd_policies(args: argparse.Namespace) -> None:
     from policies import POLICIES
 
     width = max(len(n) for n in POLICIES)
-    for name in sorted(POLICIES):
-        print(f"{name:<{width}}  {POLICIES[name].description}")
+    with reader_may_leave():
+        for name in sorted(POLICIES):
+            print(f"{name:<{width}}  {POLICIES[name].description}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -176,18 +192,43 @@ def table(rows: list[list[str]], header: list[str]) -> str:
                      for r in cells)  # fmt: skip
 
 
+KEY_FIELDS = ("name", "priority", "rpm", "tpm", "max_parallel", "budget_tokens", "budget_period",
+              "region")  # fmt: skip
+KEY_LISTS = ("models", "pools")
+
+
+def key_spec(args: argparse.Namespace, update: bool) -> dict[str, Any]:
+    """The key fields the flags give: for ``create`` those set; for ``update`` those
+    given (the others are left out, so the key keeps them), ``none`` sent as null."""
+    given = vars(args)
+    spec = {f: given[f] for f in KEY_FIELDS if f in given and (update or given[f] is not None)}
+    for f in KEY_LISTS:
+        if f in given and (update or given[f]):  # update: an empty list means all
+            spec[f] = [m for m in given[f].split(",") if m]
+    return spec
+
+
+def key_field(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) or "*"
+    return "none" if value is None else str(value)
+
+
 def cmd_keys(args: argparse.Namespace) -> None:
     if args.action == "create":
-        spec: dict[str, Any] = {"name": args.name, "priority": args.priority}
-        for field in ("rpm", "tpm", "max_parallel", "budget_tokens", "budget_period", "region"):
-            if getattr(args, field) is not None:
-                spec[field] = getattr(args, field)
-        for field in ("models", "pools"):
-            if getattr(args, field):
-                spec[field] = [m for m in getattr(args, field).split(",") if m]
+        spec = key_spec(args, update=False)
         doc = admin_call(args.router, args.admin_token, "/admin/keys", "POST", spec)
         print(doc["key"])
         print(f"key {doc['name']} ({doc['id']}): shown once, keep it now", file=sys.stderr)
+    elif args.action == "update":
+        spec = key_spec(args, update=True)
+        if not spec:
+            print("ballast keys update: nothing to change (see --help)", file=sys.stderr)
+            raise SystemExit(2)
+        path = "/admin/keys/" + urllib.parse.quote(args.key, safe="")
+        doc = admin_call(args.router, args.admin_token, path, "PATCH", spec)
+        changed = ", ".join(f"{f} {key_field(doc.get(f))}" for f in spec if f != "name")
+        print(f"updated {doc['name']} ({doc['id']})" + (f": {changed}" if changed else ""))
     elif args.action == "list":
         doc = admin_call(args.router, args.admin_token, "/admin/keys")
         rows = [
@@ -197,7 +238,8 @@ def cmd_keys(args: argparse.Namespace) -> None:
             for k in doc["data"]
         ]  # fmt: skip
         header = ["NAME", "ID", "PREFIX", "SOURCE", "PRIORITY", "RPM", "TPM", "PARALLEL", "MODELS"]
-        print(table(rows, header))
+        with reader_may_leave():
+            print(table(rows, header))
     else:
         doc = admin_call(args.router, args.admin_token, f"/admin/keys/{args.name}", "DELETE")
         print(f"revoked {doc['name']} ({doc['id']})")
@@ -213,8 +255,58 @@ def cmd_usage(args: argparse.Namespace) -> None:
          str(r["completion_tokens"])]
         for r in doc["data"]
     ]  # fmt: skip
-    print(f"since {doc['since']} (UTC)")
-    print(table(rows, ["KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOKENS", "COMPLETION_TOKENS"]))
+    header = ["KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOKENS", "COMPLETION_TOKENS"]
+    with reader_may_leave():
+        print(f"since {doc['since']} (UTC)")
+        print(table(rows, header))
+
+
+DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``30d`` (or plain seconds) in seconds, for argparse."""
+    unit = DURATION.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 12h or 30d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    if args.action == "create":
+        spec: dict[str, Any] = {"name": args.name}
+        if args.models:
+            spec["models"] = [m for m in args.models.split(",") if m]
+        for field in ("pool", "max_nodes"):
+            if getattr(args, field) is not None:
+                spec[field] = getattr(args, field)
+        if args.expires_in is not None:
+            spec["expires_in_s"] = args.expires_in
+        doc = admin_call(args.router, args.admin_token, "/admin/join-tokens", "POST", spec)
+        print(doc["token"])
+        print(f"join token {doc['name']} ({doc['id']}): shown once, keep it now", file=sys.stderr)
+    elif args.action == "list":
+        doc = admin_call(args.router, args.admin_token, "/admin/join-tokens")
+        rows = []
+        for t in doc["data"]:
+            expires = t.get("expires_at")
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(expires)) if expires else "-"
+            rows.append(
+                [t["name"], t["id"], t.get("prefix") or "-", t["state"],
+                 ",".join(t.get("models") or []) or "*", t.get("pool") or "-",
+                 str(t["nodes"]), str(t.get("max_nodes") or "-"), when]
+            )  # fmt: skip
+        header = ["NAME", "ID", "PREFIX", "STATE", "MODELS", "POOL", "NODES", "MAX", "EXPIRES"]
+        print(table(rows, header))
+    else:
+        path = f"/admin/join-tokens/{urllib.parse.quote(args.name, safe='')}"
+        doc = admin_call(args.router, args.admin_token, path, "DELETE")
+        n = len(doc["nodes"])
+        print(f"revoked {doc['name']} ({doc['id']}): {n} node(s) drained and forgotten")
 
 
 def render_fleet(doc: dict[str, Any]) -> str:
@@ -232,6 +324,7 @@ def render_fleet(doc: dict[str, Any]) -> str:
         ("SHARE", "share"),
         ("AFFINITY", "affinity_share"),
         ("POOL", "pool"),
+        ("TOKEN", "join_token"),
         ("PRICE", "price"),
         ("SPEND", "spent_share"),
     ]
@@ -267,37 +360,51 @@ def render_fleet(doc: dict[str, Any]) -> str:
 
 
 def cmd_nodes(args: argparse.Namespace) -> None:
-    while True:
-        doc = fetch_fleet(args.router, args.admin_token)
-        if args.json:
-            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-        else:
-            if args.watch:
-                print("\033[2J\033[H", end="")
-            print(render_fleet(doc), flush=True)
-        if not args.watch:
-            return
-        time.sleep(args.interval)
+    with reader_may_leave():
+        while True:
+            doc = fetch_fleet(args.router, args.admin_token)
+            if args.json:
+                print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():  # clear the screen, not a pipe
+                    print("\033[2J\033[H", end="")
+                print(render_fleet(doc), flush=True)
+            if not args.watch:
+                return
+            time.sleep(args.interval)
 
 
 def cmd_agent(args: argparse.Namespace) -> None:
-    from router.agent import AgentConfig, run_agent
+    from router.agent import AgentConfig, AgentError, node_claims, read_file, run_agent
     from router.logs import setup_logging
 
+    def invalid(message: str) -> SystemExit:
+        print(printable(f"ballast agent: {message}"), file=sys.stderr)
+        return SystemExit(2)
+
     if not args.join_token:
-        raise SystemExit("ballast agent: --join-token (or $BALLAST_JOIN_TOKEN) is required")
+        raise invalid("--join-token (or $BALLAST_JOIN_TOKEN) is required")
+    names = ("gpu", "gpus", "vram_gb", "price_per_mtok", "price_per_hour", "engine", "region",
+             "max_concurrency")  # fmt: skip
+    flags = {"id": args.id or socket.gethostname(), **{k: getattr(args, k) for k in names}}
+    try:
+        file = read_file(Path(args.file)) if args.file else {}
+        claims = node_claims(file, flags, args.label or [])
+    except AgentError as e:
+        raise invalid(str(e)) from None
     setup_logging("warning", "text")
     cfg = AgentConfig(
         router=args.router,
         node_url=args.node_url,
-        node_id=args.id,
+        node_id=claims.id or socket.gethostname(),
         join_token=args.join_token,
         models=[m for m in (args.models or "").split(",") if m],
-        gpu=args.gpu,
-        gpus=args.gpus,
-        vram_gb=args.vram_gb,
+        gpu=claims.gpu,
+        gpus=claims.gpus,
+        vram_gb=claims.vram_gb,
         interval_s=args.interval,
         secret_file=Path(args.secret_file) if args.secret_file else None,
+        claims=claims.model_dump(exclude={"id", "gpu", "gpus", "vram_gb"}, exclude_none=True),
     )
     _run(run_agent(cfg))
 
@@ -350,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("agent", help="keep a GPU node registered with a router")
     p.add_argument("--router", required=True, help="router base URL")
     p.add_argument("--node-url", required=True, help="base URL of the inference server")
-    p.add_argument("--id", default=socket.gethostname(), help="node id (default: hostname)")
+    p.add_argument("--id", help="node id (default: hostname)")
     p.add_argument(
         "--join-token",
         default=os.environ.get("BALLAST_JOIN_TOKEN"),
@@ -358,10 +465,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--models", help="comma-separated models (default: the node's /v1/models)")
     p.add_argument("--gpu", help="GPU model, when nvidia-smi is absent")
-    p.add_argument("--gpus", type=int, default=1, help="GPU count, when nvidia-smi is absent")
-    p.add_argument("--vram-gb", type=float, help="total VRAM, when nvidia-smi is absent")
+    p.add_argument("--gpus", help="GPU count, when nvidia-smi is absent (default 1)")
+    p.add_argument("--vram-gb", dest="vram_gb", help="total VRAM, when nvidia-smi is absent")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between heartbeats")
     p.add_argument("--secret-file", help="keep the node secret here across restarts")
+    # What the node is (checked as registration checks it; flags override --file).
+    p.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="a label, e.g. pool=spot (repeat)"
+    )
+    p.add_argument("--region", help="the node's region label (what locality.label reads)")
+    p.add_argument("--max-concurrency", dest="max_concurrency", help="requests it serves at once")
+    p.add_argument("--price-per-mtok", dest="price_per_mtok", help="price per million tokens")
+    p.add_argument("--price-per-hour", dest="price_per_hour", help="price per node hour")
+    p.add_argument("--engine", help="vllm, sglang, llamacpp, llama-cpp-python, tgi, ollama, openai")
+    p.add_argument("--file", help="YAML file of these claims (labels, price_per_mtok, ...)")
     p.set_defaults(func=cmd_agent)
 
     def admin_args(p: argparse.ArgumentParser) -> None:
@@ -372,26 +489,69 @@ def main(argv: list[str] | None = None) -> None:
             help="admin bearer token (default: $BALLAST_ADMIN_TOKEN)",
         )
 
-    p = sub.add_parser("keys", help="create, list and revoke client keys")
+    def limit(text: str) -> int | None:
+        """An integer limit, or ``none``: no limit."""
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer or none") from None
+
+    def key_args(k: argparse.ArgumentParser, update: bool) -> None:
+        off = "; none: no limit" if update else ""
+        every = "; '' for all" if update else " (default: all)"
+        k.add_argument("--rpm", type=limit, help="requests per minute" + off)
+        k.add_argument("--tpm", type=limit, help="tokens per minute (prompt + completion)" + off)
+        k.add_argument(
+            "--max-parallel", dest="max_parallel", type=limit, help="requests at once" + off
+        )
+        k.add_argument("--models", help="comma-separated models it may use" + every)
+        priority = {} if update else {"default": "interactive"}  # update: unchanged if not given
+        k.add_argument("--priority", choices=["interactive", "batch"], **priority)
+        k.add_argument(
+            "--budget-tokens", dest="budget_tokens", type=limit, help="tokens per period" + off
+        )
+        k.add_argument("--budget-period", dest="budget_period", choices=["day", "month"])
+        k.add_argument("--pools", help="comma-separated pools it may use, in order" + every)
+        k.add_argument("--region", help="its requests' locality (preferred nodes' region label)")
+        admin_args(k)
+
+    p = sub.add_parser("keys", help="create, update, list and revoke client keys")
     keys = p.add_subparsers(dest="action", required=True)
     k = keys.add_parser("create", help="create a key and print it (shown once)")
     k.add_argument("--name", required=True)
-    k.add_argument("--rpm", type=int, help="requests per minute")
-    k.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
-    k.add_argument("--max-parallel", dest="max_parallel", type=int, help="requests at once")
-    k.add_argument("--models", help="comma-separated models it may use (default: all)")
-    k.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
-    k.add_argument("--budget-tokens", dest="budget_tokens", type=int, help="tokens per period")
-    k.add_argument("--budget-period", dest="budget_period", choices=["day", "month"])
-    k.add_argument("--pools", help="comma-separated pools it may use, in order (default: all)")
-    k.add_argument("--region", help="its requests' locality (preferred nodes' region label)")
-    admin_args(k)
+    key_args(k, update=False)
+    # Flags left out are not sent (argparse.SUPPRESS): the key keeps what it has.
+    k = keys.add_parser(
+        "update", help="change a key's limits on every replica (PATCH /admin/keys/{id})",
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    k.add_argument("key", help="key name or id")
+    k.add_argument("--name", help="rename it")
+    key_args(k, update=True)
     k = keys.add_parser("list", help="list keys (never the keys themselves)")
     admin_args(k)
     k = keys.add_parser("revoke", help="revoke a key on every replica")
     k.add_argument("name", help="key name or id")
     admin_args(k)
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("tokens", help="mint, list and revoke scoped join tokens")
+    tokens = p.add_subparsers(dest="action", required=True)
+    t = tokens.add_parser("create", help="mint a join token and print it (shown once)")
+    t.add_argument("--name", required=True, help="whose nodes it joins (a provider)")
+    t.add_argument("--models", help="comma-separated models its nodes may serve (default: any)")
+    t.add_argument("--pool", help="the pool its nodes are in, whatever they claim")
+    t.add_argument("--max-nodes", dest="max_nodes", type=int, help="live nodes at most")
+    t.add_argument("--expires-in", dest="expires_in", type=duration_s, help="e.g. 12h, 30d")
+    admin_args(t)
+    t = tokens.add_parser("list", help="list join tokens and their live nodes (never a token)")
+    admin_args(t)
+    t = tokens.add_parser("revoke", help="revoke a token: its nodes drained and forgotten")
+    t.add_argument("name", help="token name or id")
+    admin_args(t)
+    p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("usage", help="usage per key and model")
     p.add_argument("--key", help="only this key name")

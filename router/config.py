@@ -8,27 +8,77 @@ configuration per request.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+Loc = tuple[Any, ...]  # a key path: ("nodes", 0, "labels") is nodes[0].labels
+
+
+def key_path(loc: Loc) -> str:
+    """``nodes[0].labels`` for ``("nodes", 0, "labels")``; ``<root>`` for ``()``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "<root>"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config: where (key path, and YAML line when known), why."""
+
+    loc: Loc
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        at = f" (line {self.line})" if self.line is not None else ""
+        return f"{key_path(self.loc)}: {self.message}{at}"
 
 
 class ConfigError(Exception):
-    """A configuration problem, with the key path that caused it."""
+    """A configuration problem, with the key path that caused it. ``problems`` holds
+    every one found in the file (empty when it could not be read or parsed at all)."""
+
+    def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+    @classmethod
+    def of(cls, problems: Iterable[Problem]) -> ConfigError:
+        found = list(problems)
+        return cls("\n".join(map(str, found)), found)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean X?`` for the choice closest to ``word``, else `` (known: ...)``."""
+    known = sorted(choices)
+    close = difflib.get_close_matches(word, known, n=1)
+    if close:
+        return f"; did you mean {close[0]}?"
+    return f" (known: {', '.join(known)})" if known else ""
 
 
 class _Strict(BaseModel):
@@ -135,6 +185,45 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def numbers_as_text(labels: Any) -> Any:
+    """Labels as YAML or JSON give them: a number (not a boolean) in a label Ballast
+    reads as a number (``NUMERIC_LABELS``: ``price_per_mtok: 0.2``) is taken as its
+    text. Every other label value must be a string: ``zone: 01`` would be ``1``."""
+    if not isinstance(labels, dict):
+        return labels
+    return {
+        k: str(v) if k in NUMERIC_LABELS and isinstance(v, int | float) and not isinstance(v, bool)
+        else v
+        for k, v in labels.items()
+    }  # fmt: skip
+
+
+# A node's labels, in the config or a registration (see check_labels, numbers_as_text).
+Labels = Annotated[dict[str, str], BeforeValidator(numbers_as_text), AfterValidator(check_labels)]
+
+ENV_UNSET = "env_unset"  # the error type of a *_env field naming an unset variable
+
+
+def _env_var(empty_ok: bool) -> AfterValidator:
+    """A ``*_env`` field: the variable it names must be set (and, unless ``empty_ok``,
+    not empty) in the environment the config is checked against (the ``env`` of the
+    validation context, which ``parse_config`` passes; without one, not checked)."""
+
+    def check(name: str, info: ValidationInfo) -> str:
+        env = (info.context or {}).get("env")
+        if env is not None and name and (name not in env if empty_ok else not env.get(name)):
+            raise PydanticCustomError(
+                ENV_UNSET, "environment variable {name} is not set", {"name": name}
+            )
+        return name
+
+    return AfterValidator(check)
+
+
+EnvVar = Annotated[str, _env_var(empty_ok=False)]
+EnvVarOrEmpty = Annotated[str, _env_var(empty_ok=True)]  # a node's API key may be empty
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a node's base URL, or None (its address is checked apart)."""
     if " " in url or not url.isprintable():  # urlsplit drops tabs and newlines silently
@@ -158,13 +247,8 @@ class NodeConfig(_Strict):
     gpu: Text | None = None
     vram_gb: float | None = Field(None, ge=0, le=1_000_000)
     gpus: int = Field(1, ge=0, le=1024)
-    api_key_env: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
+    api_key_env: EnvVarOrEmpty | None = None
+    labels: Labels = Field(default_factory=dict)
 
     engine: str | None = None  # vllm, sglang, llamacpp, llama-cpp-python, tgi, ollama, openai
 
@@ -241,6 +325,9 @@ class StateConfig(_Strict):
     sync_interval_s: float = Field(0.5, gt=0, le=60)
     flush_interval_s: float = Field(0.25, gt=0, le=60)
     timeout_s: float = Field(1.0, gt=0, le=30)
+    # Without Redis: the file (SQLite) where the embedded store keeps client keys,
+    # revocations and usage across restarts; None: kept in memory only.
+    path: str | None = None
 
     @field_validator("redis_url")
     @classmethod
@@ -253,7 +340,7 @@ class StateConfig(_Strict):
 class JoinConfig(_Strict):
     """Self-registration of nodes (the ``registry`` section)."""
 
-    join_token_env: str | None = None
+    join_token_env: EnvVar | None = None
     heartbeat_ttl_s: float = Field(30.0, gt=0)
     allowed_networks: list[str] = Field(default_factory=list)
     max_nodes: int = Field(10_000, ge=1)  # self-registered nodes, over all join-token holders
@@ -313,6 +400,9 @@ class ModelConfig(_Strict):
     hedge_after_ms: float | None = Field(None, gt=0)
     # Models that serve this model's requests when none of its nodes can (router.pools).
     fallbacks: list[ModelName] = Field(default_factory=list, max_length=8)
+    # Other names of this model (router.fleet): a node claiming one serves this model
+    # under it, and a request may ask for any of them.
+    aliases: list[ModelName] = Field(default_factory=list, max_length=64)
 
 
 class HedgeConfig(_Strict):
@@ -352,7 +442,7 @@ class QueueConfig(_Strict):
 
 class MetricsConfig(_Strict):
     enabled: bool = True
-    token_env: str | None = None  # set: scrapes need Authorization: Bearer <token>
+    token_env: EnvVar | None = None  # set: scrapes need Authorization: Bearer <token>
     max_models: int = Field(100, ge=1, le=10_000)  # model label values; the rest are "other"
     max_nodes: int = Field(1000, ge=0, le=100_000)  # nodes with per-node series
     max_keys: int = Field(100, ge=0, le=100_000)  # client key names as labels; then "other"
@@ -383,7 +473,7 @@ class KeyLimits(_Strict):
 class StaticKey(KeyLimits):
     name: KeyName
     hash: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")  # of the whole key
-    key_env: str | None = None  # or: the environment variable holding the key
+    key_env: EnvVar | None = None  # or: the environment variable holding the key
 
     @model_validator(mode="after")
     def _one_source(self) -> StaticKey:
@@ -453,7 +543,7 @@ class ShutdownConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    token_env: str | None = None
+    token_env: EnvVar | None = None
 
 
 class Config(_Strict):
@@ -481,91 +571,299 @@ class Config(_Strict):
     pools: PoolsConfig | None = None
     locality: LocalityConfig = Field(default_factory=LocalityConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> Config:
-        seen: set[str] = set()
-        for i, node in enumerate(self.nodes):
-            if node.id in seen:
-                raise ValueError(f"nodes[{i}].id: duplicate node id {node.id!r}")
-            seen.add(node.id)
-        names = [k.name for k in self.auth.keys]
-        if len(names) != len(set(names)):
-            raise ValueError("auth.keys: duplicate key names")
-        for name, model in self.models.items():
-            for other in model.fallbacks:
-                if other == name:
-                    raise ValueError(f"models.{name}.fallbacks: a model cannot fall back to itself")
-        known = set(self.pools.order) if self.pools else set()
-        for i, k in enumerate(self.auth.keys):
-            if k.pools and not set(k.pools) <= known:
-                raise ValueError(f"auth.keys[{i}].pools: not in pools.order")
-        from policies import POLICIES, build_policy
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Each model alias, and the model it names (``models.<name>.aliases``)."""
+        return {a: name for name, m in self.models.items() for a in m.aliases}
 
-        if self.policy.name not in POLICIES:
-            known = ", ".join(sorted(POLICIES))
-            raise ValueError(f"policy.name: unknown policy {self.policy.name!r} (known: {known})")
-        try:  # the parameters as `serve` will take them
-            build_policy(self.policy.name, self.policy.params)
-        except ValueError as e:
-            raise ValueError(f"policy.params: {e}") from None
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> Config:
+        if not (info.context or {}).get("collect"):  # parse_config gathers them all itself
+            for problem in cross_checks(self):
+                raise ValueError(str(problem))
         return self
 
 
-def format_errors(err: ValidationError) -> str:
-    lines = []
+def cross_checks(
+    cfg: Config,
+    broken: AbstractSet[str] = frozenset(),
+    at: Callable[[Loc], Loc] | None = None,
+) -> Iterator[Problem]:
+    """The checks across fields of ``cfg``. Those that read a section in ``broken`` (one
+    with errors of its own, so at its defaults in ``cfg``) are left out; ``at`` maps a
+    location in ``cfg`` to the file's (``cfg`` may lack the list items with errors)."""
+    at = at or _same
+    if "nodes" not in broken:
+        first: dict[str, int] = {}
+        for i, node in enumerate(cfg.nodes):
+            if (j := first.setdefault(node.id, i)) != i:
+                also = key_path(at(("nodes", j)))
+                yield Problem(at(("nodes", i, "id")), f"duplicate node id {node.id!r} ({also})")
+    if "auth" not in broken:
+        first = {}
+        for i, key in enumerate(cfg.auth.keys):
+            if (j := first.setdefault(key.name, i)) != i:
+                also = key_path(at(("auth", "keys", j)))
+                yield Problem(
+                    at(("auth", "keys", i, "name")), f"duplicate key name {key.name!r} ({also})"
+                )
+        if "pools" not in broken:
+            known = set(cfg.pools.order) if cfg.pools else set()
+            for i, key in enumerate(cfg.auth.keys):
+                if unknown := ", ".join(p for p in key.pools if p not in known):
+                    where = at(("auth", "keys", i, "pools"))
+                    yield Problem(where, f"{unknown}: not in pools.order")
+    if "models" not in broken:
+        owner: dict[str, str] = {}
+        for name, model in cfg.models.items():
+            if name in model.fallbacks:
+                yield Problem(("models", name, "fallbacks"), "a model cannot fall back to itself")
+            for alias in model.aliases:
+                where = at(("models", name, "aliases"))
+                if alias in cfg.models:
+                    yield Problem(where, f"{alias!r} is a model of its own, not an alias")
+                elif owner.setdefault(alias, name) != name:
+                    yield Problem(where, f"{alias!r} is already an alias of {owner[alias]!r}")
+    if "state" not in broken and cfg.state.cluster and not cfg.state.redis_url:
+        yield Problem(("state", "redis_url"), "required with state.cluster")
+    if "policy" not in broken:
+        yield from policy_problems(cfg.policy)
+
+
+def policy_problems(policy: PolicyConfig) -> Iterator[Problem]:
+    """An unknown policy or parameter (with the closest known one), or parameters the
+    policy refuses as ``serve`` will build it."""
+    from policies import POLICIES, PolicyError, build_policy, policy_params
+
+    if policy.name not in POLICIES:
+        hint = did_you_mean(policy.name, POLICIES)
+        yield Problem(("policy", "name"), f"unknown policy {policy.name!r}{hint}")
+        return
+    takes = policy_params(policy.name)
+    if takes is not None:
+        unknown = [p for p in policy.params if p not in takes]
+        for p in unknown:
+            hint = did_you_mean(p, takes) or f" (policy {policy.name} takes none)"
+            yield Problem(("policy", "params", p), f"unknown parameter{hint}")
+        if unknown:
+            return
+    try:
+        build_policy(policy.name, policy.params)
+    except PolicyError as e:
+        yield Problem(("policy", "params"), str(e).removeprefix(f"policy {policy.name}: "))
+
+
+def _unwrap(tp: Any) -> Any:
+    """The type inside ``Annotated[...]`` and ``X | None``."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            inner = [a for a in get_args(tp) if a is not type(None)]
+            if len(inner) != 1:
+                return tp
+            tp = inner[0]
+        else:
+            return tp
+
+
+def _section_at(loc: Loc) -> type[BaseModel] | None:
+    """The config section (model) at ``loc``, if there is one."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if part not in tp.model_fields:
+                return None
+            tp = tp.model_fields[part].annotation
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def validation_problems(err: ValidationError) -> list[Problem]:
+    """Pydantic's errors as problems; an unknown key with the closest known one."""
+    found = []
     for e in err.errors():
-        path = ""
-        for part in e["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        loc = tuple(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{path or '<root>'}: {msg}")
-    return "\n".join(lines)
+        if e["type"] == "string_type" and type(e["input"]) in (int, float):
+            msg += " (quote it: YAML reads it as a number)"
+        elif e["type"] == "extra_forbidden":
+            section = _section_at(loc[:-1])
+            msg = "unknown key" + (
+                did_you_mean(str(loc[-1]), section.model_fields).partition(" (")[0]
+                if section is not None
+                else ""
+            )
+        found.append(Problem(loc, msg))
+    return found
 
 
-def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
-    """Validate a decoded YAML document and apply environment overrides."""
+def format_errors(err: ValidationError) -> str:
+    return "\n".join(map(str, validation_problems(err)))
+
+
+def located(problems: Iterable[Problem], lines: Mapping[Loc, int]) -> list[Problem]:
+    """``problems`` with the YAML line of their key (or of its nearest enclosing key
+    the file has: a missing field is reported at its section), in file order."""
+
+    def line(loc: Loc) -> int | None:
+        for n in range(len(loc), 0, -1):
+            if (at := lines.get(loc[:n])) is not None:
+                return at
+        return None
+
+    found = [p if p.line is not None else Problem(p.loc, p.message, line(p.loc)) for p in problems]
+    return sorted(found, key=lambda p: (p.line is None, p.line or 0))
+
+
+def _same(loc: Loc) -> Loc:
+    return loc
+
+
+ITEM_LISTS: tuple[Loc, ...] = (("nodes",), ("auth", "keys"))  # checked item by item
+
+
+def _valid_part(
+    data: dict[str, Any], errors: list[Loc]
+) -> tuple[dict[str, Any], set[str], Callable[[Loc], Loc]]:
+    """The part of ``data`` without errors, for the checks across fields: the sections
+    without errors, less the items with errors of ``ITEM_LISTS``; the sections left
+    out; and the map from a location in that part to the same in ``data``."""
+    broken: set[str] = set()
+    bad_items: dict[Loc, set[int]] = {}
+    for loc in errors:
+        lst = next((p for p in ITEM_LISTS if loc[: len(p)] == p and len(loc) > len(p)), None)
+        if lst is not None and isinstance(loc[len(lst)], int):
+            bad_items.setdefault(lst, set()).add(loc[len(lst)])
+        elif loc:
+            broken.add(loc[0])
+    part = {k: v for k, v in data.items() if k not in broken}
+    kept: dict[Loc, list[int]] = {}
+    for lst, bad in bad_items.items():
+        parent = part
+        for k in lst[:-1]:
+            if not isinstance(parent.get(k), dict):
+                break
+            parent = parent[k] = dict(parent[k])  # a copy: ``data`` stays as given
+        else:
+            if isinstance(items := parent.get(lst[-1]), list):
+                kept[lst] = [i for i in range(len(items)) if i not in bad]
+                parent[lst[-1]] = [items[i] for i in kept[lst]]
+
+    def at(loc: Loc) -> Loc:
+        for lst, index in kept.items():
+            n = len(lst)
+            if loc[:n] == lst and len(loc) > n and isinstance(loc[n], int):
+                return (*lst, index[loc[n]], *loc[n + 1 :])
+        return loc
+
+    return part, broken, at
+
+
+def parse_config(
+    data: Any, env: Mapping[str, str] | None = None, lines: Mapping[Loc, int] | None = None
+) -> Config:
+    """Validate a decoded YAML document and apply environment overrides.
+
+    Every problem is found in one pass and raised together (``ConfigError.problems``):
+    pydantic's errors, variables named by ``*_env`` fields that ``env`` lacks, and the
+    checks across fields (on the sections without errors of their own), each with its
+    line when ``lines`` (from ``load_yaml``) says where its key is."""
     env = os.environ if env is None else env
+    lines = lines or {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("<root>: the config must be a mapping")
+        raise ConfigError.of([Problem((), "the config must be a mapping", lines.get(()))])
+    problems: list[Problem] = []
+    broken: set[str] = set()
+    at = _same
     try:
-        cfg = Config.model_validate(data)
+        cfg: Config | None = Config.model_validate(data, context={"env": env, "collect": True})
     except ValidationError as e:
-        raise ConfigError(format_errors(e)) from None
-    if url := env.get("BALLAST_REDIS_URL"):
-        cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
-    if cfg.state.cluster and not cfg.state.redis_url:
-        raise ConfigError("state.redis_url: required with state.cluster")
-    for key, name in (
-        ("registry.join_token_env", cfg.registry.join_token_env),
-        ("admin.token_env", cfg.admin.token_env),
-        ("metrics.token_env", cfg.metrics.token_env),
-    ):
-        if name and not env.get(name):
-            raise ConfigError(f"{key}: environment variable {name} is not set")
-    for i, key in enumerate(cfg.auth.keys):
-        if key.key_env and not env.get(key.key_env):
-            raise ConfigError(
-                f"auth.keys[{i}].key_env: environment variable {key.key_env} is not set"
-            )
-    for i, node in enumerate(cfg.nodes):
-        if node.api_key_env and node.api_key_env not in env:
-            raise ConfigError(
-                f"nodes[{i}].api_key_env: environment variable {node.api_key_env} is not set"
-            )
+        problems += validation_problems(e)
+        errors = [tuple(x["loc"]) for x in e.errors() if x["type"] != ENV_UNSET]
+        data, broken, at = _valid_part(data, errors)
+        try:  # unset variables are reported already
+            cfg = Config.model_validate(data, context={"collect": True})
+        except ValidationError:
+            cfg = None
+    if cfg is not None:
+        if url := env.get("BALLAST_REDIS_URL"):
+            cfg = cfg.model_copy(update={"state": cfg.state.model_copy(update={"redis_url": url})})
+        problems += cross_checks(cfg, broken, at)
+    if problems or cfg is None:
+        raise ConfigError.of(located(problems, lines))
     return cfg
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+def load_yaml(text: str) -> tuple[Any, dict[Loc, int], list[Problem]]:
+    """A YAML document, the line (from 1) of each of its mapping keys and sequence
+    items by key path, and its duplicate keys (PyYAML keeps the last one silently);
+    ``yaml.YAMLError`` when it is not YAML."""
+    loader = yaml.SafeLoader(text)
+    lines: dict[Loc, int] = {}
+    duplicates: list[Problem] = []
+
+    def walk(node: yaml.Node, loc: Loc, above: frozenset[int]) -> None:
+        if id(node) in above:  # an alias of a node that holds it
+            return
+        above |= {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue  # merged keys (<<) are reported at the mapping that merges them
+                here = (*loc, loader.construct_object(key_node))
+                line = key_node.start_mark.line + 1
+                if here in lines:  # the last one counts: its lines replace the first's
+                    problem = f"duplicate key (first at line {lines[here]}); give it once"
+                    duplicates.append(Problem(here, problem, line))
+                    for inner in [k for k in lines if k[: len(here)] == here]:
+                        del lines[inner]
+                lines[here] = line
+                walk(value, here, above)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines.setdefault((*loc, i), item.start_mark.line + 1)
+                walk(item, (*loc, i), above)
+
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, lines, duplicates
+        walk(node, (), frozenset())
+        return loader.construct_document(node), lines, duplicates
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """The config in the file at ``path``; ``ConfigError`` with every problem in it."""
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data, lines, problems = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, env)
+        mark = getattr(e, "problem_mark", None)
+        why = getattr(e, "problem", None) or str(e)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {why}{at}") from None
+    try:
+        cfg = parse_config(data, env, lines)
+    except ConfigError as e:
+        raise ConfigError.of(located([*problems, *e.problems], lines)) from None
+    if problems:
+        raise ConfigError.of(problems)
+    return cfg

@@ -21,8 +21,10 @@ within what it delivered. A usage over those bounds is the node's
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import ClientError, web
 
 from router.bill import bill, generated_bytes
@@ -57,7 +59,6 @@ class Deliver:
         stream_idle_s: float,
         clock: Callable[[], float],
         resume: Resume,
-        track: bool = True,
         straggler_factor: float = 0.0,
         max_event: int = 1024 * 1024,
         slow_factor: float = 0.0,
@@ -66,7 +67,6 @@ class Deliver:
         self.stream_idle_s = stream_idle_s
         self.clock = clock
         self.resume = resume
-        self.track = track  # False (resume.enabled: false): bytes pass as they come
         self.straggler_factor = straggler_factor  # 0: never move a slow stream
         self.max_event = max_event  # limits.max_event_bytes
         self.slow_factor = slow_factor  # 0: no pace floor relative to the fleet
@@ -81,7 +81,6 @@ class Deliver:
         return len(self.streams)
 
     async def __call__(self, call: Call, opened: Opened) -> web.StreamResponse:
-        response = opened.response
         ex = call.ex
         attempt = opened.attempt
         node = call.served_by = attempt.node
@@ -90,22 +89,27 @@ class Deliver:
             ex.pool = node.pool.name
         ex.ttfb = attempt.t_first - ex.start
         status = 200  # a node's other 2xx (201, 206, ...) mean nothing in these APIs
-        headers = response_headers(response.headers, stream=not opened.whole)
+        headers = response_headers(not opened.whole, opened.encoding)
         headers.add(NODE_HEADER, node.id)
         headers["x-request-id"] = ex.request_id
         if call.answer_headers is not None:
             headers.extend(call.answer_headers)
         if opened.whole:
             outcome = Outcome.OK
+            doc = opened.doc or {}
             if call.count:
-                doc = opened.doc or {}
                 call.tokens, over = bill(
                     call.sizes, call.body, usage_from(doc), None, generated_bytes(doc)
                 )
                 if over:
                     outcome = Outcome.BAD_USAGE
+            body = opened.first
+            if call.asked is not None and doc:  # the model by the name the client asked
+                doc["model"] = call.asked
+                body = orjson.dumps(doc)
+                headers.popall("Content-Encoding", None)
             opened.close(outcome)
-            return web.Response(status=status, body=opened.first, headers=headers)
+            return web.Response(status=status, body=body, headers=headers)
         node.stats.observe_ttfb(attempt.t_first - attempt.t0, attempt.t_first)
         out = web.StreamResponse(status=status, headers=headers)
         await self._relay(call, opened, out)
@@ -199,75 +203,78 @@ class Deliver:
     ) -> str | None:
         """Copy one node's stream (from ``chunk``, or from its next bytes when empty);
         None when it ended properly, else why it stopped: reset, stalled (silent, or
-        sending without progress, for ``stream_idle_s``), error_event, garbage,
-        truncated, overlong (more content events than asked for), deadline (late:
-        with a pace far behind the fleet's), straggler (``pace``: it fell
-        ``straggler_factor`` times behind its own usual time between tokens) or slow
-        (``slow_factor`` times behind the fleet's)."""
+        sending without progress, for ``stream_idle_s``), error_event, garbage (also:
+        more than ``max_event`` bytes without progress), truncated, overlong (more
+        generated events than asked for), deadline (late: with a pace far behind the
+        fleet's), straggler (``pace``: it fell ``straggler_factor`` times behind its
+        own usual time between tokens) or slow (``slow_factor`` times behind the
+        fleet's, judged by tokens and by time). Only events written to the client
+        count: those a failure or the cut stops are not sent, and not billed."""
         conn = opened.response.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = self.stream_idle_s
-        if not self.track and not call.count:  # counting tokens needs the events read
-            return await self._copy_bytes(call, opened, out, chunk)
         clock, deadline, idle = self.clock, call.deadline, self.stream_idle_s
         readany = opened.response.content.readany
         write = out.write
+        read = relay.track if pass_through else relay.rewrite
         stats = opened.node.stats
         usual = stats.token_gap * self.straggler_factor if pace and stats.token_gap > 0 else 0.0
         fleet = self.fleet_pace(call.info.model) if self.slow_factor else -1.0
         slowest = fleet * self.slow_factor if fleet > 0 else 0.0
-        cut = relay.cut
+        cut, max_idle = relay.cut, self.max_event
+        rename = renamer(call.asked) if call.asked is not None else None
         began, began_n = clock(), relay.delivered
-        mark, mark_n = began, began_n
-        moved, moved_at = relay.delivered + relay.volume, began
+        mark, mark_n = -1.0, began_n  # the pace window: from this attempt's first token
+        moved, moved_at, idle_bytes = relay.delivered + relay.volume, began, 0
         while True:
             if chunk:
-                held = bool(relay.buf)
+                same = not relay.buf and pass_through and rename is None  # out as it came
                 events = relay.feed(chunk)
+                sent: list[bytes] = []
                 over = False
-                if pass_through:
-                    for i, event in enumerate(events):
-                        relay.track(event)
-                        if relay.delivered > cut:
-                            del events[i:]  # from the event past the request's tokens on
-                            over = True
-                            break
+                for event in events:
+                    kept = read(event)
                     if relay.failure:
-                        return relay.failure
-                    if relay.hidden is not None:  # the usage chunk the client did not ask for
-                        events = [e for e in events if e is not relay.hidden]
-                        relay.hidden, held = None, True
-                    if events:
-                        # Whole events only: a chunk that ends mid-event waits for the rest.
-                        whole = not held and not over and not relay.buf
-                        whole = whole and chunk.endswith(b"\n\n")
-                        await write(chunk if whole else b"\n\n".join(events) + b"\n\n")
+                        break
+                    if relay.delivered > cut:
+                        over = True  # the event past the request's tokens, and the rest
+                        break
+                    if kept is not None:
+                        sent.append(kept if rename is None else rename(kept))
+                now = clock()
+                progress = relay.delivered + relay.volume
+                if progress != moved:
+                    moved, moved_at, idle_bytes = progress, now, 0
                 else:
-                    rewritten = [e for e in map(relay.rewrite, events) if e is not None]
-                    if relay.failure:
-                        return relay.failure
-                    if rewritten:
-                        await write(b"\n\n".join(rewritten) + b"\n\n")
-                    over = relay.delivered > cut
+                    idle_bytes += len(chunk)
+                    if idle_bytes > max_idle:
+                        return "garbage"  # a flood of events that say nothing: not sent
+                if sent:
+                    whole = same and len(sent) == len(events) and not relay.buf
+                    whole = whole and sent[-1] is events[-1] and chunk.endswith(b"\n\n")
+                    await write(chunk if whole else b"\n\n".join(sent) + b"\n\n")
+                if relay.failure:
+                    return relay.failure
                 if over:
                     return "overlong"
-                now = clock()
                 if now > deadline:
                     gap = (now - began) / max(relay.delivered - began_n, 1)
                     return "late" if slowest and gap > slowest else "deadline"
-                progress = relay.delivered + relay.volume
-                if progress != moved:
-                    moved, moved_at = progress, now
-                elif now - moved_at > idle:
+                if now - moved_at > idle:
                     return "stalled"  # bytes, but no new text
-                if pace and (usual or slowest) and relay.delivered - mark_n >= PACE_WINDOW:
-                    gap = (now - mark) / (relay.delivered - mark_n)
-                    if gap > PACE_FLOOR_S and not relay.exhausted:
-                        if slowest and gap > slowest:
-                            return "slow"
-                        if usual and gap > usual:
-                            return "straggler"
-                    mark, mark_n = now, relay.delivered
+                if pace and (usual or slowest) and relay.delivered > began_n:
+                    if mark < 0:
+                        mark, mark_n = now, relay.delivered
+                    tokens = relay.delivered - mark_n
+                    if tokens >= PACE_WINDOW or (slowest and now - mark > PACE_WINDOW * slowest):
+                        gap = (now - mark) / max(tokens, 1)
+                        if gap > PACE_FLOOR_S and not relay.exhausted:
+                            if slowest and gap > slowest:
+                                return "slow"
+                            if usual and gap > usual and tokens >= PACE_WINDOW:
+                                return "straggler"
+                        if tokens >= PACE_WINDOW:
+                            mark, mark_n = now, relay.delivered
             try:
                 chunk = await readany()
             except TimeoutError:  # stream_idle_s passed without a byte
@@ -283,23 +290,15 @@ class Deliver:
             stats.observe_token_gap((clock() - began) / tokens)
         return None
 
-    async def _copy_bytes(
-        self, call: Call, opened: Opened, out: web.StreamResponse, chunk: bytes
-    ) -> str | None:
-        """The untracked copy: chunks as they arrive; the end of the bytes is the end."""
-        clock, deadline = self.clock, call.deadline
-        readany = opened.response.content.readany
-        while chunk:
-            await out.write(chunk)
-            if clock() > deadline:
-                return "deadline"
-            try:
-                chunk = await readany()
-            except TimeoutError:
-                return "stalled"
-            except (ClientError, OSError):
-                return "reset"
-        return None
+
+MODEL_FIELD = re.compile(rb'"model":\s*"(?:[^"\\]|\\.)*"')
+
+
+def renamer(model: str) -> Callable[[bytes], bytes]:
+    """An event's ``model`` field set to ``model`` (a node serving an alias names the
+    model its own way; the client reads the name it asked for)."""
+    field = b'"model":' + orjson.dumps(model)
+    return lambda event: MODEL_FIELD.sub(lambda _: field, event)
 
 
 def _outcome(reason: str) -> Outcome:

@@ -61,18 +61,21 @@ class Node:
         "gpu",
         "gpus",
         "id",
+        "join_token",
         "labels",
         "last_seen",
         "load",
         "max_concurrency",
         "models",
         "next_probe",
+        "operator_pool",
         "pool",
         "price_per_hour",
         "price_per_mtok",
         "probe",
         "probe_failures",
         "secret_hash",
+        "served",
         "source",
         "state",
         "state_reason",
@@ -102,6 +105,9 @@ class Node:
         self.id = id
         self.url = url.rstrip("/")
         self.models = tuple(models)
+        # model -> the name the node serves it under, where that is one of the
+        # model's aliases (set by the Fleet: ``models`` holds the models' own names)
+        self.served: dict[str, str] = {}
         self.gpu = gpu
         self.vram_gb = vram_gb
         self.gpus = gpus
@@ -113,6 +119,10 @@ class Node:
         self.price_per_mtok = label_number(self.labels, "price_per_mtok") or 0.0
         self.price_per_hour = label_number(self.labels, "price_per_hour") or 0.0
         self.pool: Pool | None = None  # with pools configured (set by the Fleet)
+        # A joined node: the name of the join token that registered it ("shared" for
+        # the shared one), and the pool that token gives it (the operator's word).
+        self.join_token: str | None = None
+        self.operator_pool: str | None = None
         self.cost = 0.0  # what this router process attributed to answers it served
         slots = label_number(self.labels, "max_concurrency")  # requests it serves at once
         self.max_concurrency = int(slots) if slots is not None else None
@@ -138,6 +148,11 @@ class Node:
         return f"Node({self.id!r}, {self.state})"
 
 
+def claimed_models(node: Node) -> list[str]:
+    """The model names the node claims, as it serves them (its aliases kept)."""
+    return [node.served.get(m, m) for m in node.models]
+
+
 class Fleet:
     """All known nodes, and per model the tuple of nodes that may take traffic."""
 
@@ -153,6 +168,7 @@ class Fleet:
         self._by_pool: dict[str, tuple[tuple[Node, ...], ...]] = {}
         self.priced = False  # some node has a price: answers' tokens are counted
         self.locality_label = "region"  # locality.label
+        self.aliases: dict[str, str] = {}  # alias -> model (models.<name>.aliases)
         self.localized = False  # some node has that label: callers' regions matter
         self._models: frozenset[str] = frozenset()
         self.version = 0
@@ -161,8 +177,23 @@ class Fleet:
         self._waiters: set[asyncio.Future[None]] = set()
 
     def add(self, node: Node) -> None:
+        if self.aliases:
+            self._name(node)
         self.nodes[node.id] = node
         self._rebuild()
+
+    def _name(self, node: Node) -> None:
+        """The node's claims by the models' own names; the aliases it serves them
+        under in ``served`` (a request for the model is sent to it by that name)."""
+        models: list[str] = []
+        served: dict[str, str] = {}
+        for claimed in claimed_models(node):
+            model = self.aliases.get(claimed, claimed)
+            if model not in models:
+                models.append(model)
+                if model != claimed:
+                    served[model] = claimed
+        node.models, node.served = tuple(models), served
 
     def adopt(self, node: Node) -> None:
         """Add ``node``, keeping what was measured about an earlier copy of it."""

@@ -3,7 +3,8 @@
 With ``pools`` configured, every node belongs to one pool, named by its label
 ``pools.label`` (a node without it, or naming no configured pool, is in the last
 pool; a self-registered node is in the first pool unless
-``pools.trust_joined_labels``). A request tries the pools in order (its key's
+``pools.trust_joined_labels``, or its scoped join token names its pool: the
+operator's word). A request tries the pools in order (its key's
 ``pools`` or its ``x-ballast-pool`` header may narrow and reorder them) and goes
 to the first pool that
 
@@ -150,6 +151,8 @@ class Pools:
         self.changes = 0  # spills and returns so far
 
     def pool_of(self, node: Node) -> Pool:
+        if node.operator_pool is not None:  # its scoped join token's pool (router.join_tokens)
+            return self.by_name.get(node.operator_pool, self.pools[-1])
         if node.source is Source.JOINED and not self.cfg.trust_joined_labels:
             return self.pools[0]
         return self.by_name.get(node.labels.get(self.label, ""), self.pools[-1])

@@ -299,7 +299,7 @@ class Prober:
                 per_model: dict[str, dict[str, float]] = {}
                 answers: Answers = {}
                 for model in node.models:
-                    if listed is not None and model not in listed:
+                    if listed is not None and node.served.get(model, model) not in listed:
                         raise ProbeFailed(
                             f"claims {model[:64]!r} but its /v1/models does not list it",
                             definitive=True,
@@ -331,7 +331,7 @@ class Prober:
             if node.engine == engines.UNKNOWN:  # a configured engine is kept
                 node.engine = engines.detect(doc, resp.headers.get("Server"))
             for model in node.models:
-                n_ctx = engines.context_length_of(node.engine, doc, model)
+                n_ctx = engines.context_length_of(node.engine, doc, node.served.get(model, model))
                 if n_ctx is not None:
                     node.context_length = n_ctx
             return listed
@@ -350,7 +350,7 @@ class Prober:
         window = int(self.wall() / self.cfg.verified_probe_interval_s)
         prompt = (2 * window + self.rng.randrange(2)) % len(PROMPTS)
         body = {
-            "model": model,
+            "model": node.served.get(model, model),
             "messages": [{"role": "user", "content": PROMPTS[prompt]}],
             "max_tokens": 16,
             "temperature": 0,
@@ -384,7 +384,8 @@ class Prober:
 
     async def _tiny_embedding(self, node: Node, model: str, chat_status: int) -> dict[str, float]:
         t0 = self.clock()
-        async with await self._post(node, "/v1/embeddings", {"model": model, "input": "ok"}) as r:
+        ask = {"model": node.served.get(model, model), "input": "ok"}
+        async with await self._post(node, "/v1/embeddings", ask) as r:
             if r.status != 200:
                 raise ProbeFailed(f"inference on {model[:64]!r}: HTTP {chat_status}", True)
             await self.upstream.read_body(r, MAX_MODELS_BYTES)

@@ -43,7 +43,7 @@ from aiohttp import web
 from policies import Policy, RequestInfo, node_cost
 from router.addresses import VIA_HEADER, via_refused
 from router.affinity import HIT, affinity_key, place
-from router.bill import PROMPT_BYTES_PER_TOKEN, Invalid, read_sizes
+from router.bill import PROMPT_BYTES_PER_TOKEN, Invalid, limit_to, read_sizes
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import AuthConfig, Config
@@ -112,7 +112,6 @@ class Proxy:
             cfg.timeouts.stream_idle_s,
             self.clock,
             self._resume,
-            track=cfg.resume.enabled,
             straggler_factor=cfg.resume.straggler_factor,
             max_event=cfg.limits.max_event_bytes,
             slow_factor=cfg.resume.slow_factor,
@@ -138,6 +137,8 @@ class Proxy:
         self.spill_after_s = cfg.pools.spill_after_ms / 1000 if cfg.pools else 0.0
         self.locality = fleet.locality_label
         self.fallbacks = {m: tuple(c.fallbacks) for m, c in cfg.models.items() if c.fallbacks}
+        self.aliases = cfg.aliases  # alias -> model
+        self.aliased = frozenset(self.aliases.values())  # models known by other names
 
     @property
     def active(self) -> int:
@@ -208,8 +209,6 @@ class Proxy:
             raise
         finally:
             self.retries.active -= 1
-            if call.buffered:
-                self.upstream.release(call)
             if call.count:
                 self._count(call, status)
             if call.first_pool is not None:
@@ -328,6 +327,7 @@ class Proxy:
             return _bad_request(
                 f"model must be at most {MAX_MODEL_NAME} characters", "invalid_model", "model"
             )
+        asked, model = model, self.aliases.get(model, model)
         ex.model = model
         if self.fleet.candidates(model) is None and model not in self.fallbacks:
             return error_response(
@@ -338,7 +338,9 @@ class Proxy:
             sizes = read_sizes(doc)
         except Invalid as e:
             return _bad_request(str(e), "invalid_value", e.param)
-        if sizes.changed:  # sent as the engine reads it, which is what is billed
+        if asked != model:  # by the model's own name (a node may serve it by an alias)
+            doc["model"] = model
+        if sizes.changed or asked != model:  # as the engine reads it, as it is billed
             body = orjson.dumps(doc)
         ex.stream = stream = sizes.stream
         info = RequestInfo(
@@ -355,7 +357,7 @@ class Proxy:
         # Answers read whole may come compressed, as the client asked, unless their
         # tokens are counted (for a key's usage, or for costs).
         count = key is not None or self.pools is not None or self.fleet.priced
-        compress = not stream and not count
+        compress = not stream and not count and model not in self.aliased
         headers = self.upstream.headers(request.headers, ex.upstream_id, compress=compress)
         affinity = None
         if self.affinity and getattr(self.policy, "uses_affinity", False):
@@ -377,9 +379,13 @@ class Proxy:
         elif request.headers.get(PRIORITY_HEADER) == BATCH:
             ex.priority = BATCH  # a request may lower its own class
         call = Call(request, ex, info, doc, body, headers, deadline, sizes, need, affinity)
+        if model in self.aliased:  # the answer names the model as the client did
+            call.asked = asked
         if count:  # the tokens, estimated now: the body's bytes over 4, plus limit x n
             call.count = True
-            call.estimate = len(body) // PROMPT_BYTES_PER_TOKEN + sizes.completion_estimate
+            if key is not None:
+                self._within_allowance(call, key)
+            call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + sizes.completion_estimate
         # The pools first: a key's limits count the request once it passed them.
         if self.pools is not None or self.fleet.localized:
             refused = self._admit_pools(call, key)
@@ -394,6 +400,20 @@ class Proxy:
         if count and stream:
             self._ask_usage(call)
         return call
+
+    def _within_allowance(self, call: Call, key: Key) -> None:
+        """Limit the request to what its key may still use (its token bucket, its
+        budget share): a request without ``max_tokens``, or with more than that, is
+        sent with ``max_tokens`` lowered, so that it cannot overrun the key's caps."""
+        allowance = self.keys.allowance(key)
+        if allowance is None:
+            return
+        sizes = call.sizes
+        room = max(1, (allowance - len(call.body) // PROMPT_BYTES_PER_TOKEN) // sizes.n)
+        if sizes.limit is None or sizes.limit > room:
+            limit_to(call.doc, sizes, room)
+            call.body = orjson.dumps(call.doc)
+            call.info.max_tokens = room
 
     def _admit_pools(self, call: Call, key: Key | None) -> web.Response | None:
         """The pools the request may use (its key's, narrowed by ``x-ballast-pool``) and
@@ -733,7 +753,7 @@ class Proxy:
             if budgeted and not await self.retries.acquire(time_left):
                 return "budget"
             opened = await self._open(
-                replace(call, body=orjson.dumps(doc)), node, deque(), budgeted
+                replace(call, doc=doc, body=orjson.dumps(doc)), node, deque(), budgeted
             )
             if opened is None:
                 continue

@@ -1,18 +1,23 @@
 """Nodes that join by themselves, and the operator's membership controls.
 
 * ``POST /v1/nodes/register`` (``Authorization: Bearer <join token>``): a node
-  announces its URL, models and claimed hardware. Every claim is validated and
-  bounded (:class:`RegisterBody`); the URL must pass
+  announces its URL, models, claimed hardware, labels, prices and engine. Every
+  claim is validated and bounded (:class:`RegisterBody`; ``ballast agent``
+  checks its flags with the same model before it starts); the URL must pass
   :class:`~router.addresses.AddressRules`, here and again at every connection.
   The answer carries a per-node secret, shown once; Ballast keeps only its
-  SHA-256. Without an ``id`` the router picks one.
+  SHA-256. Without an ``id`` the router picks one. The join token is the shared
+  one (``registry.join_token_env``) or a scoped one an operator minted
+  (:mod:`router.join_tokens`), whose models, pool, node count and expiry hold
+  here; each node records which token registered it.
 * ``POST /v1/nodes/{id}/heartbeat`` (``Authorization: Bearer <node secret>``):
   liveness and telemetry. A node can only speak for itself, and an unknown id
   and a wrong secret get the same 401 after the same work. Nodes silent for
   ``registry.heartbeat_ttl_s`` leave the candidate set (state ``gone``) and are
   forgotten after ``registry.gone_retention_s``.
 * ``POST /admin/nodes/{id}/drain``, ``/resume`` and ``DELETE /admin/nodes/{id}``
-  behind the admin token.
+  behind the admin token. Revoking a scoped join token drains and forgets its
+  nodes on every replica, and refuses their heartbeats.
 
 A node that comes back (a heartbeat after ``gone``, a re-registration, an
 operator's resume) is verified again before it takes traffic; a drain holds
@@ -24,11 +29,12 @@ Tokens and secrets are compared in constant time and never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
@@ -36,8 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from router.addresses import AddressRules, check_url
 from router.config import ROUTER_ID, Config, ModelName, NodeId, Text, check_labels
+from router.engines import ENGINES
 from router.errors import error_response
 from router.fleet import Node, NodeState, Source
+from router.join_tokens import SHARED, JoinToken, JoinTokens
 from router.store import StateStore, codec
 
 log = logging.getLogger("ballast.membership")
@@ -45,18 +53,21 @@ log = logging.getLogger("ballast.membership")
 MetricName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_:.]+$")]
 
 
-class RegisterBody(BaseModel):
+class NodeClaims(BaseModel):
+    """What a node says of itself besides where it is and what it serves: the part of
+    a registration ``ballast agent`` knows (and checks) before it starts."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: NodeId | None = None
-    url: str = Field(max_length=2048)
-    models: list[ModelName] = Field(min_length=1, max_length=256)
     gpu: Text | None = None
     gpus: int = Field(1, ge=0, le=1024)
     vram_gb: float | None = Field(None, ge=0, le=1_000_000)
     price_per_mtok: float | None = Field(None, ge=0, le=1_000_000)
     price_per_hour: float | None = Field(None, ge=0, le=1_000_000)
+    # pool, region (locality.label), max_concurrency and any free-form ones
     labels: dict[str, str] = Field(default_factory=dict)
+    engine: str | None = None  # as nodes[].engine; else the prober detects it
 
     @field_validator("id")
     @classmethod
@@ -71,6 +82,18 @@ class RegisterBody(BaseModel):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        if v is not None and v not in ENGINES:
+            raise ValueError(f"unknown engine {v[:64]!r} (known: {', '.join(sorted(ENGINES))})")
+        return v
+
+
+class RegisterBody(NodeClaims):
+    url: str = Field(max_length=2048)
+    models: list[ModelName] = Field(min_length=1, max_length=256)
 
 
 class HeartbeatBody(BaseModel):
@@ -138,6 +161,16 @@ class Membership:
         self.admin_token = admin_token
         self.verify = cfg.health.probe
         self.rules = AddressRules.of(cfg)
+        self.pool_label = cfg.pools.label if cfg.pools is not None else "pool"
+        # Scoped join tokens: the store hands them every record (as it hands the
+        # keyring the client keys); revoked ones take their nodes with them.
+        self.tokens = JoinTokens()
+        self.tokens.on_revoked = self._revoked
+        store.join_tokens = self.tokens
+        self._sweeps: set[asyncio.Task[Any]] = set()
+        from router.keyadmin import JoinTokenAdmin  # it needs admin_denied from here
+
+        self.token_admin = JoinTokenAdmin(self, store, admin_token)
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
         try:
@@ -158,11 +191,50 @@ class Membership:
                 return f"models: {foreign[0][:64]!r} is not in registry.allowed_models"
         return None
 
-    async def register(self, request: web.Request) -> web.Response:
-        if self.join_token is None:
-            return _bad("self-registration is off (set registry.join_token_env)", "off", 404)
-        if not _same(_bearer(request), self.join_token):
+    def _join_token(self, request: web.Request) -> JoinToken | str | web.Response:
+        """The join token a registration presents: ``SHARED``, a live scoped token, or
+        the refusal. The shared token is compared in constant time; a scoped one is
+        looked up by its hash."""
+        if self.join_token is None and not self.tokens.by_hash:
+            return _bad(
+                "self-registration is off (set registry.join_token_env, or mint a join token)",
+                "off",
+                404,
+            )
+        given = _bearer(request)
+        if self.join_token is not None and _same(given, self.join_token):
+            return SHARED
+        token = self.tokens.match(given)
+        if token is None:
             return _bad("missing or wrong join token", "invalid_join_token", 401)
+        if self.tokens.expired(token):
+            return _bad(f"join token {token.name} has expired", "expired_join_token", 401)
+        return token
+
+    def _token_refused(
+        self, token: JoinToken, body: RegisterBody, node_id: str
+    ) -> web.Response | None:
+        """What a scoped token does not allow this registration, or None."""
+        if token.models:
+            foreign = [m for m in body.models if m not in token.models]
+            if foreign:
+                why = f"models: {foreign[0][:64]!r} is not allowed by join token {token.name}"
+                return _bad(why, "join_token_models", 403)
+        if token.max_nodes is not None:
+            live = [
+                n
+                for n in self.store.joined_by(token.name)
+                if n.state is not NodeState.GONE and n.id != node_id
+            ]
+            if len(live) >= token.max_nodes:
+                why = f"join token {token.name} has its {token.max_nodes} live node(s) already"
+                return _bad(why, "join_token_full", 429)
+        return None
+
+    async def register(self, request: web.Request) -> web.Response:
+        token = self._join_token(request)
+        if isinstance(token, web.Response):
+            return token
         body = await self._body(request, RegisterBody)
         if isinstance(body, web.Response):
             return body
@@ -174,6 +246,9 @@ class Membership:
             log.warning("refused a registration: %s", why)
             return _bad(why, "url_not_allowed", 403)
         node_id = body.id or f"node-{secrets.token_hex(6)}"
+        if isinstance(token, JoinToken):
+            if (refused := self._token_refused(token, body, node_id)) is not None:
+                return refused
         existing = await self.store.fetch(node_id)
         if existing is None and not self.store.healthy:
             # Whether the id is taken is only known to the shared store.
@@ -206,11 +281,21 @@ class Membership:
             secret = secrets.token_urlsafe(32)
             secret_hash = hash_secret(secret)
         claims = {**body.model_dump(), "id": node_id, "url": url}
-        node = codec.from_registration(claims, self.cfg.scoring, self.verify, secret_hash)
+        name, pool = SHARED, None
+        if isinstance(token, JoinToken):
+            name, pool = token.name, token.pool
+            if pool is not None:  # the operator's word, not the node's claim
+                claims["labels"] = {**claims["labels"], self.pool_label: pool}
+        node = codec.from_registration(
+            claims, self.cfg.scoring, self.verify, secret_hash, name, pool
+        )
         if existing is not None:
             codec.carry_over(existing, node)
         await self.store.register(node)
-        log.info("node %s registered (%s, %s)", node.id, node.gpu or "gpu unknown", node.url)
+        log.info(
+            "node %s registered (%s, %s) with join token %s",
+            node.id, node.gpu or "gpu unknown", node.url, name,
+        )  # fmt: skip
         out = {
             "id": node.id,
             "heartbeat_url": f"/v1/nodes/{node.id}/heartbeat",
@@ -226,6 +311,9 @@ class Membership:
         node = await self._heartbeat_node(request)
         if node is None:
             return _bad("unknown node or wrong node secret", "invalid_node_secret", 401)
+        if node.join_token in self.tokens.revoked:
+            # Its removal may still be on its way (a write queued while Redis is away).
+            return _bad("the join token of this node was revoked", "revoked_join_token", 401)
         body = await self._body(request, HeartbeatBody)
         if isinstance(body, web.Response):
             return body
@@ -276,6 +364,34 @@ class Membership:
             state, reason = NodeState.SERVING, "resumed by an operator"
         await self.store.set_state(node.id, state, reason)
         return web.json_response({"id": node.id, "state": state.value, "reason": reason})
+
+    def _revoked(self, names: set[str]) -> None:
+        """Join tokens newly seen revoked (the store's sync): drain and forget their
+        nodes that this process knows, in the background."""
+        task = asyncio.get_running_loop().create_task(self.forget_nodes_of(names))
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def forget_nodes_of(self, names: set[str]) -> list[str]:
+        """Drain, then forget, every node these join tokens registered (through the
+        store, so every replica forgets them); their ids."""
+        gone = []
+        for name in sorted(names):
+            for node in self.store.joined_by(name):
+                node.drained = True
+                try:
+                    await self.store.set_state(
+                        node.id, NodeState.DRAINING, f"join token {name} revoked"
+                    )
+                except KeyError:  # forgotten meanwhile (another replica's removal)
+                    continue
+                await self.store.remove(node.id)
+                gone.append(node.id)
+        if gone:
+            log.warning(
+                "forgot %d node(s) of revoked join token(s): %s", len(gone), ", ".join(gone)
+            )
+        return gone
 
     async def delete(self, request: web.Request) -> web.Response:
         node = await self._admin_node(request)

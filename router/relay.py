@@ -28,21 +28,25 @@ from typing import Any
 
 import orjson
 
-from router.bill import UNLIMITED_EVENTS, text_bytes
+from router.bill import LIMIT_FIELDS, UNLIMITED_EVENTS, text_bytes
 
-DONE = (b"data: [DONE]", b"data:[DONE]")
+DONE = b"data: [DONE]"
 SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
 MAX_EVENT_BYTES = 1024 * 1024  # one event at most (limits.max_event_bytes)
 
 
-def _json(event: bytes) -> bytes | None:
-    """The JSON object of a ``data:`` event (the space after the colon is optional in
-    SSE), or None for any other event."""
-    if event.startswith(b"data: {"):
-        return event[6:]
-    if event.startswith(b"data:{"):
-        return event[5:]
-    return None
+def _data(event: bytes) -> bytes | None:
+    """An SSE event's data: its ``data:`` lines joined (the space after the colon is
+    optional), whatever other fields (``id:``, ``event:``, comments) it has, as every
+    SSE client reads it; None for an event without data."""
+    if event.startswith(b"data:") and b"\n" not in event:  # the usual event: one line
+        return event[6:] if event[5:6] == b" " else event[5:]
+    lines = [
+        line[6:] if line[5:6] == b" " else line[5:]
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
 
 
 class Relay:
@@ -56,7 +60,6 @@ class Relay:
         "done",
         "failure",
         "finish",
-        "hidden",
         "hide_usage",
         "ident",
         "limit",
@@ -83,10 +86,9 @@ class Relay:
         self.cut = cut  # more content events than this: the stream is cut (Sizes.events)
         self.max_event = max_event
         # The node was asked for usage the client did not ask for: the usage-only
-        # chunk is read (``usage``) and left out (``hidden``: the event to drop).
+        # chunk is read (``usage``) and left out.
         self.hide_usage = hide_usage
         self.usage: dict[str, Any] | None = None
-        self.hidden: bytes | None = None
         self.buf = bytearray()  # the event begun and not yet ended
         self.ident: dict[str, Any] = {}  # id, created, model, system_fingerprint of the answer
         self.text: list[str] = []  # the answer's text so far, in pieces
@@ -151,17 +153,21 @@ class Relay:
         self.failure = "garbage"
         self.buf.clear()
 
-    def track(self, event: bytes) -> None:
-        """Read one event of the first answer (passed through unchanged)."""
-        body = _json(event)
+    def track(self, event: bytes) -> bytes | None:
+        """Read one event of the first answer: what goes to the client (the event as
+        it came; None: the usage chunk the client did not ask for, or a failure)."""
+        body = _data(event)
         if body is None:
             self._other(event)
-            return
+            return event
+        if body == b"[DONE]":
+            self.done = True
+            return event
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             self.failure = "garbage"
-            return
+            return None
         if self.started:
             # The usual event: one choice, one piece of text, nothing else to note.
             try:
@@ -179,34 +185,41 @@ class Relay:
                     self.text.append(piece)
                     self.delivered += 1
                     self.volume += len(piece.encode())
-                    return
+                    return event
             except (KeyError, TypeError, ValueError):
                 pass
-        if not isinstance(doc, dict):
-            return
-        if "error" in doc:
-            self.failure = "error_event"
-            return
+        if not self._answer_event(doc):
+            return None
         if not self.started:
             self.started = True
             self.ident = {k: doc[k] for k in ("id", "created", "model", "system_fingerprint")
                           if k in doc}  # fmt: skip
         self._read(doc)
-        if self.hide_usage and self._usage_only(doc):
-            self.hidden = event
+        return None if self.hide_usage and self._usage_only(doc) else event
+
+    def _answer_event(self, doc: Any) -> bool:
+        """Whether a data event's JSON is a chunk of an answer (else ``failure``)."""
+        if not isinstance(doc, dict):
+            self.failure = "garbage"
+            return False
+        if "error" in doc:
+            self.failure = "error_event"
+            return False
+        return True
 
     def _usage_only(self, doc: dict[str, Any]) -> bool:
         return isinstance(doc.get("usage"), dict) and not doc.get("choices")
 
     def _other(self, event: bytes) -> None:
-        """An event that is not a JSON chunk: [DONE], a comment or another SSE field
-        pass; anything else is garbage."""
-        if event.startswith(DONE):
-            self.done = True
-        elif not event.lstrip().startswith(SSE_FIELDS):
+        """An event without data passes when it holds SSE fields only (comments,
+        ``id:``, ``event:``, ``retry:``); anything else is garbage."""
+        if not all(line.startswith(SSE_FIELDS) for line in event.lstrip().split(b"\n") if line):
             self.failure = "garbage"
 
     def _read(self, doc: dict[str, Any]) -> None:
+        """Note one chunk: its usage, and per choice its generated text (every choice
+        with any counts as one more event towards the request's tokens: content,
+        reasoning and tool calls alike), its finish, and what rules a continuation out."""
         usage = doc.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
@@ -224,11 +237,13 @@ class Relay:
                     self.resumable = False
                 if delta.get("role"):
                     self.role_sent = True
-                self.volume += text_bytes(delta)
+                generated = text_bytes(delta)
+                if generated:
+                    self.volume += generated
+                    self.delivered += 1
                 piece = delta.get("content" if self.chat else "text")
                 if isinstance(piece, str) and piece:
                     self.text.append(piece)
-                    self.delivered += 1
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
 
@@ -245,7 +260,7 @@ class Relay:
         cont = dict(request)
         if self.limit is not None:
             left = max(1, self.limit - self.delivered)
-            for name in ("max_tokens", "max_completion_tokens"):
+            for name in LIMIT_FIELDS:
                 if name in request:
                     cont[name] = left
         if self.chat:
@@ -270,19 +285,19 @@ class Relay:
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as part of the first answer; None: drop it."""
-        body = _json(event)
+        body = _data(event)
         if body is None:
             self._other(event)
-            return event if event.startswith(DONE) else None
+            return None
+        if body == b"[DONE]":
+            self.done = True
+            return DONE
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             self.failure = "garbage"
             return None
-        if not isinstance(doc, dict):
-            return None
-        if "error" in doc:
-            self.failure = "error_event"
+        if not self._answer_event(doc):
             return None
         usage = doc.get("usage")
         if isinstance(usage, dict):

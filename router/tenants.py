@@ -143,6 +143,11 @@ class Limiter:
         self.plimit = max(1, round(mp * share)) if mp is not None else 0
         self.tokens = min(self.tokens, self.cap)
 
+    def available(self, now: float) -> float:
+        """Tokens the bucket holds now (when the key has a tpm limit)."""
+        self._refill(now)
+        return self.tokens
+
     def _refill(self, now: float) -> None:
         tokens = self.tokens + (now - self.tokens_at) * self.cap / 60.0
         self.tokens = tokens if tokens < self.cap else self.cap
@@ -338,8 +343,15 @@ class Keyring:
 
     def adopt_spent(self, totals: Mapping[str, int], period: Mapping[str, str]) -> None:
         """The store's count of each budgeted key's tokens in its current period
-        (this process's usage flushed just before): it replaces the local count."""
-        self._budget_base = dict(totals)
+        (this process's usage flushed just before): it replaces the local count. A
+        count lower than the last one of the same period (the store lost it) does
+        not renew a budget: the higher stands."""
+        old, old_period = self._budget_base, self._budget_period
+        self._budget_base = {
+            name: max(total, old.get(name, 0)) if old_period.get(name) == period.get(name)
+            else total
+            for name, total in totals.items()
+        }  # fmt: skip
         self._budget_period = dict(period)
         self._budget_local = {}
 
@@ -371,6 +383,25 @@ class Keyring:
             return None
         what = f"key {name} is near its token budget: its requests in progress may use the rest"
         return Refusal(429, "insufficient_quota", "insufficient_quota", what, BUDGET_RETRY_S)
+
+    def allowance(self, key: Key) -> int | None:
+        """The most tokens a request of ``key`` may use now in this process: what its
+        token bucket holds and what its budget share leaves (None: no token limit).
+        A request that could use more is limited to this (``max_tokens``), so a
+        limit-less or huge request cannot overrun a hard cap."""
+        most: float | None = None
+        limiter = key.limiter
+        if limiter is not None and limiter.tpm:
+            most = limiter.available(self.clock())
+        budget = key.limits.budget_tokens
+        if budget is not None:
+            name = key.name
+            base = self._budget_base.get(name, 0)
+            local = self._budget_local.get(name, 0)
+            mine = local + self._budget_reserved.get(name, 0)
+            left = min(budget - base - local, (budget - base) * self.share - mine)
+            most = left if most is None else min(most, left)
+        return None if most is None else max(0, int(most))
 
     # -- a request made with a key -----------------------------------------------------
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 STATUS_COLUMNS = (
     "id", "gpu", "state", "reason", "models", "engine", "in_flight", "latency_ms",
-    "success_ratio", "share", "requests", "pool", "spent_share",
+    "success_ratio", "share", "requests", "pool", "join_token", "spent_share",
 )  # fmt: skip
 
 
@@ -93,7 +93,7 @@ PAGE = """<!doctype html>
   <table id="nodes"><thead><tr>
     <th>node</th><th>GPU</th><th>state</th><th>reason</th><th>models</th><th>engine</th>
     <th>in flight</th><th>latency ms</th><th>success</th><th>traffic share</th>
-    <th>pool</th><th>spend share</th>
+    <th>pool</th><th>join token</th><th>spend share</th>
   </tr></thead><tbody></tbody></table>
   <h2>Recent ejections (by this router)</h2>
   <table id="ejections"><thead><tr><th>time</th><th>node</th><th>reason</th></tr></thead>
@@ -145,7 +145,7 @@ function render(doc) {
       cell(tried ? n.latency_ms.toFixed(1) : "-", "num"),
       cell(tried ? n.success_ratio.toFixed(3) : "-", "num"),
       cell((n.share * 100).toFixed(1) + "%", "num"), cell(n.pool || "-"),
-      cell((n.spent_share * 100).toFixed(1) + "%", "num")];
+      cell(n.join_token || "-"), cell((n.spent_share * 100).toFixed(1) + "%", "num")];
   }));
   $("pools-section").hidden = doc.pools.length === 0;
   fill("pools", doc.pools.map((p) => [cell(p.pool), cell(p.state),

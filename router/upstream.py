@@ -27,7 +27,7 @@ from aiohttp import (
     ServerDisconnectedError,
     web,
 )
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.addresses import VIA_HEADER
 from router.call import Call, Failed
@@ -43,13 +43,11 @@ from router.measure import Attempt, Meter, Outcome
 # agent) stays here. Ballast sets Content-Type (the body is JSON: it was parsed),
 # x-request-id and x-ballast-via.
 FORWARD_REQUEST = frozenset({"traceparent", "tracestate", "baggage"})
-# Of a node's answer headers, a client sees only these: the answer's compression
-# (which the client asked for, and which was decoded to check the answer). Ballast
-# sets the type of every answer itself (JSON or SSE, as it checked it) with
-# ``nosniff``, so that no node can make a browser run what it sends (text/html),
-# set cookies, CORS, caching, redirects or HSTS in the router's origin, or show
-# rate limits or a request id that are not Ballast's.
-ANSWER_HEADERS = frozenset({"content-encoding"})
+# None of a node's answer headers reach a client: Ballast sets the type of every
+# answer itself (JSON or SSE, as it checked it) with ``nosniff``, and the
+# compression it decoded to check, so that no node can make a browser run what it
+# sends (text/html), set cookies, CORS, caching, redirects or HSTS in the router's
+# origin, or show rate limits or a request id that are not Ballast's.
 JSON_HEADERS = (("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff"))
 SSE_HEADERS = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -61,9 +59,17 @@ SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
 # each is decoded, within limits.max_response_bytes, to check and count the answer.
 DECODABLE = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 # 404 too: a node that claims the model but does not know it is broken for this
-# request, and another node may well serve it.
-RETRYABLE_STATUS = frozenset({404, 429, 500, 502, 503, 504})
-_OUTCOME_OF = {404: Outcome.HTTP_404, 429: Outcome.HTTP_429}
+# request, and another node may well serve it. 401, 403 and 407 refuse Ballast's
+# own credentials (the node's key), never the caller's: the node's fault, and the
+# caller must not read them as its key refused.
+RETRYABLE_STATUS = frozenset({401, 403, 404, 407, 429, 500, 502, 503, 504})
+_OUTCOME_OF = {
+    401: Outcome.REJECTED,
+    403: Outcome.REJECTED,
+    404: Outcome.HTTP_404,
+    407: Outcome.REJECTED,
+    429: Outcome.HTTP_429,
+}
 BUSY = "router busy: answers being read exceed limits.buffered_bytes"
 
 
@@ -99,9 +105,10 @@ class RequestIds:
 class Opened:
     """An attempt whose node has answered: status known, and either the whole body
     read (``whole``: every non-streamed answer, and every error answer) or, for a
-    stream, its first chunk."""
+    stream, its first chunk. A body read whole counts against
+    ``limits.buffered_bytes`` until the attempt is closed."""
 
-    __slots__ = ("attempt", "doc", "first", "response", "whole")
+    __slots__ = ("attempt", "doc", "encoding", "first", "held", "response", "whole")
 
     def __init__(
         self,
@@ -110,12 +117,16 @@ class Opened:
         first: bytes,
         whole: bool,
         doc: dict[str, Any] | None = None,
+        held: Held | None = None,
+        encoding: str = "identity",
     ) -> None:
         self.attempt = attempt
         self.response = response
         self.first = first
         self.whole = whole
         self.doc = doc  # a 2xx answer read whole, parsed once
+        self.held = held  # the bytes it holds of limits.buffered_bytes
+        self.encoding = encoding  # a whole answer's checked compression
 
     @property
     def node(self) -> Node:
@@ -131,7 +142,42 @@ class Opened:
             self.response.release()
         else:
             self.response.close()
+        if self.held is not None:
+            self.held.release()
+            self.held = None
         self.attempt.end(outcome)
+
+
+class Held:
+    """Bytes of one answer read whole, counted in ``budget`` until released (once)."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: Buffered) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def take(self, n: int) -> bool:
+        budget = self.budget
+        if budget.used + n > budget.limit:
+            return False
+        budget.used += n
+        self.size += n
+        return True
+
+    def release(self) -> None:
+        self.budget.used -= self.size
+        self.size = 0
+
+
+class Buffered:
+    """The bytes of answers this process is reading whole (``limits.buffered_bytes``)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 def decodable(accept_encoding: str) -> str | None:
@@ -154,19 +200,24 @@ def _connection_names(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(n.strip().lower() for n in value.split(","))
 
 
-def response_headers(headers: Mapping[str, str], stream: bool) -> CIMultiDict[str]:
-    """The headers of an answer to a client: its type as Ballast checked it, and of
-    the node's only :data:`ANSWER_HEADERS`."""
+def response_headers(stream: bool, encoding: str = "identity") -> CIMultiDict[str]:
+    """The headers of an answer to a client, all Ballast's: its type as Ballast
+    checked it, and the compression it checked (none of a node's headers pass)."""
     out = CIMultiDict(SSE_HEADERS if stream else JSON_HEADERS)
-    for k, v in headers.items():
-        if k.lower() in ANSWER_HEADERS:
-            out.add(k, v)
+    if encoding != "identity":
+        out["Content-Encoding"] = encoding
     return out
 
 
-def encoding_of(headers: Mapping[str, str]) -> str:
-    """An answer's ``Content-Encoding``, lower case; "identity" when it has none."""
-    return headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+def encoding_of(headers: CIMultiDictProxy[str]) -> str | None:
+    """An answer's one ``Content-Encoding``, lower case ("identity" when it has
+    none); None when it names several (headers or a list): not one Ballast checks."""
+    values = headers.getall("Content-Encoding", ())
+    if not values:
+        return "identity"
+    if len(values) > 1 or "," in values[0]:
+        return None
+    return values[0].strip().lower() or "identity"
 
 
 def decode(body: bytes, encoding: str, limit: int) -> bytes | None:
@@ -232,9 +283,7 @@ class Upstream:
         self.connect_s = t.connect_s
         self.first_byte_s = t.first_byte_s
         self.max_response = cfg.limits.max_response_bytes
-        # Bytes of answers being read whole, in this process, and the most there may be.
-        self.buffered = 0
-        self.max_buffered = cfg.limits.buffered_bytes
+        self.buffered = Buffered(cfg.limits.buffered_bytes)  # answers being read whole
         # The first-byte timeout is aiohttp's socket read timeout: no extra timer.
         self.timeout = ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.first_byte_s)
         self.stale_retries = 0  # requests sent again after a node closed a pooled connection
@@ -308,9 +357,10 @@ class Upstream:
         attempt = self.meter.begin(node, call.ex.priority == BATCH, call.ex)
         response: ClientResponse | None = None
         try:
-            response = await self.send(
-                node, call.request.path, call.body, call.headers, call.deadline
-            )
+            body = call.body
+            if (name := node.served.get(call.info.model)) is not None:
+                body = orjson.dumps({**call.doc, "model": name})  # the node's name for it
+            response = await self.send(node, call.request.path, body, call.headers, call.deadline)
             status = response.status
             if status in RETRYABLE_STATUS:
                 retry_after = response.headers.get("Retry-After")
@@ -321,6 +371,8 @@ class Upstream:
             if not is_answer_status(status):
                 raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} is not an answer")
             encoding = encoding_of(response.headers)
+            if encoding is None:
+                raise Failed(Outcome.BAD_ANSWER, "an answer with several encodings")
             if call.info.stream and status < 400:
                 if encoding != "identity":
                     raise Failed(Outcome.BAD_ANSWER, f"a stream compressed with {encoding[:32]}")
@@ -330,16 +382,21 @@ class Upstream:
                     raise Failed(Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not SSE")
                 return Opened(attempt, response, first, whole=False)
             attempt.progress()  # the headers: not hung; its latency runs to the last byte
-            body = await self.read_body(response, self.max_response, call.deadline, call)
-            attempt.first_byte()
-            doc = None
-            if status < 300:
-                doc = self._answer(call, body, encoding)
-                if doc is None:
-                    raise Failed(
-                        Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer"
-                    )
-            return Opened(attempt, response, body, whole=True, doc=doc)
+            held = Held(self.buffered)
+            try:
+                body = await self.read_body(response, self.max_response, call.deadline, held)
+                attempt.first_byte()
+                doc = None
+                if status < 300:
+                    doc = self._answer(call, body, encoding)
+                    if doc is None:
+                        raise Failed(
+                            Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer"
+                        )
+            except BaseException:
+                held.release()
+                raise
+            return Opened(attempt, response, body, True, doc, held, encoding)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)
             raise
@@ -382,37 +439,22 @@ class Upstream:
         response: ClientResponse,
         limit: int,
         deadline: float = float("inf"),
-        call: Call | None = None,
+        held: Held | None = None,
     ) -> bytes:
         """The whole body; ClientError past ``limit`` bytes, TimeoutError past
-        ``deadline``. For ``call``, its bytes count against ``limits.buffered_bytes``
-        until the request ends (:meth:`release`); past it, the attempt fails
-        without blaming the node."""
+        ``deadline``. Into ``held``, its bytes count against ``limits.buffered_bytes``;
+        past it, the attempt fails without blaming the node."""
         clock = self.clock
         content = response.content
         parts: list[bytes] = []
-        size = taken = 0
-        try:
-            while chunk := await content.readany():
-                if clock() > deadline:
-                    raise TimeoutError
-                size += len(chunk)
-                if size > limit:
-                    raise ClientError(f"answer larger than {limit} bytes")
-                if call is not None:
-                    if self.buffered + len(chunk) > self.max_buffered:
-                        raise Failed(Outcome.CANCELLED, BUSY)
-                    self.buffered += len(chunk)
-                    taken += len(chunk)
-                parts.append(chunk)
-        except BaseException:
-            self.buffered -= taken
-            raise
-        if call is not None:
-            call.buffered += taken
+        size = 0
+        while chunk := await content.readany():
+            if clock() > deadline:
+                raise TimeoutError
+            size += len(chunk)
+            if size > limit:
+                raise ClientError(f"answer larger than {limit} bytes")
+            if held is not None and not held.take(len(chunk)):
+                raise Failed(Outcome.CANCELLED, BUSY)
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def release(self, call: Call) -> None:
-        """The request ended: the bytes of its answers no longer count."""
-        self.buffered -= call.buffered
-        call.buffered = 0

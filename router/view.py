@@ -27,6 +27,8 @@ def node_row(
         "models": node.models,
         "labels": node.labels,
         "source": node.source.value,
+        # the join token that registered it ("shared", or a scoped token's name)
+        "join_token": node.join_token,
         "state": node.state.value,
         "reason": node.state_reason,
         "in_flight": st.in_flight,

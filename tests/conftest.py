@@ -114,6 +114,32 @@ async def make_router() -> AsyncIterator[MakeRouter]:
         await runner.cleanup()
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Node = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    """A hand-written node (a hostile one, or an engine's quirk) on a real socket:
+    ``await node(handler, id="bad", **entry)`` serves chat completions with
+    ``handler`` and gives its config entry."""
+    runners: list[web.AppRunner] = []
+
+    async def make(handler: Handler, id: str = "bad", **extra: Any) -> dict[str, Any]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return {"id": id, "url": url, "models": [MODEL], **extra}
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
 StartPrometheus = Callable[[dict[str, Any]], Awaitable[str]]
 
 

@@ -6,8 +6,11 @@ Docker engine runs here: what a cluster would do beyond the schemas is not teste
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from tests.conftest import MakeRouter, MakeSim, RedisServer, StartPrometheus, no
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 ENV = {"BALLAST_JOIN_TOKEN": "j", "BALLAST_ADMIN_TOKEN": "a"}
+SECRETS = {"admin-token": "a" * 48, "join-token": "j" * 48}  # what secrets.env would hold
 PRESTOP_S = 5  # the preStop sleep of deploy/k8s/base/deployment.yaml
 
 
@@ -32,16 +36,29 @@ def tool(name: str) -> str:
     return path
 
 
+def kustomize(overlay: str, secrets: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    """``kubectl kustomize`` on a copy of deploy/k8s with ``secrets`` written to
+    base/secrets.env (an operator's own file there is left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        k8s = Path(tmp) / "k8s"
+        shutil.copytree(DEPLOY / "k8s", k8s, ignore=shutil.ignore_patterns("secrets.env"))
+        if secrets is not None:
+            lines = "".join(f"{k}={v}\n" for k, v in secrets.items())
+            (k8s / "base/secrets.env").write_text(lines)
+        return subprocess.run(
+            [tool("kubectl"), "kustomize", str(k8s / "overlays" / overlay)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+
 def render(overlay: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s/overlays" / overlay)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    out = kustomize(overlay, SECRETS)
+    assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def router_config(objects: list[dict[str, Any]]) -> Config:
-    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    cm = next(o for o in of_kind(objects, "ConfigMap") if "ballast.yaml" in o["data"])
     return parse_config(yaml.safe_load(cm["data"]["ballast.yaml"]), env=ENV)
 
 
@@ -84,9 +101,15 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
     secrets = {s["metadata"]["name"]: s for s in of_kind(objects, "Secret")}
     for env in router["env"]:
         ref = env["valueFrom"]["secretKeyRef"]
-        assert ref["key"] in secrets[ref["name"]]["stringData"]
+        value = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+        assert value == SECRETS[ref["key"]]  # from secrets.env, nothing else
+    assert all("stringData" not in s for s in secrets.values())
     mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
-    assert mounted == {m["metadata"]["name"] for m in of_kind(objects, "ConfigMap")}
+    configs = [m for m in of_kind(objects, "ConfigMap") if "ballast.yaml" in m["data"]]
+    assert mounted == {m["metadata"]["name"] for m in configs}
+
+    # Replicas spread over nodes, a rolling update's new pods counted apart.
+    assert spread_by_node(pod, labels)
 
     if overlay == "single":
         assert deployment["spec"]["replicas"] == 1
@@ -94,13 +117,122 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
         assert not of_kind(objects, "HorizontalPodAutoscaler")
     else:
         assert deployment["spec"]["replicas"] == 3
-        host = cfg.state.redis_url.split("//")[1].split(":")[0]  # type: ignore[union-attr]
-        assert host in services  # the Redis the replicas share is shipped
+        assert cfg.state.redis_url is None and cfg.state.sentinel is not None  # see below
         (hpa,) = of_kind(objects, "HorizontalPodAutoscaler")
         assert hpa["spec"]["scaleTargetRef"]["name"] == "ballast"
         assert hpa["spec"]["minReplicas"] == 3
-        (pdb,) = of_kind(objects, "PodDisruptionBudget")
-        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert [p["spec"]["maxUnavailable"] for p in budgets_of(objects, labels)] == [1]
+
+
+def spread_by_node(pod: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A hard spread over nodes of the pods with these labels."""
+    return any(
+        c["topologyKey"] == "kubernetes.io/hostname"
+        and c["whenUnsatisfiable"] == "DoNotSchedule"
+        and c["maxSkew"] == 1
+        and c["labelSelector"]["matchLabels"].items() <= labels.items()
+        for c in pod.get("topologySpreadConstraints", [])
+    )
+
+
+def budgets_of(objects: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The PodDisruptionBudgets covering pods with these labels."""
+    return [
+        p
+        for p in of_kind(objects, "PodDisruptionBudget")
+        if p["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ]
+
+
+def script_defaults(script: str) -> dict[str, str]:
+    """``NAME=${NAME:-default}`` lines of a shell script."""
+    found = re.findall(r'^(\w+)=\$\{\1:-"?([^"}]*)"?\}', script, re.M)
+    return dict(found)
+
+
+def test_secrets_are_never_committed_the_render_fails_until_they_are_set() -> None:
+    base = DEPLOY / "k8s/base"
+    for overlay in ("single", "ha"):
+        out = kustomize(overlay, None)
+        assert out.returncode != 0 and "secrets.env" in out.stderr
+    assert "secrets.env" in (base / ".gitignore").read_text().split()
+    example = (base / "secrets.env.example").read_text()
+    keys = dict(line.split("=", 1) for line in example.splitlines() if "=" in line)
+    assert keys == dict.fromkeys(SECRETS, "")  # the names, no usable value
+    for path in (DEPLOY / "k8s").rglob("*.yaml"):
+        assert "stringData" not in path.read_text(), path
+
+
+def test_ha_redis_runs_behind_sentinel_with_persistence_budgets_and_spread() -> None:
+    objects = render("ha")
+    cfg = router_config(objects)
+    assert cfg.state.sentinel is not None
+    sets = {s["metadata"]["name"]: s for s in of_kind(objects, "StatefulSet")}
+    services = {s["metadata"]["name"]: s for s in of_kind(objects, "Service")}
+    (scripts,) = [m for m in of_kind(objects, "ConfigMap") if "redis-ha.sh" in m["data"]]
+    script = scripts["data"]["redis-ha.sh"]
+    assert script == (DEPLOY / "k8s/overlays/ha/redis-ha.sh").read_text()
+    defaults = script_defaults(script)
+
+    def pods_of(name: str, role: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """The StatefulSet's pod spec, its one container, and its pods' host:port."""
+        sts = sets[name]
+        pod = sts["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        # Started by the overlay's script in this role, with the script mounted.
+        assert container["command"] == ["sh", "/scripts/redis-ha.sh", role]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/scripts"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["configMap"]["name"] == scripts["metadata"]["name"]
+        # A headless Service names every pod, ready or not (Sentinel announces names).
+        svc = services[sts["spec"]["serviceName"]]
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= labels.items()
+        (port,) = container["ports"]
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == [port["name"]]
+        assert [p["port"] for p in svc["spec"]["ports"]] == [port["containerPort"]]
+        # Three, spread over nodes, one at a time in a drain.
+        assert sts["spec"]["replicas"] == 3
+        assert spread_by_node(pod, labels)
+        assert [p["spec"]["maxUnavailable"] for p in budgets_of(objects, labels)] == [1]
+        names = [f"{name}-{i}.{svc['metadata']['name']}" for i in range(3)]
+        return pod, container, [f"{n}:{port['containerPort']}" for n in names]
+
+    redis_pod, redis, redis_hosts = pods_of("ballast-redis", "redis")
+    sentinel_pod, sentinel, sentinel_hosts = pods_of("ballast-sentinel", "sentinel")
+
+    # The script's defaults are the manifests' names; the routers use those sentinels.
+    assert defaults["REDIS_HOSTS"].split() == redis_hosts
+    assert defaults["SENTINEL_HOSTS"].split() == sentinel_hosts
+    assert cfg.state.sentinel.hosts == sentinel_hosts
+    assert cfg.state.sentinel.service == defaults["SERVICE"]
+    # A quorum the sentinels still have with one of them away (their budget).
+    assert 3 // 2 + 1 <= int(defaults["QUORUM"]) <= 3 - 1
+
+    # Redis: AOF fsynced every second, on a PersistentVolumeClaim per pod.
+    assert "--appendonly yes --appendfsync everysec" in script
+    (claim,) = sets["ballast-redis"]["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    (data,) = [m for m in redis["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert data["mountPath"] == defaults["DATA_DIR"]
+    assert redis_pod["securityContext"]["fsGroup"] == redis_pod["securityContext"]["runAsUser"]
+    # Sentinel rewrites its config: a writable volume where the script puts it.
+    (conf,) = [m for m in sentinel["volumeMounts"] if m["mountPath"] == defaults["CONF_DIR"]]
+    assert any(v["name"] == conf["name"] and "emptyDir" in v for v in sentinel_pod["volumes"])
+    for container in (redis, sentinel):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "memory" in container["resources"]["limits"]
+
+    # Only the routers, Redis and the sentinels reach Redis and the sentinels.
+    (policy,) = of_kind(objects, "NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    (allowed,) = peer["podSelector"]["matchExpressions"]
+    assert set(allowed["values"]) == {"ballast", "ballast-redis", "ballast-sentinel"}
+    (guarded,) = policy["spec"]["podSelector"]["matchExpressions"]
+    assert set(guarded["values"]) == {"ballast-redis", "ballast-sentinel"}
 
 
 def test_prometheus_configs_and_rules_pass_promtool() -> None:

@@ -7,7 +7,8 @@ or removed) go through the store, which applies them to the local
 :class:`~router.fleet.Fleet` and, when shared, to every other router process.
 
 * :class:`MemoryStore` (here) is the embedded default for a single process: the
-  in-memory fleet *is* the state;
+  in-memory fleet *is* the state; with ``state.path`` its client keys and usage
+  are kept in a SQLite file (:mod:`router.store.ledger`) across restarts;
 * :class:`router.store.redis.RedisStore` shares it through Redis, with its Lua
   scripts in :mod:`router.store.scripts`;
 * :mod:`router.store.codec` is the only place a node is built, whatever its
@@ -20,13 +21,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Signals
 from router.store import codec
+from router.store.ledger import Ledger
 from router.tasks import cancel_and_wait
-from router.tenants import Keyring
+from router.tenants import Keyring, period_days, period_of
+
+if TYPE_CHECKING:
+    from router.join_tokens import JoinTokens
 
 log = logging.getLogger("ballast.store")
 
@@ -69,6 +74,10 @@ class StateStore(Protocol):
         """Self-registered nodes known (in any state, until forgotten)."""
         ...
 
+    def joined_by(self, token: str) -> list[Node]:
+        """Self-registered nodes known that the join token named ``token`` registered."""
+        ...
+
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         """Make every router process switch to this policy (a no-op for one process)."""
         ...
@@ -95,6 +104,14 @@ class StateStore(Protocol):
         """Usage per (key name, model) from UTC day ``since`` (YYYY-MM-DD) on."""
         ...
 
+    # Scoped join tokens (router.join_tokens), kept as the client keys are: the store
+    # hands ``join_tokens`` every record whenever they change (on any replica).
+    join_tokens: JoinTokens | None
+
+    async def put_join_token(self, record: dict[str, Any]) -> None: ...
+
+    async def delete_join_token(self, token_id: str) -> None: ...
+
 
 def apply_heartbeat(
     fleet: Fleet, node: Node, telemetry: dict[str, Any], now: float, verify: bool
@@ -117,6 +134,10 @@ def joined_count(fleet: Fleet) -> int:
     return sum(1 for n in fleet.nodes.values() if n.source is Source.JOINED)
 
 
+def joined_by(fleet: Fleet, token: str) -> list[Node]:
+    return [n for n in fleet.nodes.values() if n.source is Source.JOINED and n.join_token == token]
+
+
 def health(store: StateStore) -> str:
     """``backend:ok`` or ``backend:degraded``, as /readyz and the status page show it."""
     return f"{store.backend}:{'ok' if store.healthy else 'degraded'}"
@@ -136,13 +157,15 @@ def add_rows(
 
 
 class MemoryStore:
-    """Single-process state: nothing shared, always healthy; expires silent nodes."""
+    """Single-process state: nothing shared, always healthy; expires silent nodes.
+    With ``path``, client keys and usage (flushed every second) persist there."""
 
     backend = "memory"
     errors = 0
     routers = ("local",)
     on_policy: Callable[[str, dict[str, Any]], None] | None = None
     keyring: Keyring | None = None  # one process: its own counts are the whole counts
+    join_tokens: JoinTokens | None = None
 
     def __init__(
         self,
@@ -151,6 +174,7 @@ class MemoryStore:
         *,
         verify: bool = True,
         retention_s: float = 3600.0,
+        path: str | None = None,
     ) -> None:
         self.ttl = heartbeat_ttl_s
         self.wall = wall
@@ -159,7 +183,9 @@ class MemoryStore:
         self.fleet = Fleet()
         self._task: asyncio.Task[None] | None = None
         self.keys: dict[str, dict[str, Any]] = {}
+        self.join_token_records: dict[str, dict[str, Any]] = {}
         self.days: dict[str, dict[tuple[str, str], list[int]]] = {}  # usage by UTC day
+        self.ledger = Ledger(path) if path else None
 
     @property
     def healthy(self) -> bool:
@@ -167,18 +193,60 @@ class MemoryStore:
 
     async def put_key(self, record: dict[str, Any]) -> None:
         self.keys[record["id"]] = record
+        if self.ledger is not None:
+            self.ledger.put_key(record)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
 
     async def delete_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
+        if self.ledger is not None:
+            self.ledger.delete_key(key_id)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
 
+    def flush_usage(self) -> None:
+        """The keyring's usage since the last flush into the day's totals (and the
+        ledger)."""
+        if self.keyring is None or not self.keyring.usage.pending:
+            return
+        taken = self.keyring.usage.take()
+        day = utc_day(self.wall())
+        add_rows(self.days.setdefault(day, {}), taken)
+        if self.ledger is not None:
+            self.ledger.add_usage(day, taken)
+
+    def _load(self) -> None:
+        """At start, from the ledger: the keys, the usage, and each budgeted key's
+        tokens in its current period (so a restart renews no budget)."""
+        assert self.ledger is not None
+        self.keys, self.days = self.ledger.keys(), self.ledger.usage()
+        keyring = self.keyring
+        if keyring is None:
+            return
+        keyring.adopt(self.keys)
+        wall = self.wall()
+        budgeted = keyring.budgeted()
+        totals = dict.fromkeys(budgeted, 0)
+        for name, period in budgeted.items():
+            for day in period_days(period, wall):
+                for (key, _), row in self.days.get(day, {}).items():
+                    if key == name:
+                        totals[name] += row[2] + row[3]
+        keyring.adopt_spent(totals, {n: period_of(p, wall) for n, p in budgeted.items()})
+
+    async def put_join_token(self, record: dict[str, Any]) -> None:
+        self.join_token_records[record["id"]] = record
+        if self.join_tokens is not None:
+            self.join_tokens.adopt(self.join_token_records)
+
+    async def delete_join_token(self, token_id: str) -> None:
+        self.join_token_records.pop(token_id, None)
+        if self.join_tokens is not None:
+            self.join_tokens.adopt(self.join_token_records)
+
     async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
-        if self.keyring is not None:
-            taken = self.keyring.usage.take()
-            add_rows(self.days.setdefault(utc_day(self.wall()), {}), taken)
+        self.flush_usage()
         out: dict[tuple[str, str], list[int]] = {}
         for day, rows in self.days.items():
             if day >= since:
@@ -187,10 +255,15 @@ class MemoryStore:
 
     async def start(self, fleet: Fleet, signals: Signals) -> None:
         self.fleet = fleet
+        if self.ledger is not None:
+            self._load()
         self._task = asyncio.get_running_loop().create_task(self._expire_loop())
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
+        self.flush_usage()
+        if self.ledger is not None:
+            self.ledger.close()
 
     async def register(self, node: Node) -> None:
         node.last_seen = self.wall()
@@ -214,6 +287,9 @@ class MemoryStore:
     def joined_count(self) -> int:
         return joined_count(self.fleet)
 
+    def joined_by(self, token: str) -> list[Node]:
+        return joined_by(self.fleet, token)
+
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
         return None
 
@@ -224,6 +300,8 @@ class MemoryStore:
         while True:
             await asyncio.sleep(min(1.0, self.ttl / 4))
             self.expire(self.wall())
+            if self.ledger is not None:
+                self.flush_usage()
 
     def expire(self, now: float) -> None:
         """Joined nodes silent for the heartbeat TTL are gone; gone for the

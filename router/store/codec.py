@@ -24,7 +24,7 @@ import orjson
 
 from router.config import NodeConfig, Scoring
 from router.engines import ENGINES, UNKNOWN
-from router.fleet import Node, NodeState, Source
+from router.fleet import Node, NodeState, Source, claimed_models
 from router.measure.merge import Shared
 
 
@@ -51,9 +51,15 @@ def from_config(
 
 
 def from_registration(
-    claims: Mapping[str, Any], scoring: Scoring, verify: bool, secret_hash: str
+    claims: Mapping[str, Any],
+    scoring: Scoring,
+    verify: bool,
+    secret_hash: str,
+    join_token: str = "shared",
+    operator_pool: str | None = None,
 ) -> Node:
-    """A node that joined through the API (``claims``: a validated registration body)."""
+    """A node that joined through the API (``claims``: a validated registration body),
+    with the name of the join token it used and the pool that token gives it."""
     labels = dict(claims.get("labels") or {})
     for price in ("price_per_mtok", "price_per_hour"):
         if claims.get(price) is not None:
@@ -68,12 +74,15 @@ def from_registration(
         labels=labels,
         scoring=scoring,
         source=Source.JOINED,
+        engine=claims.get("engine") or UNKNOWN,
         state=NodeState.REGISTERED if verify else NodeState.SERVING,
         state_reason="waiting for verification"
         if verify
         else "self-registered (verification is off)",
     )
     node.secret_hash = secret_hash
+    node.join_token = join_token
+    node.operator_pool = operator_pool
     return node
 
 
@@ -99,13 +108,15 @@ def spec(node: Node) -> dict[str, object]:
     """The node's claims, as shared between router processes (no secrets)."""
     return {
         "url": node.url,
-        "models": list(node.models),
+        "models": claimed_models(node),
         "gpu": node.gpu,
         "gpus": node.gpus,
         "vram_gb": node.vram_gb,
         "labels": node.labels,
         "source": node.source.value,
         "engine": node.engine,
+        "join_token": node.join_token,
+        "operator_pool": node.operator_pool,
     }
 
 
@@ -132,7 +143,7 @@ def from_hash(node_id: str, h: Mapping[bytes, bytes], scoring: Scoring) -> Node 
     if raw is None:
         return None
     s = orjson.loads(raw)
-    return Node(
+    node = Node(
         id=node_id,
         url=s["url"],
         models=s["models"],
@@ -146,15 +157,24 @@ def from_hash(node_id: str, h: Mapping[bytes, bytes], scoring: Scoring) -> Node 
         state=NodeState(text(h.get(b"state"), NodeState.SERVING.value)),
         state_reason=text(h.get(b"reason")),
     )
+    node.join_token = s.get("join_token")
+    node.operator_pool = s.get("operator_pool")
+    return node
 
 
 def same_claims(node: Node, h: Mapping[bytes, bytes]) -> bool:
-    """Whether the hash describes the node as this process knows it (URL and models)."""
+    """Whether the hash describes the node as this process knows it (URL, models,
+    labels and the join token that registered it)."""
     raw = h.get(b"spec")
     if raw is None:
         return True
     s = orjson.loads(raw)
-    return node.url == s["url"] and list(node.models) == s["models"]
+    return (
+        node.url == s["url"]
+        and claimed_models(node) == s["models"]
+        and node.labels == (s.get("labels") or {})
+        and node.join_token == s.get("join_token")
+    )
 
 
 def shared(h: Mapping[bytes, bytes]) -> Shared:

@@ -23,8 +23,15 @@ The request path never awaits Redis. Each process:
 
 When Redis is unreachable the process keeps routing on its last snapshot,
 reports itself degraded and keeps its unflushed measurements. When Redis comes
-back (possibly empty, having restarted without persistence: detected through an
-epoch key) it re-publishes the nodes it knows and resynchronises.
+back (possibly empty, having restarted without persistence or been flushed:
+detected through an epoch key) it re-publishes what it knows and resynchronises:
+the nodes, the client keys and their revocations (a revoked key is never brought
+back), and the usage totals, which never go back: each process keeps, for every
+usage counter of the last ``FLOOR_DAYS`` days, what it counted itself and the
+highest total it read, and restores them when Redis lost them, so a flush cannot
+renew a budget (:data:`~router.store.scripts.RESTORE_USAGE`: every process's own
+counts, or the highest total read when more, once). A counter read lower than
+known (a promoted replica that missed recent writes) is raised back.
 
 Every key shares one hash tag (``{fleet}``) so that scripts and pipelines work
 on Redis Cluster too.
@@ -42,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
 from hashlib import blake2b
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -54,9 +61,21 @@ from router.config import Scoring, StateConfig
 from router.fleet import Fleet, Node, NodeState, Source
 from router.measure import Pending, Signals
 from router.measure.merge import MERGE_LUA
-from router.store import add_rows, apply_heartbeat, codec, joined_count, scripts, secret_in, utc_day
+from router.store import (
+    add_rows,
+    apply_heartbeat,
+    codec,
+    joined_by,
+    joined_count,
+    scripts,
+    secret_in,
+    utc_day,
+)
 from router.tasks import cancel_and_wait
 from router.tenants import Keyring, Usage, period_days, period_of
+
+if TYPE_CHECKING:
+    from router.join_tokens import JoinTokens
 
 log = logging.getLogger("ballast.store")
 
@@ -69,6 +88,8 @@ MAX_REPLAY = 10_000  # membership writes queued while Redis is away
 USAGE_RETENTION_S = 400 * 86400  # a day's usage totals are kept this long
 MAX_USAGE_DAYS = 400
 BUDGET_SYNC_S = 1.0  # how often the tokens of budgeted keys are counted over all replicas
+FLOOR_SYNC_S = 5.0  # how often today's usage totals are read, to be restored if lost
+FLOOR_DAYS = 35  # days whose usage totals a process keeps, to restore them
 ROUTER_BEAT_S = 1.0  # how often a router process says it is alive
 ROUTER_TTL_S = 5.0  # silent this long: its share of the fleet's work moves to the others
 
@@ -124,9 +145,23 @@ class RedisStore:
             p + "keys:version",
             p + "usage:",
         )
+        self.k_revoked, self.k_restored = p + "keys:revoked", p + "usage-restored:"
+        self.k_tokens, self.k_tokens_version = p + "jointokens", p + "jointokens:version"
         self.keyring: Keyring | None = None
+        self.join_tokens: JoinTokens | None = None
+        self._tokens_seen: bytes | None = None
+        self._token_records: dict[str, bytes] = {}  # join token records by id, as loaded
         self._budgets_at = -float("inf")
         self._keys_seen: bytes | None = None
+        # What this process knows of the tenancy state, to re-publish it when Redis
+        # lost its data: the dynamic key records by id, the revoked ids, and for each
+        # usage counter (day: field: count) what it counted itself and the highest
+        # total it read.
+        self._records: dict[str, bytes] = {}
+        self._revoked: set[str] = set()
+        self._mine: dict[str, dict[str, int]] = {}
+        self._seen: dict[str, dict[str, int]] = {}
+        self._seen_at = -float("inf")  # clock() of the last read of today's totals
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
         self._routers_beat = -float("inf")
         self._owners: dict[str, str] = {}
@@ -137,6 +172,9 @@ class RedisStore:
         self._beat = self.client.register_script(scripts.BEAT)
         self._expire = self.client.register_script(scripts.EXPIRE)
         self._remove = self.client.register_script(scripts.REMOVE)
+        self._republish_keys = self.client.register_script(scripts.REPUBLISH_KEYS)
+        self._restore_usage = self.client.register_script(scripts.RESTORE_USAGE)
+        self._raise_usage = self.client.register_script(scripts.RAISE_USAGE)
         self.fleet = Fleet()
         self.signals = Signals()
         self.last_seq = 0.0
@@ -265,6 +303,9 @@ class RedisStore:
     def joined_count(self) -> int:
         return joined_count(self.fleet)
 
+    def joined_by(self, token: str) -> list[Node]:
+        return joined_by(self.fleet, token)
+
     async def fetch(self, node_id: str) -> Node | None:
         node = self.fleet.nodes.get(node_id)
         if node is not None:
@@ -329,20 +370,24 @@ class RedisStore:
         self._ok = False
 
     async def _tick(self) -> None:
-        """One sync round: check the epoch, flush, pull changes, expire."""
-        epoch, policy, keys = await self.client.mget(
-            self.k_epoch, self.k_policy, self.k_keys_version
+        """One sync round: check the epoch (re-publish what Redis lost), flush, pull
+        changes, expire."""
+        epoch, policy, keys, tokens = await self.client.mget(
+            self.k_epoch, self.k_policy, self.k_keys_version, self.k_tokens_version
         )
         commands = 1
+        if epoch is None or epoch != self.epoch:
+            commands += await self._republish() + 1
+            keys = await self.client.get(self.k_keys_version)
         if keys != self._keys_seen:
             commands += await self._load_keys(keys)
+        if tokens != self._tokens_seen:
+            commands += await self._load_tokens(tokens)
         if policy is not None and policy != self._policy_seen:
             self._policy_seen = policy
             doc = orjson.loads(policy)
             if self.on_policy is not None:
                 self.on_policy(doc["name"], doc["params"])
-        if epoch is None or epoch != self.epoch:
-            commands += await self._republish()
         commands += len(self._replay)
         await self._replay_writes()
         commands += await self._flush_dirty()
@@ -350,6 +395,7 @@ class RedisStore:
         commands += await self._expire_silent()
         commands += await self._flush_usage()
         commands += await self._count_budgets()
+        commands += await self._read_floor()
         if self.clock() - self._routers_beat >= ROUTER_BEAT_S:
             commands += await self._beat_routers()
         self.commands_last_tick = commands
@@ -393,7 +439,12 @@ class RedisStore:
         )
 
     async def delete_key(self, key_id: str) -> None:
-        await self._change_keys(lambda pipe: pipe.hdel(self.k_keys, key_id))
+        """Revoke a key: gone from the keys, and kept among the revoked ids so that
+        no re-publish after a loss of Redis's data brings it back."""
+        self._revoked.add(key_id)
+        await self._change_keys(
+            lambda pipe: pipe.hdel(self.k_keys, key_id).sadd(self.k_revoked, key_id)
+        )
 
     async def _change_keys(self, change: Callable[[Any], Any]) -> None:
         """Apply a change to the keys; every replica reloads them (pub/sub wakes
@@ -406,34 +457,98 @@ class RedisStore:
         await self._load_keys(await self.client.get(self.k_keys_version))
 
     async def _load_keys(self, version: bytes | None) -> int:
-        records = await self.client.hgetall(self.k_keys)
+        if version is None and self._records:
+            # Keys were made, and their version is gone: Redis lost its data. They
+            # stay as they are here, and are re-published at the next sync.
+            self.epoch = None
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.k_keys)
+        pipe.smembers(self.k_revoked)
+        records, revoked = await pipe.execute()
         self._keys_seen = version
+        self._records = {kid.decode(): raw for kid, raw in records.items()}
+        self._revoked |= {kid.decode() for kid in revoked}
         if self.keyring is not None:
             parsed = {}
-            for kid, raw in records.items():
+            for kid, raw in self._records.items():
                 with contextlib.suppress(orjson.JSONDecodeError):
-                    parsed[kid.decode()] = orjson.loads(raw)
+                    parsed[kid] = orjson.loads(raw)
             self.keyring.adopt(parsed)
         return 1
 
+    # -- scoped join tokens (router.join_tokens), kept as the keys are -----------------
+
+    async def put_join_token(self, record: dict[str, Any]) -> None:
+        await self._change_tokens(
+            lambda pipe: pipe.hset(self.k_tokens, record["id"], orjson.dumps(record))
+        )
+
+    async def delete_join_token(self, token_id: str) -> None:
+        await self._change_tokens(lambda pipe: pipe.hdel(self.k_tokens, token_id))
+
+    async def _change_tokens(self, change: Callable[[Any], Any]) -> None:
+        """As :meth:`_change_keys`, for the join tokens."""
+        pipe = self.client.pipeline(transaction=True)
+        change(pipe)
+        pipe.incr(self.k_tokens_version)
+        await pipe.execute()
+        await self.client.publish(self.channel, "*tokens")
+        await self._load_tokens(await self.client.get(self.k_tokens_version))
+
+    async def _load_tokens(self, version: bytes | None) -> int:
+        commands = 1
+        if version is None and self._token_records:
+            # Tokens were made and their version is gone: Redis lost its data. Put
+            # back the records this process knows, as for the keys (a revoked token
+            # is a tombstone record, so its revocation comes back with it).
+            args: list[Any] = [len(self._token_records)]
+            for tid, raw in self._token_records.items():
+                args += [tid, raw]
+            keys = [self.k_tokens, self.k_tokens + ":revoked", self.k_tokens_version]
+            if await self._republish_keys(keys=keys, args=args):
+                log.warning("state store had lost its join tokens: re-published them")
+            version = await self.client.get(self.k_tokens_version)
+            commands += 2
+        records = await self.client.hgetall(self.k_tokens)
+        self._tokens_seen = version
+        self._token_records = {tid.decode(): raw for tid, raw in records.items()}
+        if self.join_tokens is not None:
+            parsed = {}
+            for tid, raw in self._token_records.items():
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    parsed[tid] = orjson.loads(raw)
+            self.join_tokens.adopt(parsed)
+        return commands
+
     async def _flush_usage(self) -> int:
         """This process's usage since the last flush, added to the day's totals; kept
-        for the next flush when Redis cannot take it."""
+        for the next flush when Redis cannot take it. Counted in this process's own
+        counts before it is sent, so no read in between shows less than it had."""
         if self.keyring is None or not self.keyring.usage.pending:
             return 0
         usage = self.keyring.usage
         taken = usage.take()
-        key = self.k_usage + utc_day(self.wall())
+        day = utc_day(self.wall())
+        key = self.k_usage + day
+        counts = [
+            (f"{name}\t{model}\t{field}", value)
+            for (name, model), row in taken.items()
+            for field, value in zip(Usage.FIELDS, row, strict=True)
+            if value
+        ]
+        mine = self._mine.setdefault(day, {})
         pipe = self.client.pipeline(transaction=False)
-        for (name, model), row in taken.items():
-            for field, value in zip(Usage.FIELDS, row, strict=True):
-                if value:
-                    pipe.hincrby(key, f"{name}\t{model}\t{field}", value)
+        for f, value in counts:
+            pipe.hincrby(key, f, value)
+            mine[f] = mine.get(f, 0) + value
         pipe.expire(key, USAGE_RETENTION_S)
         try:
             await pipe.execute()
         except BaseException:
             usage.restore(taken)
+            for f, value in counts:
+                mine[f] -= value
             raise
         return 1
 
@@ -452,16 +567,69 @@ class RedisStore:
             pipe.hgetall(self.k_usage + day)
         totals = dict.fromkeys(budgeted, 0)
         today = utc_day(wall)
+        commands = len(days)
         for day, rows in zip(days, await pipe.execute(), strict=True):
-            for raw, value in rows.items():
-                name, _, field = raw.decode(errors="replace").partition("\t")
+            counters, restored = await self._note_totals(day, rows)
+            commands += restored
+            for raw, value in counters.items():
+                name, _, field = raw.partition("\t")
                 # a daily budget counts today only; a monthly one every day so far
                 daily = budgeted.get(name) == "day"
                 if name in totals and field.endswith("_tokens") and (day == today or not daily):
-                    totals[name] += int(value)
+                    totals[name] += value
         periods = {n: period_of(p, wall) for n, p in budgeted.items()}
         self.keyring.adopt_spent(totals, periods)
-        return len(days)
+        return commands
+
+    async def _read_floor(self) -> int:
+        """Every ``FLOOR_SYNC_S``, today's usage totals (the first time, the last
+        ``FLOOR_DAYS`` days'), to know what to restore should Redis lose them."""
+        if self.keyring is None or self.clock() - self._seen_at < FLOOR_SYNC_S:
+            return 0
+        first, self._seen_at = self._seen_at < -1e300, self.clock()
+        today = date.fromisoformat(utc_day(self.wall()))
+        days = [(today - timedelta(days=d)).isoformat() for d in range(FLOOR_DAYS)]
+        for known in (self._mine, self._seen):
+            for old in [d for d in known if d < days[-1]]:
+                del known[old]
+        if not first:  # the past days' totals are known; only today's grow
+            days = days[:1]
+        pipe = self.client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(self.k_usage + day)
+        commands = 1
+        for day, rows in zip(days, await pipe.execute(), strict=True):
+            commands += (await self._note_totals(day, rows))[1]
+        return commands
+
+    def _known(self, day: str) -> dict[str, int]:
+        """The least each usage counter of ``day`` is: the highest total this process
+        read, or its own count when more."""
+        known = dict(self._seen.get(day, {}))
+        for f, v in self._mine.get(day, {}).items():
+            if v > known.get(f, 0):
+                known[f] = v
+        return known
+
+    async def _note_totals(self, day: str, rows: dict[bytes, bytes]) -> tuple[dict[str, int], int]:
+        """A day's usage counters as read from Redis, none lower than this process
+        knew them (counters never go back), and the commands spent raising in Redis
+        those it read lower. Only called in the sync round, after this process's
+        flush: a read never misses this process's own counts."""
+        counters = {raw.decode(errors="replace"): int(v) for raw, v in rows.items()}
+        lower = {f: v for f, v in self._known(day).items() if counters.get(f, 0) < v}
+        seen = self._seen.setdefault(day, {})
+        for f, v in counters.items():
+            if v > seen.get(f, 0):
+                seen[f] = v
+        if not lower:
+            return counters, 0
+        args: list[Any] = []
+        for f, v in lower.items():
+            args += [f, v]
+        await self._raise_usage(keys=[self.k_usage + day], args=args)
+        counters.update(lower)
+        return counters, 1
 
     async def read_usage(self, since: str) -> dict[tuple[str, str], list[int]]:
         first, last = date.fromisoformat(since), date.fromisoformat(utc_day(self.wall()))
@@ -471,14 +639,18 @@ class RedisStore:
         for day in days:
             pipe.hgetall(self.k_usage + day)
         out: dict[tuple[str, str], list[int]] = {}
-        for rows in await pipe.execute():
-            for raw, value in rows.items():
+        for day, rows in zip(days, await pipe.execute(), strict=True):
+            counters = {raw.decode(errors="replace"): int(v) for raw, v in rows.items()}
+            for f, v in self._known(day).items():  # never lower than known
+                if counters.get(f, 0) < v:
+                    counters[f] = v
+            for raw, value in counters.items():
                 try:
-                    name, model, field = raw.decode().split("\t")
+                    name, model, field = raw.split("\t")
                     i = Usage.FIELDS.index(field)
                 except ValueError:
                     continue
-                out.setdefault((name, model), [0] * len(Usage.FIELDS))[i] += int(value)
+                out.setdefault((name, model), [0] * len(Usage.FIELDS))[i] += value
         if self.keyring is not None:
             add_rows(out, self.keyring.usage.pending)  # not flushed yet
         return out
@@ -494,7 +666,32 @@ class RedisStore:
             calls.append((self._put, self._keys(node.id), args))
         await self._run_scripts(calls)
         self.last_seq = 0.0  # read everything once
-        return 2 + len(self.fleet.nodes)
+        return 2 + len(self.fleet.nodes) + await self._republish_tenancy()
+
+    async def _republish_tenancy(self) -> int:
+        """The client keys, revocations and usage totals this process knows, back
+        into a Redis that lost them (nothing, for a process that knows none)."""
+        commands = 0
+        if self._records or self._revoked:
+            args: list[Any] = [len(self._records)]
+            for kid, raw in self._records.items():
+                args += [kid, raw]
+            args += sorted(self._revoked)
+            keys = [self.k_keys, self.k_revoked, self.k_keys_version]
+            commands += 1
+            if await self._republish_keys(keys=keys, args=args):
+                log.warning("state store had lost its client keys: re-published them")
+        for day in self._mine.keys() | self._seen.keys():
+            mine, seen = self._mine.get(day, {}), self._seen.get(day, {})
+            args: list[Any] = [USAGE_RETENTION_S, self.replica]
+            for f in mine.keys() | seen.keys():
+                args += [f, mine.get(f, 0), seen.get(f, 0)]
+            if len(args) > 2:
+                await self._restore_usage(
+                    keys=[self.k_usage + day, self.k_restored + day], args=args
+                )
+                commands += 1
+        return commands
 
     async def _flush_dirty(self) -> int:
         dirty = self.signals.take_for_store()

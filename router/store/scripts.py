@@ -92,3 +92,79 @@ redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
 """
+
+# Client keys re-published after Redis lost them: each record this process knows
+# (unless its id was revoked), and the revocations it knows (which win, in either
+# order of the processes re-publishing). The keys' version is bumped when anything
+# changed, so every process reloads them.
+# KEYS: 1 keys hash, 2 revoked ids set, 3 keys version.
+# ARGV: 1 the number of records n, 2 .. 2n+1 id, record pairs, then revoked ids.
+REPUBLISH_KEYS = """
+local keys, revoked, version = KEYS[1], KEYS[2], KEYS[3]
+local n = tonumber(ARGV[1])
+local changed = 0
+for i = 2 + 2 * n, #ARGV do
+  redis.call('SADD', revoked, ARGV[i])
+  changed = changed + redis.call('HDEL', keys, ARGV[i])
+end
+for i = 2, 1 + 2 * n, 2 do
+  if redis.call('SISMEMBER', revoked, ARGV[i]) == 0 then
+    changed = changed + redis.call('HSETNX', keys, ARGV[i], ARGV[i + 1])
+  end
+end
+if changed > 0 then redis.call('INCR', version) end
+return changed
+"""
+
+# A day's usage totals restored after Redis lost them, from what each process knows:
+# what it counted itself (exact), and the highest total it read (which covers
+# processes that are gone). Each field becomes the larger of the sum of every
+# process's own counts and the highest total any process read, on top of what was
+# counted since the loss. Idempotent: each process's count is added once (the
+# second hash keeps what each one added, the sum, the highest total read, and what
+# was added to the usage hash), so processes may restore in any order, and again.
+# KEYS: 1 the day's usage hash, 2 what was restored into it.
+# ARGV: 1 retention in seconds, 2 this process's id, then field, own count, highest
+#       total read triples.
+RESTORE_USAGE = """
+local usage, restored, me = KEYS[1], KEYS[2], ARGV[2]
+local added = 0
+for i = 3, #ARGV, 3 do
+  local f, mine, seen = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local by = 'by\t' .. me .. '\t' .. f
+  local before = tonumber(redis.call('HGET', restored, by) or '0')
+  local sum = tonumber(redis.call('HGET', restored, 'sum\t' .. f) or '0')
+  if mine > before then
+    redis.call('HSET', restored, by, mine)
+    sum = redis.call('HINCRBY', restored, 'sum\t' .. f, mine - before)
+  end
+  local read = tonumber(redis.call('HGET', restored, 'seen\t' .. f) or '0')
+  if seen > read then
+    redis.call('HSET', restored, 'seen\t' .. f, seen)
+    read = seen
+  end
+  local target = math.max(sum, read)
+  local applied = tonumber(redis.call('HGET', restored, 'applied\t' .. f) or '0')
+  if target > applied then
+    redis.call('HINCRBY', usage, f, target - applied)
+    redis.call('HSET', restored, 'applied\t' .. f, target)
+    added = added + 1
+  end
+end
+redis.call('EXPIRE', usage, ARGV[1])
+redis.call('EXPIRE', restored, ARGV[1])
+return added
+"""
+
+# A usage counter read lower than a process knew it (Redis lost recent writes, as a
+# replica promoted before it had them): raised back to that, never added to.
+# KEYS: 1 the day's usage hash. ARGV: field, total pairs.
+RAISE_USAGE = """
+for i = 1, #ARGV, 2 do
+  local total = tonumber(ARGV[i + 1])
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < total then
+    redis.call('HSET', KEYS[1], ARGV[i], total)
+  end
+end
+return 1
+"""
