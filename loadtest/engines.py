@@ -43,6 +43,8 @@ from loadtest.common import free_port, spawn, stop_all, wait_port
 LLAMA_CPP_PYTHON = "0.3.36"
 MODEL = "tiny"
 EMBED_MODEL = "tiny-embed"
+SERVED_AS = "tiny-q8.gguf"  # one llama-server serves MODEL under this alias
+ASKED_AS = "tiny:latest"  # another alias, which no node serves under
 DEFAULT_CACHE = Path.home() / ".cache" / "ballast-engines"
 ENGINES = ("llamacpp", "llama-cpp-python")
 
@@ -130,7 +132,7 @@ def start_fleet(cache: Path, server: Path, python: Path, model: Path) -> list[En
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": libs, "MTMD_CPP_LIB": libs}
     plan = [
         ("lcpp-a", "llamacpp", MODEL, False),
-        ("lcpp-b", "llamacpp", MODEL, False),
+        ("lcpp-b", "llamacpp", SERVED_AS, False),
         ("lcpy", "llama-cpp-python", MODEL, False),
         ("lcpp-embed", "llamacpp", EMBED_MODEL, True),
         ("lcpy-embed", "llama-cpp-python", EMBED_MODEL, True),
@@ -175,7 +177,10 @@ def ballast_config(tmp: Path, port: int, nodes: list[EngineNode]) -> Path:
                     for n in nodes
                 ],
                 # A retired model name whose requests the live model serves.
-                "models": {RETIRED: {"fallbacks": [MODEL]}},
+                "models": {
+                    RETIRED: {"fallbacks": [MODEL]},
+                    MODEL: {"aliases": [SERVED_AS, ASKED_AS]},
+                },
                 "registry": {
                     "join_token_env": "BALLAST_JOIN_TOKEN",
                     "allowed_networks": ["127.0.0.0/8"],
@@ -414,6 +419,18 @@ class Checks:
             f"header {said!r}, answer's model {answer.model!r}",
         )
 
+    async def alias(self) -> tuple[str, bool, str]:
+        """A request by an alias of the model (models.<name>.aliases): any of its nodes
+        serves it, one of them under its own alias, and the answer, plain or streamed,
+        names the model as the client asked."""
+        ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        raw = await self.client.chat.completions.with_raw_response.create(model=ASKED_AS, **ask)
+        plain = raw.parse().model
+        stream = await self.client.chat.completions.create(model=ASKED_AS, stream=True, **ask)
+        streamed = {chunk.model async for chunk in stream}
+        ok = plain == ASKED_AS and streamed == {ASKED_AS}
+        return raw.headers["x-ballast-node"], ok, f"answer's model {plain!r}, stream's {streamed}"
+
     async def foreign_request_id(self) -> tuple[str, bool, str]:
         raw = await self.client.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
@@ -604,6 +621,7 @@ async def conformance(
             checks.priced_stream,
         ),
         ("fallback model: answered by the served model, x-ballast-fallback", checks.fallback),
+        ("model alias: served by every node of the model, answer named as asked", checks.alias),
     ):
         await checks.each(feature, 6, call)
     await checks.each("embeddings", 4, checks.embedding)
@@ -612,7 +630,7 @@ async def conformance(
     conversed = await checks.conversations()
     substitute.proc.kill()
     streamed_on, mid_stream = await checks.kill_mid_stream()
-    victim = next(n for n in nodes if n.engine == "llamacpp" and n.model == MODEL
+    victim = next(n for n in nodes if n.engine == "llamacpp" and n.model in (MODEL, SERVED_AS)
                   and n.id != streamed_on)  # fmt: skip
     killed = await checks.kill_mid_run(victim)
     return checks.table([

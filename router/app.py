@@ -74,8 +74,8 @@ class Router:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def models_body(self, allowed: frozenset[str] = frozenset()) -> bytes:
-        """``GET /v1/models``: the models served, only those in ``allowed`` when it
-        is not empty (a key's allow-list)."""
+        """``GET /v1/models``: the models served and their aliases, only those of the
+        models in ``allowed`` when it is not empty (a key's allow-list)."""
         if self._models_version != self.fleet.version:
             served = self.fleet.served_models()
             aliases = sorted(a for a, m in self.fleet.aliases.items() if m in set(served))
@@ -83,7 +83,8 @@ class Router:
             self._models_body = _model_list(self._models)
             self._models_version = self.fleet.version
         if allowed:
-            return _model_list([m for m in self._models if m in allowed])
+            named = self.fleet.aliases
+            return _model_list([m for m in self._models if named.get(m, m) in allowed])
         return self._models_body
 
     def swap_policy(self, name: str, params: dict[str, object]) -> Policy:
@@ -191,7 +192,7 @@ def build_router(
     policy = build_policy(cfg.policy.name, cfg.policy.params)
     recorder = Recorder()
     upstream = Upstream(cfg, session, meter, fresh)
-    keys = Keyring(cfg.auth, os.environ, clock)
+    keys = Keyring(cfg.auth, os.environ, clock, aliases=cfg.aliases)
     proxy = Proxy(cfg, fleet, policy, upstream, rng=rng, record=recorder, keys=keys)
     store = make_store(cfg, clock)
     store.keyring = keys

@@ -53,9 +53,12 @@ class Sizes:
     n: int  # choices asked for
     changed: bool  # the body must be sent rewritten (a value was coerced)
     media: int = 0  # image, audio and video parts of the messages
+    generates: bool = True  # False: an embeddings request (no completion at all)
 
     @property
     def completion_estimate(self) -> int:
+        if not self.generates:
+            return 0
         return (self.limit or DEFAULT_COMPLETION_TOKENS) * self.n
 
     @property
@@ -104,9 +107,10 @@ def _as_bool(value: Any, name: str) -> bool:
     raise Invalid(f"{name} must be a boolean", name)
 
 
-def read_sizes(doc: dict[str, Any]) -> Sizes:
+def read_sizes(doc: dict[str, Any], generates: bool = True) -> Sizes:
     """The request's stream flag, token limit and choices, coerced in ``doc`` (in
-    place) where they were not already plain values; Invalid for what engines refuse."""
+    place) where they were not already plain values; Invalid for what engines refuse.
+    ``generates`` False (embeddings): no completion, so no limit or choices."""
     changed = False
     stream = doc.get("stream")
     if stream is not None and type(stream) is not bool:
@@ -120,6 +124,8 @@ def read_sizes(doc: dict[str, Any]) -> Sizes:
         if usage is not None and type(usage) is not bool:
             doc["stream_options"] = {**options, "include_usage": _as_bool(usage, "include_usage")}
             changed = True
+    if not generates:
+        return Sizes(stream is True, None, 1, changed, 0, generates=False)
     limit = None
     for name in LIMIT_FIELDS:
         value, coerced = _int_field(doc, name, MAX_TOKENS_LIMIT)

@@ -108,6 +108,11 @@ def _serve_workers(args: argparse.Namespace, cfg: Config) -> int:
             f"ballast: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror}; "
             "another process holds it; stop it or choose another port with --port"
         ) from None
+    if cfg.state.path and not (cfg.state.redis_url or cfg.state.sentinel):
+        raise SystemExit(
+            "ballast: --workers with state.path and no Redis: each worker would keep its "
+            "own keys, revocations and budgets in one file; use one process, or Redis"
+        )
     if not (cfg.state.redis_url or cfg.state.sentinel):
         logging.getLogger("ballast").warning(
             "--workers %d without state.redis_url: each worker routes on what it alone has "
@@ -301,7 +306,8 @@ def cmd_tokens(args: argparse.Namespace) -> None:
                  str(t["nodes"]), str(t.get("max_nodes") or "-"), when]
             )  # fmt: skip
         header = ["NAME", "ID", "PREFIX", "STATE", "MODELS", "POOL", "NODES", "MAX", "EXPIRES"]
-        print(table(rows, header))
+        with reader_may_leave():
+            print(table(rows, header))
     else:
         path = f"/admin/join-tokens/{urllib.parse.quote(args.name, safe='')}"
         doc = admin_call(args.router, args.admin_token, path, "DELETE")

@@ -201,6 +201,18 @@ def numbers_as_text(labels: Any) -> Any:
 # A node's labels, in the config or a registration (see check_labels, numbers_as_text).
 Labels = Annotated[dict[str, str], BeforeValidator(numbers_as_text), AfterValidator(check_labels)]
 
+
+def engine_name(v: str) -> str:
+    """An engine Ballast knows (router.engines), as a node or the config names it."""
+    from router.engines import ENGINES
+
+    if v not in ENGINES:
+        raise ValueError(f"unknown engine {v[:64]!r} (known: {', '.join(sorted(ENGINES))})")
+    return v
+
+
+EngineName = Annotated[str, AfterValidator(engine_name)]
+
 ENV_UNSET = "env_unset"  # the error type of a *_env field naming an unset variable
 
 
@@ -249,17 +261,7 @@ class NodeConfig(_Strict):
     gpus: int = Field(1, ge=0, le=1024)
     api_key_env: EnvVarOrEmpty | None = None
     labels: Labels = Field(default_factory=dict)
-
-    engine: str | None = None  # vllm, sglang, llamacpp, llama-cpp-python, tgi, ollama, openai
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str | None) -> str | None:
-        from router.engines import ENGINES
-
-        if v is not None and v not in ENGINES:
-            raise ValueError(f"unknown engine {v!r} (known: {', '.join(sorted(ENGINES))})")
-        return v
+    engine: EngineName | None = None  # vllm, sglang, llamacpp, llama-cpp-python, tgi, ...
 
     @field_validator("url")
     @classmethod
@@ -812,11 +814,12 @@ def load_yaml(text: str) -> tuple[Any, dict[Loc, int], list[Problem]]:
     loader = yaml.SafeLoader(text)
     lines: dict[Loc, int] = {}
     duplicates: list[Problem] = []
+    seen: set[int] = set()  # each node once: an alias's lines are its anchor's
 
-    def walk(node: yaml.Node, loc: Loc, above: frozenset[int]) -> None:
-        if id(node) in above:  # an alias of a node that holds it
+    def walk(node: yaml.Node, loc: Loc) -> None:
+        if id(node) in seen:  # an alias (walking it again would grow exponentially)
             return
-        above |= {id(node)}
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
@@ -829,17 +832,17 @@ def load_yaml(text: str) -> tuple[Any, dict[Loc, int], list[Problem]]:
                     for inner in [k for k in lines if k[: len(here)] == here]:
                         del lines[inner]
                 lines[here] = line
-                walk(value, here, above)
+                walk(value, here)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 lines.setdefault((*loc, i), item.start_mark.line + 1)
-                walk(item, (*loc, i), above)
+                walk(item, (*loc, i))
 
     try:
         node = loader.get_single_node()
         if node is None:
             return None, lines, duplicates
-        walk(node, (), frozenset())
+        walk(node, ())
         return loader.construct_document(node), lines, duplicates
     finally:
         loader.dispose()

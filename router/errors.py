@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 
 NODE_HEADER = "x-ballast-node"  # which node served an answer
+# Why an attempt failed on the router's side, not the node's (limits.buffered_bytes)
+BUSY = "router busy: answers being read exceed limits.buffered_bytes"
 NOSNIFF = "X-Content-Type-Options"  # "nosniff" on every answer: JSON is never run as a page
 # answers the router gives itself
 ROUTER_NODE = {NODE_HEADER: ROUTER_ID, NOSNIFF: "nosniff"}
@@ -78,7 +80,7 @@ def exhausted(failures: Sequence[Failed], deadline_passed: bool) -> web.Response
             429, f"every node tried is rate limited ({summary})", "rate_limit_error",
             "upstream_rate_limited", headers={"Retry-After": retry_after},
         )  # fmt: skip
-    if all(f.outcome is Outcome.CANCELLED for f in failures):  # the router's own budget
+    if any(f.detail == BUSY for f in failures):  # the router's own budget
         return error_response(
             503, f"the router is busy ({failures[0].detail})", "service_unavailable",
             "router_busy", headers={"Retry-After": "1"},

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from router import join_tokens as jt
 from router.config import KeyLimits, KeyName, ModelName, PoolName
 from router.errors import error_response
-from router.fleet import NodeState
+from router.fleet import NodeState, Source
 from router.registration import admin_denied
 from router.store import StateStore, utc_day
 from router.tenants import DISPLAY_CHARS, Key, Keyring, Usage, hash_key, new_key
@@ -331,24 +332,31 @@ class JoinTokenAdmin:
             return "revoked"
         return "expired" if self.tokens.expired(token) else "active"
 
-    def _live_nodes(self, name: str) -> int:
-        return sum(1 for n in self.store.joined_by(name) if n.state is not NodeState.GONE)
+    def _live_nodes(self) -> Counter[str]:
+        """Live self-registered nodes by the join token that registered them (one pass
+        over the fleet, whatever the number of tokens)."""
+        return Counter(
+            n.join_token
+            for n in self.store.fleet.nodes.values()
+            if n.source is Source.JOINED and n.state is not NodeState.GONE
+        )
 
     @_admin
     async def list(self, request: web.Request) -> web.Response:
         """Every token (revoked ones while their tombstone lasts) with its live nodes;
         first the shared join token's, when there is one."""
         data: list[dict[str, Any]] = []
+        live = self._live_nodes()
         if self.membership.join_token is not None:
             data.append(
                 {"id": jt.SHARED, "name": jt.SHARED, "source": "config", "state": "active",
-                 "nodes": self._live_nodes(jt.SHARED)}
+                 "nodes": live[jt.SHARED]}
             )  # fmt: skip
         for token in sorted(
             self.tokens.by_id.values(), key=lambda t: t.record.get("created_at", 0)
         ):
             row = {**token.public(), "source": "admin", "state": self._state(token)}
-            data.append({**row, "nodes": self._live_nodes(token.name)})
+            data.append({**row, "nodes": live[token.name]})
         return web.json_response({"data": data})
 
     @_admin

@@ -50,6 +50,7 @@ from router.config import AuthConfig, Config
 from router.deliver import Deliver
 from router.engines import ENGINES, NO_ENGINE, context_error
 from router.errors import (
+    BUSY,
     NODE_HEADER,
     NOSNIFF,
     error_body,
@@ -77,6 +78,7 @@ DEADLINE_HEADER = "x-ballast-deadline-ms"  # the caller's own deadline, from now
 PRIORITY_HEADER = "x-ballast-priority"  # "batch" lowers a request's class
 GATE_WAITED_S = 0.001  # an admission slower than this waited for capacity
 PACE_PEERS = 3  # nodes with a known pace needed before a stream is judged by theirs
+MIN_ROOM = 16  # completion tokens a keyed request is cut to at the least; fewer: 429
 MAX_PACES = 4096  # models whose pace is remembered
 
 
@@ -263,6 +265,7 @@ class Proxy:
         call.doc = {**call.doc, "model": model}
         call.body = orjson.dumps(call.doc)
         call.info = replace(call.info, model=model)
+        call.asked = model if model in self.aliased else None  # named by its own name
         call.need = self.fit.need_tokens(call.info)
         call.answer_headers = {**(call.answer_headers or {}), FALLBACK_HEADER: model}
 
@@ -335,7 +338,7 @@ class Proxy:
                 "invalid_request_error", "model_not_found", "model",
             )  # fmt: skip
         try:
-            sizes = read_sizes(doc)
+            sizes = read_sizes(doc, generates=not request.path.endswith("/embeddings"))
         except Invalid as e:
             return _bad_request(str(e), "invalid_value", e.param)
         if asked != model:  # by the model's own name (a node may serve it by an alias)
@@ -383,8 +386,10 @@ class Proxy:
             call.asked = asked
         if count:  # the tokens, estimated now: the body's bytes over 4, plus limit x n
             call.count = True
-            if key is not None:
-                self._within_allowance(call, key)
+            if key is not None and sizes.generates:
+                refused = self._within_allowance(call, key)
+                if refused is not None:
+                    return self._refused(ex, refused)
             call.estimate = len(call.body) // PROMPT_BYTES_PER_TOKEN + sizes.completion_estimate
         # The pools first: a key's limits count the request once it passed them.
         if self.pools is not None or self.fleet.localized:
@@ -401,19 +406,28 @@ class Proxy:
             self._ask_usage(call)
         return call
 
-    def _within_allowance(self, call: Call, key: Key) -> None:
+    def _within_allowance(self, call: Call, key: Key) -> Refusal | None:
         """Limit the request to what its key may still use (its token bucket, its
         budget share): a request without ``max_tokens``, or with more than that, is
-        sent with ``max_tokens`` lowered, so that it cannot overrun the key's caps."""
+        sent with ``max_tokens`` lowered, so that it cannot overrun the key's caps;
+        with less than ``MIN_ROOM`` tokens left for it in a bucket that refills or a
+        share that frees, it is refused (429) instead; the last of a budget is spent."""
         allowance = self.keys.allowance(key)
         if allowance is None:
-            return
+            return None
+        most, last = allowance
         sizes = call.sizes
-        room = max(1, (allowance - len(call.body) // PROMPT_BYTES_PER_TOKEN) // sizes.n)
-        if sizes.limit is None or sizes.limit > room:
-            limit_to(call.doc, sizes, room)
-            call.body = orjson.dumps(call.doc)
-            call.info.max_tokens = room
+        room = (most - len(call.body) // PROMPT_BYTES_PER_TOKEN) // sizes.n
+        if sizes.limit is not None and sizes.limit <= room:
+            return None
+        if room < min(sizes.limit or MIN_ROOM, MIN_ROOM):
+            if not last:
+                return self.keys.no_room(key)
+            room = max(room, 1)
+        limit_to(call.doc, sizes, room)
+        call.body = orjson.dumps(call.doc)
+        call.info.max_tokens = room
+        return None
 
     def _admit_pools(self, call: Call, key: Key | None) -> web.Response | None:
         """The pools the request may use (its key's, narrowed by ``x-ballast-pool``) and
@@ -595,6 +609,8 @@ class Proxy:
                 break
             opened = await self._open(call, node, left, retry)
             if opened is None:
+                if call.failures and call.failures[-1].detail == BUSY:
+                    break  # the router's own memory is short: another node would not help
                 continue
             if opened.status < 400:
                 if call.rejected is not None:  # another node served what it refused

@@ -41,8 +41,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.addresses import AddressRules, check_url
-from router.config import ROUTER_ID, Config, ModelName, NodeId, Text, check_labels
-from router.engines import ENGINES
+from router.config import ROUTER_ID, Config, EngineName, Labels, ModelName, NodeId, Text
 from router.errors import error_response
 from router.fleet import Node, NodeState, Source
 from router.join_tokens import SHARED, JoinToken, JoinTokens
@@ -66,28 +65,15 @@ class NodeClaims(BaseModel):
     price_per_mtok: float | None = Field(None, ge=0, le=1_000_000)
     price_per_hour: float | None = Field(None, ge=0, le=1_000_000)
     # pool, region (locality.label), max_concurrency and any free-form ones
-    labels: dict[str, str] = Field(default_factory=dict)
-    engine: str | None = None  # as nodes[].engine; else the prober detects it
+    labels: Labels = Field(default_factory=dict)
+    engine: EngineName | None = None  # as nodes[].engine; else the prober detects it
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
-        # A stranger's node must not look like the router (static ones may, but not
-        # take its exact name: see NodeId).
-        if v is not None and v.lower().startswith(ROUTER_ID):
-            raise ValueError(f"ids starting with {ROUTER_ID!r} are reserved for the router")
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str | None) -> str | None:
-        if v is not None and v not in ENGINES:
-            raise ValueError(f"unknown engine {v[:64]!r} (known: {', '.join(sorted(ENGINES))})")
+        # A node must not take the router's name (the x-ballast-node of its own answers).
+        if v is not None and v.lower() == ROUTER_ID:
+            raise ValueError(f"the id {ROUTER_ID!r} is the router's own")
         return v
 
 
@@ -165,6 +151,7 @@ class Membership:
         # Scoped join tokens: the store hands them every record (as it hands the
         # keyring the client keys); revoked ones take their nodes with them.
         self.tokens = JoinTokens()
+        self._pending: dict[str, set[str]] = {}  # token name -> ids registering now
         self.tokens.on_revoked = self._revoked
         store.join_tokens = self.tokens
         self._sweeps: set[asyncio.Task[Any]] = set()
@@ -186,7 +173,9 @@ class Membership:
         if len(body.models) > self.reg.max_models_per_node:
             return f"models: at most {self.reg.max_models_per_node} models per node"
         if self.reg.allowed_models:
-            foreign = [m for m in body.models if m not in self.reg.allowed_models]
+            aliases = self.cfg.aliases  # an alias names an allowed model as well
+            allowed = self.reg.allowed_models
+            foreign = [m for m in body.models if aliases.get(m, m) not in allowed]
             if foreign:
                 return f"models: {foreign[0][:64]!r} is not in registry.allowed_models"
         return None
@@ -216,16 +205,17 @@ class Membership:
     ) -> web.Response | None:
         """What a scoped token does not allow this registration, or None."""
         if token.models:
-            foreign = [m for m in body.models if m not in token.models]
+            foreign = [m for m in body.models if self.cfg.aliases.get(m, m) not in token.models]
             if foreign:
                 why = f"models: {foreign[0][:64]!r} is not allowed by join token {token.name}"
                 return _bad(why, "join_token_models", 403)
         if token.max_nodes is not None:
-            live = [
-                n
+            live = {
+                n.id
                 for n in self.store.joined_by(token.name)
                 if n.state is not NodeState.GONE and n.id != node_id
-            ]
+            }
+            live |= self._pending.get(token.name, set()) - {node_id}
             if len(live) >= token.max_nodes:
                 why = f"join token {token.name} has its {token.max_nodes} live node(s) already"
                 return _bad(why, "join_token_full", 429)
@@ -246,9 +236,27 @@ class Membership:
             log.warning("refused a registration: %s", why)
             return _bad(why, "url_not_allowed", 403)
         node_id = body.id or f"node-{secrets.token_hex(6)}"
-        if isinstance(token, JoinToken):
-            if (refused := self._token_refused(token, body, node_id)) is not None:
-                return refused
+        if not isinstance(token, JoinToken):
+            return await self._register(request, body, token, node_id, url)
+        if (refused := self._token_refused(token, body, node_id)) is not None:
+            return refused
+        # Counted against the token's max_nodes from now: registrations that arrive
+        # together cannot all pass the count before any of them is in the fleet.
+        pending = self._pending.setdefault(token.name, set())
+        pending.add(node_id)
+        try:
+            return await self._register(request, body, token, node_id, url)
+        finally:
+            pending.discard(node_id)
+
+    async def _register(
+        self,
+        request: web.Request,
+        body: RegisterBody,
+        token: JoinToken | str,
+        node_id: str,
+        url: str,
+    ) -> web.Response:
         existing = await self.store.fetch(node_id)
         if existing is None and not self.store.healthy:
             # Whether the id is taken is only known to the shared store.

@@ -257,9 +257,12 @@ class Keyring:
         env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.required = cfg.required
         self.max_keys = cfg.max_keys
+        # alias -> model: an allow-list may name a model by any of its names
+        self.aliases = dict(aliases or {})
         self.clock = clock
         self.wall = wall
         self.share = 1.0
@@ -289,7 +292,8 @@ class Keyring:
     ) -> Key:  # fmt: skip
         limiter = Limiter(limits, self.share, self.clock()) if _limited(limits) else None
         return Key(id, name, digest, prefix, limits, source, created_at, limiter,
-                   frozenset(limits.models), limits.expires_at)  # fmt: skip
+                   frozenset(self.aliases.get(m, m) for m in limits.models),
+                   limits.expires_at)  # fmt: skip
 
     def _index(self) -> None:
         self.by_hash = {k.hash: k for k in (*self.static.values(), *self.dynamic.values())}
@@ -367,11 +371,7 @@ class Keyring:
         if budget is None:
             return None
         name = key.name
-        period = period_of(key.limits.budget_period, wall)
-        if self._budget_period.get(name) != period:  # a new day or month
-            self._budget_base[name] = 0
-            self._budget_local[name] = 0
-            self._budget_period[name] = period
+        self._roll_period(key, wall)
         base = self._budget_base.get(name, 0)
         local = self._budget_local.get(name, 0)
         mine = local + self._budget_reserved.get(name, 0)
@@ -382,26 +382,49 @@ class Keyring:
         if base + mine < budget and mine < (budget - base) * self.share:
             return None
         what = f"key {name} is near its token budget: its requests in progress may use the rest"
-        return Refusal(429, "insufficient_quota", "insufficient_quota", what, BUDGET_RETRY_S)
+        return Refusal(429, "rate_limit_error", "budget_reserved", what, BUDGET_RETRY_S)
 
-    def allowance(self, key: Key) -> int | None:
+    def _roll_period(self, key: Key, wall: float) -> None:
+        """A new UTC day or month: the key's count for the period starts again."""
+        name = key.name
+        period = period_of(key.limits.budget_period, wall)
+        if self._budget_period.get(name) != period:
+            self._budget_base[name] = 0
+            self._budget_local[name] = 0
+            self._budget_period[name] = period
+
+    def no_room(self, key: Key) -> Refusal:
+        """What a request of ``key`` gets when its caps leave it no room to answer."""
+        return _over_limit(
+            f"rate limit reached for key {key.name}: no tokens left for an answer now",
+            BUDGET_RETRY_S,
+        )
+
+    def allowance(self, key: Key) -> tuple[int, bool] | None:
         """The most tokens a request of ``key`` may use now in this process: what its
-        token bucket holds and what its budget share leaves (None: no token limit).
-        A request that could use more is limited to this (``max_tokens``), so a
-        limit-less or huge request cannot overrun a hard cap."""
+        token bucket holds and what its budget share leaves, and whether that is the
+        last of the budget itself (not a bucket that refills or a share held by
+        requests in progress); None: no token limit, or none left, which
+        :meth:`admit` refuses. A request that could use more is limited to this
+        (``max_tokens``), so a limit-less or huge request cannot overrun a hard cap."""
         most: float | None = None
+        last = False
         limiter = key.limiter
         if limiter is not None and limiter.tpm:
             most = limiter.available(self.clock())
         budget = key.limits.budget_tokens
         if budget is not None:
             name = key.name
+            self._roll_period(key, self.wall())
             base = self._budget_base.get(name, 0)
             local = self._budget_local.get(name, 0)
             mine = local + self._budget_reserved.get(name, 0)
-            left = min(budget - base - local, (budget - base) * self.share - mine)
-            most = left if most is None else min(most, left)
-        return None if most is None else max(0, int(most))
+            total = budget - base - local
+            left = min(total, (budget - base) * self.share - mine)
+            if most is None or left < most:
+                most, last = left, left == total
+        # None as well once nothing is left: admission refuses it, saying why and when.
+        return None if most is None or most <= 0 else (int(most), last)
 
     # -- a request made with a key -----------------------------------------------------
 

@@ -32,7 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from router.addresses import VIA_HEADER
 from router.call import Call, Failed
 from router.config import Config
-from router.errors import retry_after_s
+from router.errors import BUSY, retry_after_s
 from router.fleet import Node
 from router.gate import BATCH
 from router.measure import Attempt, Meter, Outcome
@@ -70,7 +70,6 @@ _OUTCOME_OF = {
     407: Outcome.REJECTED,
     429: Outcome.HTTP_429,
 }
-BUSY = "router busy: answers being read exceed limits.buffered_bytes"
 
 
 _REFUSED = re.compile(r"\s*q\s*=\s*0(\.0{0,3})?\s*", re.IGNORECASE)  # "not acceptable"
@@ -228,8 +227,8 @@ def decode(body: bytes, encoding: str, limit: int) -> bytes | None:
         out = inflate.decompress(body, limit + 1)
     except zlib.error:
         return None
-    if len(out) > limit or inflate.unconsumed_tail or not inflate.eof:
-        return None
+    if len(out) > limit or inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+        return None  # (unused data: a second gzip member, which clients would read)
     return out
 
 
@@ -388,7 +387,7 @@ class Upstream:
                 attempt.first_byte()
                 doc = None
                 if status < 300:
-                    doc = self._answer(call, body, encoding)
+                    doc = self._answer(call, body, encoding, held)
                     if doc is None:
                         raise Failed(
                             Outcome.BAD_ANSWER, f"HTTP {status} with a body that is not an answer"
@@ -414,7 +413,7 @@ class Upstream:
             self._abandon(attempt, response, Outcome.CANCELLED)
             raise
 
-    def _answer(self, call: Call, body: bytes, encoding: str) -> dict[str, Any] | None:
+    def _answer(self, call: Call, body: bytes, encoding: str, held: Held) -> dict[str, Any] | None:
         """A 2xx body read whole, parsed (decoded first when compressed as the client
         accepts); None when it is not an answer, or is compressed in a way the client
         did not accept."""
@@ -425,6 +424,8 @@ class Upstream:
             decoded = decode(body, encoding, self.max_response)
             if decoded is None:
                 return None
+            if not held.take(len(decoded)):  # decoded, it is held too while it is read
+                raise Failed(Outcome.CANCELLED, BUSY)
             body = decoded
         return read_answer(call.request.path, body)
 

@@ -235,6 +235,20 @@ def test_ha_redis_runs_behind_sentinel_with_persistence_budgets_and_spread() -> 
     assert set(guarded["values"]) == {"ballast-redis", "ballast-sentinel"}
 
 
+def test_single_keeps_keys_and_usage_on_a_volume() -> None:
+    objects = render("single")
+    assert router_config(objects).state.path == "/var/lib/ballast/state.db"
+    (claim,) = of_kind(objects, "PersistentVolumeClaim")
+    (deployment,) = of_kind(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["strategy"] == {"type": "Recreate"}  # one pod holds the volume at a time
+    pod = spec["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/ballast"
+
+
 def test_prometheus_configs_and_rules_pass_promtool() -> None:
     promtool = tool("promtool")
     for config in ("prometheus.yml", "kubernetes.yml"):
@@ -265,6 +279,9 @@ def test_compose_replicas_share_redis_and_are_scraped() -> None:
     assert mounts == {"./compose/ballast.yaml"}
     cfg = parse_config(yaml.safe_load((DEPLOY / "compose/ballast.yaml").read_text()), env=ENV)
     assert cfg.state.redis_url == "redis://redis:6379/0" and "redis" in services
+    redis_args = services["redis"]["command"]  # keys and usage outlive a Redis restart
+    assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for node in cfg.nodes:
         assert node.id in services  # every node of the config is a service of the stack
     prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())

@@ -408,6 +408,36 @@ async def test_two_replicas_each_hold_their_share_of_a_budget(
     assert [await t for t in tasks].count(200) == arrived[0]
 
 
+async def test_embeddings_are_sized_as_embeddings(
+    make_router: MakeRouter, http: aiohttp.ClientSession
+) -> None:
+    """An embeddings request generates nothing: sent without a completion limit (a
+    strict engine refuses unknown fields), and reserving no completion tokens."""
+    received: list[dict[str, Any]] = []
+
+    async def embed(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        usage = {"prompt_tokens": 3, "total_tokens": 3}
+        return web.json_response({"data": [{"embedding": [0.1], "index": 0}], "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", embed)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        r = await make_router([{"id": "e", "url": url, "models": ["emb"]}], **keyed(tpm=4000))
+        body = {"model": "emb", "input": "hello"}
+        async with http.post(r.url + "/v1/embeddings", json=body, headers=TEAM) as resp:
+            assert resp.status == 200
+            remaining = int(resp.headers["x-ratelimit-remaining-tokens"])
+        assert received == [body]  # as the client sent it
+        assert remaining > 4000 - 64  # its prompt's estimate, no completion reserved
+    finally:
+        await runner.cleanup()
+
+
 # -- 7: latency is what the caller waits for ---------------------------------------------
 
 
@@ -519,11 +549,12 @@ async def test_compression_only_as_the_client_asked_and_never_a_bomb(
     deflated = zlib.compress(plain)
     answers = {
         "gzip": gzip.compress(plain), "bomb": bomb, "x-whatever": plain, "deflate": deflated,
+        "two-members": gzip.compress(plain) + gzip.compress(b"<html>"),  # clients read both
     }  # fmt: skip
 
     async def packed(request: web.Request) -> web.StreamResponse:
         kind = request.headers["traceparent"]  # the one client header a node sees
-        enc = "gzip" if kind == "bomb" else kind
+        enc = "gzip" if kind in ("bomb", "two-members") else kind
         return web.Response(body=answers[kind], headers={"Content-Encoding": enc, **_JSON})
 
     good = await fleet("good")
@@ -532,6 +563,7 @@ async def test_compression_only_as_the_client_asked_and_never_a_bomb(
         ("gzip", "gzip", True),
         ("deflate", "gzip, deflate", True),
         ("bomb", "gzip", False),  # inflates past max_response_bytes
+        ("two-members", "gzip", False),  # a valid answer, then a page
         ("x-whatever", "x-whatever, gzip", False),  # not one Ballast can check
     ):
         bad = await node(packed, id="packed")

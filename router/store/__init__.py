@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +39,7 @@ log = logging.getLogger("ballast.store")
 
 class StateStore(Protocol):
     backend: str
+    fleet: Fleet  # the process's own snapshot, which the store keeps
     errors: int  # failed store operations since start
     routers: tuple[str, ...]  # live router processes sharing the fleet (ids)
 
@@ -186,6 +188,7 @@ class MemoryStore:
         self.join_token_records: dict[str, dict[str, Any]] = {}
         self.days: dict[str, dict[tuple[str, str], list[int]]] = {}  # usage by UTC day
         self.ledger = Ledger(path) if path else None
+        self._unwritten: dict[str, dict[tuple[str, str], list[int]]] = {}  # not in the ledger yet
 
     @property
     def healthy(self) -> bool:
@@ -194,33 +197,44 @@ class MemoryStore:
     async def put_key(self, record: dict[str, Any]) -> None:
         self.keys[record["id"]] = record
         if self.ledger is not None:
-            self.ledger.put_key(record)
+            self.ledger.put("key", record)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
 
     async def delete_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
         if self.ledger is not None:
-            self.ledger.delete_key(key_id)
+            self.ledger.delete("key", key_id)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
 
     def flush_usage(self) -> None:
         """The keyring's usage since the last flush into the day's totals (and the
         ledger)."""
-        if self.keyring is None or not self.keyring.usage.pending:
+        keyring = self.keyring
+        if keyring is None or not (keyring.usage.pending or self._unwritten):
             return
-        taken = self.keyring.usage.take()
+        taken = keyring.usage.take()
         day = utc_day(self.wall())
         add_rows(self.days.setdefault(day, {}), taken)
-        if self.ledger is not None:
-            self.ledger.add_usage(day, taken)
+        if self.ledger is None:
+            return
+        add_rows(self._unwritten.setdefault(day, {}), taken)
+        try:
+            self.ledger.add_usage(self._unwritten)
+        except sqlite3.Error as e:  # kept, and written with the next flush
+            log.warning("cannot write usage to state.path (%s): kept for the next flush", e)
+            return
+        self._unwritten = {}
 
     def _load(self) -> None:
-        """At start, from the ledger: the keys, the usage, and each budgeted key's
-        tokens in its current period (so a restart renews no budget)."""
+        """At start, from the ledger: the keys, the join tokens, the usage, and each
+        budgeted key's tokens in its current period (so a restart renews no budget)."""
         assert self.ledger is not None
-        self.keys, self.days = self.ledger.keys(), self.ledger.usage()
+        self.keys, self.days = self.ledger.records("key"), self.ledger.usage()
+        self.join_token_records = self.ledger.records("join_token")
+        if self.join_tokens is not None:
+            self.join_tokens.adopt(self.join_token_records)
         keyring = self.keyring
         if keyring is None:
             return
@@ -237,11 +251,15 @@ class MemoryStore:
 
     async def put_join_token(self, record: dict[str, Any]) -> None:
         self.join_token_records[record["id"]] = record
+        if self.ledger is not None:
+            self.ledger.put("join_token", record)
         if self.join_tokens is not None:
             self.join_tokens.adopt(self.join_token_records)
 
     async def delete_join_token(self, token_id: str) -> None:
         self.join_token_records.pop(token_id, None)
+        if self.ledger is not None:
+            self.ledger.delete("join_token", token_id)
         if self.join_tokens is not None:
             self.join_tokens.adopt(self.join_token_records)
 

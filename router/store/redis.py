@@ -29,9 +29,10 @@ the nodes, the client keys and their revocations (a revoked key is never brought
 back), and the usage totals, which never go back: each process keeps, for every
 usage counter of the last ``FLOOR_DAYS`` days, what it counted itself and the
 highest total it read, and restores them when Redis lost them, so a flush cannot
-renew a budget (:data:`~router.store.scripts.RESTORE_USAGE`: every process's own
-counts, or the highest total read when more, once). A counter read lower than
-known (a promoted replica that missed recent writes) is raised back.
+renew a budget (:data:`~router.store.scripts.RESTORE_USAGE` raises each counter to
+the sum of every process's own counts, or the highest total read when more; it
+never adds, so nothing is counted twice). A counter read lower than known (a
+promoted replica that missed recent writes) is raised back.
 
 Every key shares one hash tag (``{fleet}``) so that scripts and pipelines work
 on Redis Cluster too.
@@ -147,6 +148,8 @@ class RedisStore:
         )
         self.k_revoked, self.k_restored = p + "keys:revoked", p + "usage-restored:"
         self.k_tokens, self.k_tokens_version = p + "jointokens", p + "jointokens:version"
+        self.k_tokens_revoked = p + "jointokens:revoked"
+        self._token_tombs: dict[str, bytes] = {}  # revoked join tokens' records, by id
         self.keyring: Keyring | None = None
         self.join_tokens: JoinTokens | None = None
         self._tokens_seen: bytes | None = None
@@ -162,6 +165,7 @@ class RedisStore:
         self._mine: dict[str, dict[str, int]] = {}
         self._seen: dict[str, dict[str, int]] = {}
         self._seen_at = -float("inf")  # clock() of the last read of today's totals
+        self.usage_retried = 0  # requests whose usage a failed flush left to the next
         self.routers: tuple[str, ...] = (self.replica,)  # live router processes
         self._routers_beat = -float("inf")
         self._owners: dict[str, str] = {}
@@ -215,6 +219,7 @@ class RedisStore:
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(self.cfg.timeout_s):
                 await self._flush_dirty()  # hand over what this process measured last
+                await self._flush_usage()  # and the usage it counted since the last flush
                 await self.client.zrem(self.k_routers, self.replica)  # and its share of work
         with contextlib.suppress(*_ERRORS):
             await self.client.aclose()
@@ -447,14 +452,23 @@ class RedisStore:
         )
 
     async def _change_keys(self, change: Callable[[Any], Any]) -> None:
-        """Apply a change to the keys; every replica reloads them (pub/sub wakes
-        their sync at once), this one before answering."""
+        await self._change(change, self.k_keys_version, "*keys", self._load_keys)
+
+    async def _change(
+        self,
+        change: Callable[[Any], Any],
+        version: str,
+        event: str,
+        load: Callable[[bytes | None], Awaitable[int]],
+    ) -> None:
+        """Apply a change to the client keys or the join tokens; every replica reloads
+        them (pub/sub wakes their sync at once), this one before answering."""
         pipe = self.client.pipeline(transaction=True)
         change(pipe)
-        pipe.incr(self.k_keys_version)
+        pipe.incr(version)
         await pipe.execute()
-        await self.client.publish(self.channel, "*keys")
-        await self._load_keys(await self.client.get(self.k_keys_version))
+        await self.client.publish(self.channel, event)
+        await load(await self.client.get(version))
 
     async def _load_keys(self, version: bytes | None) -> int:
         if version is None and self._records:
@@ -467,8 +481,19 @@ class RedisStore:
         pipe.smembers(self.k_revoked)
         records, revoked = await pipe.execute()
         self._keys_seen = version
-        self._records = {kid.decode(): raw for kid, raw in records.items()}
-        self._revoked |= {kid.decode() for kid in revoked}
+        loaded = {kid.decode() for kid in revoked}
+        known = self._revoked
+        self._revoked = known | loaded
+        self._records = {
+            kid: raw for k, raw in records.items() if (kid := k.decode()) not in self._revoked
+        }
+        if len(self._records) < len(records) or not known <= loaded:
+            # Redis came back with older data (a snapshot, a replica that missed
+            # the last writes): the revocations this process knows stand.
+            await self._change_keys(
+                lambda pipe: pipe.hdel(self.k_keys, *known).sadd(self.k_revoked, *known)
+            )
+            return 2
         if self.keyring is not None:
             parsed = {}
             for kid, raw in self._records.items():
@@ -480,46 +505,71 @@ class RedisStore:
     # -- scoped join tokens (router.join_tokens), kept as the keys are -----------------
 
     async def put_join_token(self, record: dict[str, Any]) -> None:
-        await self._change_tokens(
-            lambda pipe: pipe.hset(self.k_tokens, record["id"], orjson.dumps(record))
-        )
+        """A token made, or revoked (its record a tombstone, and its id among the
+        revoked: no re-publish after a loss of Redis's data brings it back)."""
+        tid, raw = record["id"], orjson.dumps(record)
+        if record.get("revoked_at") is None:
+            await self._change_tokens(lambda pipe: pipe.hset(self.k_tokens, tid, raw))
+        else:
+            await self._change_tokens(
+                lambda pipe: pipe.hset(self.k_tokens, tid, raw).sadd(self.k_tokens_revoked, tid)
+            )
 
     async def delete_join_token(self, token_id: str) -> None:
         await self._change_tokens(lambda pipe: pipe.hdel(self.k_tokens, token_id))
 
     async def _change_tokens(self, change: Callable[[Any], Any]) -> None:
-        """As :meth:`_change_keys`, for the join tokens."""
-        pipe = self.client.pipeline(transaction=True)
-        change(pipe)
-        pipe.incr(self.k_tokens_version)
-        await pipe.execute()
-        await self.client.publish(self.channel, "*tokens")
-        await self._load_tokens(await self.client.get(self.k_tokens_version))
+        await self._change(change, self.k_tokens_version, "*tokens", self._load_tokens)
 
     async def _load_tokens(self, version: bytes | None) -> int:
         commands = 1
         if version is None and self._token_records:
-            # Tokens were made and their version is gone: Redis lost its data. Put
-            # back the records this process knows, as for the keys (a revoked token
-            # is a tombstone record, so its revocation comes back with it).
-            args: list[Any] = [len(self._token_records)]
-            for tid, raw in self._token_records.items():
-                args += [tid, raw]
-            keys = [self.k_tokens, self.k_tokens + ":revoked", self.k_tokens_version]
-            if await self._republish_keys(keys=keys, args=args):
-                log.warning("state store had lost its join tokens: re-published them")
+            # Tokens were made and their version is gone: Redis lost its data.
+            commands += await self._republish_tokens()
             version = await self.client.get(self.k_tokens_version)
-            commands += 2
         records = await self.client.hgetall(self.k_tokens)
         self._tokens_seen = version
-        self._token_records = {tid.decode(): raw for tid, raw in records.items()}
+        loaded = {tid.decode(): raw for tid, raw in records.items()}
+        parsed = {}
+        for tid, raw in loaded.items():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed[tid] = orjson.loads(raw)
+                if parsed[tid].get("revoked_at") is not None:
+                    self._token_tombs[tid] = raw
+        revived = {t: raw for t, raw in self._token_tombs.items() if loaded.get(t, raw) != raw}
+        if revived:
+            # Redis came back with older data: a token this process saw revoked is
+            # live there again. Its revocation stands.
+            await self._change_tokens(
+                lambda pipe: pipe.hset(self.k_tokens, mapping=revived).sadd(
+                    self.k_tokens_revoked, *revived
+                )
+            )
+            return commands + 2
+        self._token_records = loaded
         if self.join_tokens is not None:
-            parsed = {}
-            for tid, raw in self._token_records.items():
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    parsed[tid] = orjson.loads(raw)
             self.join_tokens.adopt(parsed)
         return commands
+
+    async def _republish_tokens(self) -> int:
+        """The join tokens this process knows, back into a Redis that lost them, as
+        the keys are: the live ones unless revoked, and the tombstones of revoked
+        ones over any live copy another process put back, whichever goes first."""
+        live, tombs = {}, {}
+        for tid, raw in self._token_records.items():
+            revoked = orjson.loads(raw).get("revoked_at") is not None
+            (tombs if revoked else live)[tid] = raw
+        args: list[Any] = [len(live)]
+        for tid, raw in live.items():
+            args += [tid, raw]
+        args += list(tombs)
+        keys = [self.k_tokens, self.k_tokens_revoked, self.k_tokens_version]
+        pipe = self.client.pipeline(transaction=True)
+        await self._republish_keys(keys=keys, args=args, client=pipe)
+        if tombs:
+            pipe.hset(self.k_tokens, mapping=tombs).incr(self.k_tokens_version)
+        await pipe.execute()
+        return 2
 
     async def _flush_usage(self) -> int:
         """This process's usage since the last flush, added to the day's totals; kept
@@ -549,6 +599,9 @@ class RedisStore:
             usage.restore(taken)
             for f, value in counts:
                 mine[f] -= value
+            # Sent again with the next flush: counted twice if Redis applied it before
+            # failing to answer (a master that died right then).
+            self.usage_retried += sum(row[0] for row in taken.values())
             raise
         return 1
 
@@ -626,7 +679,7 @@ class RedisStore:
             return counters, 0
         args: list[Any] = []
         for f, v in lower.items():
-            args += [f, v]
+            args += [f, v, counters.get(f, 0)]
         await self._raise_usage(keys=[self.k_usage + day], args=args)
         counters.update(lower)
         return counters, 1
@@ -672,6 +725,8 @@ class RedisStore:
         """The client keys, revocations and usage totals this process knows, back
         into a Redis that lost them (nothing, for a process that knows none)."""
         commands = 0
+        if self._token_records:
+            commands += await self._republish_tokens()
         if self._records or self._revoked:
             args: list[Any] = [len(self._records)]
             for kid, raw in self._records.items():

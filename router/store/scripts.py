@@ -117,18 +117,17 @@ return changed
 """
 
 # A day's usage totals restored after Redis lost them, from what each process knows:
-# what it counted itself (exact), and the highest total it read (which covers
-# processes that are gone). Each field becomes the larger of the sum of every
-# process's own counts and the highest total any process read, on top of what was
-# counted since the loss. Idempotent: each process's count is added once (the
-# second hash keeps what each one added, the sum, the highest total read, and what
-# was added to the usage hash), so processes may restore in any order, and again.
-# KEYS: 1 the day's usage hash, 2 what was restored into it.
-# ARGV: 1 retention in seconds, 2 this process's id, then field, own count, highest
-#       total read triples.
+# what it counted itself (exact, and including what it counted since the loss), and
+# the highest total it read (which covers processes that are gone). Each counter is
+# raised to the larger of the sum of every process's own counts and the highest total
+# any process read, never added to: restoring twice, in any order of the processes,
+# into a hash that kept its data or that was written since, counts nothing twice.
+# KEYS: 1 the day's usage hash, 2 what each process reported (by process, the sum,
+# the highest total read). ARGV: 1 retention in seconds, 2 this process's id, then
+# field, own count, highest total read triples.
 RESTORE_USAGE = """
 local usage, restored, me = KEYS[1], KEYS[2], ARGV[2]
-local added = 0
+local raised = 0
 for i = 3, #ARGV, 3 do
   local f, mine, seen = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local by = 'by\t' .. me .. '\t' .. f
@@ -144,26 +143,26 @@ for i = 3, #ARGV, 3 do
     read = seen
   end
   local target = math.max(sum, read)
-  local applied = tonumber(redis.call('HGET', restored, 'applied\t' .. f) or '0')
-  if target > applied then
-    redis.call('HINCRBY', usage, f, target - applied)
-    redis.call('HSET', restored, 'applied\t' .. f, target)
-    added = added + 1
+  if tonumber(redis.call('HGET', usage, f) or '0') < target then
+    redis.call('HSET', usage, f, target)
+    raised = raised + 1
   end
 end
 redis.call('EXPIRE', usage, ARGV[1])
 redis.call('EXPIRE', restored, ARGV[1])
-return added
+return raised
 """
 
 # A usage counter read lower than a process knew it (Redis lost recent writes, as a
-# replica promoted before it had them): raised back to that, never added to.
-# KEYS: 1 the day's usage hash. ARGV: field, total pairs.
+# replica promoted before it had them): what was missing at the read is added back,
+# once, unless other processes' counts since brought it up to what was known (so
+# their counts since the read are kept, not overwritten).
+# KEYS: 1 the day's usage hash. ARGV: field, total known, total read triples.
 RAISE_USAGE = """
-for i = 1, #ARGV, 2 do
-  local total = tonumber(ARGV[i + 1])
-  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < total then
-    redis.call('HSET', KEYS[1], ARGV[i], total)
+for i = 1, #ARGV, 3 do
+  local known, read = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < known then
+    redis.call('HINCRBY', KEYS[1], ARGV[i], known - read)
   end
 end
 return 1
