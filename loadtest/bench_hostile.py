@@ -5,7 +5,9 @@
 Starts ``ballast serve`` (its defaults, probes off) in front of an honest
 simulated node serving ``tiny-llama`` and a hostile node serving ``endless``
 (a stream whose one event never ends, sent as fast as loopback takes it) and
-``big-60``/``big-12`` (whole answers of 60 MB and 12 MB). Prints:
+``big-60``/``big-12`` (whole answers of 60 MB and 12 MB). The nodes run in a
+process of their own (``--nodes``), so that the client measuring latency here
+shares its event loop with neither them nor the router. Prints:
 
 * the honest model's p50 and p99 latency alone, then while ``--streams``
   clients keep asking for ``endless`` streams, and their ratio;
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,7 +33,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from loadtest.common import percentile
+from loadtest.common import free_port, percentile, spawn, stop_all, wait_port
 from loadtest.compare import start_router, stop
 from loadtest.simnode import SimNode, sim_config
 
@@ -67,6 +72,18 @@ async def hostile(request: web.Request) -> web.StreamResponse:
     return await (endless(request) if model == "endless" else big(request, int(model[4:])))
 
 
+def pin(router: int, nodes: int) -> tuple[str, str]:
+    """The router on the first core, the nodes and this process on the others (when
+    there are two or more): the router's share of the machine is then its own."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return "shared", "shared"
+    os.sched_setaffinity(router, {cores[0]})
+    for pid in (nodes, 0):
+        os.sched_setaffinity(pid, set(cores[1:]))
+    return str(cores[0]), ",".join(map(str, cores[1:]))
+
+
 def peak_rss_mb(pid: int) -> tuple[float, float]:
     """(resident now, peak resident) of a process, in MB."""
     fields = {}
@@ -103,6 +120,18 @@ async def attack(http: aiohttp.ClientSession, url: str, until: float, got: Count
             got["error event" if b'"error"' in data else f"HTTP {r.status}"] += 1
 
 
+async def ordinary(http: aiohttp.ClientSession, url: str, until: float, got: Counter[str]) -> None:
+    """The control: a client streaming ordinary answers as fast as it can."""
+    body = orjson.dumps(
+        {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "stream": True,
+         "max_tokens": 16}
+    )  # fmt: skip
+    while time.monotonic() < until:
+        async with http.post(url + "/v1/chat/completions", data=body, headers=_JSON) as r:
+            await r.read()
+            got[f"HTTP {r.status}"] += 1
+
+
 async def whole(http: aiohttp.ClientSession, url: str, model: str, n: int) -> Counter[str]:
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]})
 
@@ -116,49 +145,71 @@ async def whole(http: aiohttp.ClientSession, url: str, model: str, n: int) -> Co
     return Counter(await asyncio.gather(*(one() for _ in range(n))))
 
 
-async def main_async(seconds: float, streams: int) -> str:
+async def serve_nodes(honest_port: int, hostile_port: int) -> None:
+    """The honest and the hostile node, until the process is stopped."""
     sim = SimNode(sim_config("honest", ["tiny-llama"], "H100", time_scale=0.0))
-    await sim.start()
+    await sim.start(honest_port)
     app = web.Application()
     app.router.add_post("/v1/chat/completions", hostile)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    bad_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await web.TCPSite(runner, "127.0.0.1", hostile_port).start()
+    await asyncio.Event().wait()
+
+
+async def main_async(
+    seconds: float, streams: int, nodes: subprocess.Popen[bytes], honest_port: int,
+    hostile_port: int,
+) -> str:  # fmt: skip
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {
             "nodes": [
-                {"id": "honest", "url": sim.url, "models": ["tiny-llama"]},
-                {"id": "hostile", "url": bad_url, "models": ["endless", "big-60", "big-12"]},
+                {"id": "honest", "url": f"http://127.0.0.1:{honest_port}",
+                 "models": ["tiny-llama"]},
+                {"id": "hostile", "url": f"http://127.0.0.1:{hostile_port}",
+                 "models": ["endless", "big-60", "big-12"]},
             ],
             "health": {"probe": False},
-            "logging": {"level": "warning", "access_log": False},
-        }
-        proc, url = await start_router(cfg, Path(tmp))
+            "logging": {"level": "info", "access_log": False},
+        }  # fmt: skip
+        try:
+            wait_port(honest_port, nodes)
+            wait_port(hostile_port, nodes)
+            proc, url = await start_router(cfg, Path(tmp))
+        except BaseException:
+            stop_all([nodes])
+            raise
+        assert proc.pid is not None
+        pinned = pin(proc.pid, nodes.pid)
         try:
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 await latencies(http, url, 1.0)  # warm up
                 alone = await latencies(http, url, seconds)
-                got: Counter[str] = Counter()
-                until = time.monotonic() + seconds + 1
-                attackers = [
-                    asyncio.create_task(attack(http, url, until, got)) for _ in range(streams)
-                ]
-                await asyncio.sleep(0.5)
-                attacked = await latencies(http, url, seconds)
-                await asyncio.gather(*attackers)
-                p50a, p50b = percentile(alone, 0.5), percentile(attacked, 0.5)
+                figures = {}
+                for name, client in (("endless", attack), ("ordinary", ordinary)):
+                    got: Counter[str] = Counter()
+                    until = time.monotonic() + seconds + 1
+                    clients = [
+                        asyncio.create_task(client(http, url, until, got)) for _ in range(streams)
+                    ]
+                    await asyncio.sleep(0.5)
+                    figures[name] = (await latencies(http, url, seconds), dict(got))
+                    await asyncio.gather(*clients)
+                p50a = percentile(alone, 0.5)
                 lines += [
-                    f"tiny-llama alone:    p50 {p50a * 1000:.2f} ms  p99 "
+                    f"cores: router {pinned[0]}, nodes and clients {pinned[1]}",
+                    f"tiny-llama alone:       p50 {p50a * 1000:.2f} ms  p99 "
                     f"{percentile(alone, 0.99) * 1000:.2f} ms  ({len(alone)} requests)",
-                    f"with {streams} endless:     p50 {p50b * 1000:.2f} ms  p99 "
-                    f"{percentile(attacked, 0.99) * 1000:.2f} ms  ({len(attacked)} requests); "
-                    f"p50 ratio {p50b / p50a:.2f}",
-                    f"endless streams answered: {dict(got)}",
                 ]
+                for name, (lat, got) in figures.items():
+                    p50 = percentile(lat, 0.5)
+                    lines.append(
+                        f"with {streams} {name:>8} streams: p50 {p50 * 1000:.2f} ms  p99 "
+                        f"{percentile(lat, 0.99) * 1000:.2f} ms  ({len(lat)} requests); "
+                        f"p50 ratio {p50 / p50a:.2f}; they got {got}"
+                    )
                 assert proc.pid is not None
                 rss, hwm = peak_rss_mb(proc.pid)
                 lines.append(f"router RSS before big answers: {rss:.0f} MB (peak {hwm:.0f} MB)")
@@ -171,8 +222,7 @@ async def main_async(seconds: float, streams: int) -> str:
                     )
         finally:
             await stop(proc)
-            await runner.cleanup()
-            await sim.close()
+            stop_all([nodes])
     return "\n".join(lines)
 
 
@@ -180,8 +230,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--streams", type=int, default=3)
+    p.add_argument("--nodes", type=int, nargs=2, metavar=("HONEST", "HOSTILE"),
+                   help=argparse.SUPPRESS)  # fmt: skip
     a = p.parse_args()
-    print(asyncio.run(main_async(a.seconds, a.streams)))
+    if a.nodes:
+        asyncio.run(serve_nodes(*a.nodes))
+        return
+    honest_port, hostile_port = free_port(), free_port()
+    nodes = spawn([sys.executable, "-m", "loadtest.bench_hostile", "--nodes",
+                   str(honest_port), str(hostile_port)])  # fmt: skip
+    print(asyncio.run(main_async(a.seconds, a.streams, nodes, honest_port, hostile_port)))
 
 
 if __name__ == "__main__":

@@ -288,12 +288,13 @@ class Retries(_Strict):
 class Limits(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # One answer read whole (every non-streamed answer) may be at most this large, and
-    # all the answers this process is reading whole at once at most buffered_bytes:
+    # all the answers this process holds whole at once may take at most buffered_bytes
+    # of memory (four times their size: chunks, body, parsed answer, socket buffer):
     # over either, the attempt fails (the node is not blamed for the router's budget).
     max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     # One SSE event of a stream may be at most this large; a longer one is garbage.
-    max_event_bytes: int = Field(1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(64 * 1024, ge=1024)
     # A client's request body must arrive within this time (else 408).
     body_timeout_s: float = Field(60.0, gt=0)
     # A connection with no complete request header this long after it opened, or

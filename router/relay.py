@@ -32,7 +32,7 @@ from router.bill import LIMIT_FIELDS, UNLIMITED_EVENTS, text_bytes
 
 DONE = b"data: [DONE]"
 SSE_FIELDS = (b":", b"event:", b"id:", b"retry:")
-MAX_EVENT_BYTES = 1024 * 1024  # one event at most (limits.max_event_bytes)
+MAX_EVENT_BYTES = 64 * 1024  # one event at most (limits.max_event_bytes)
 
 
 def _data(event: bytes) -> bytes | None:

@@ -148,9 +148,13 @@ class Opened:
 
 
 class Held:
-    """Bytes of one answer read whole, counted in ``budget`` until released (once)."""
+    """The memory one answer read whole takes, counted in ``budget`` until released
+    (once): ``COPIES`` times its bytes, for the chunks read, the body they are
+    joined into, the answer parsed from it and the copy in the client's socket
+    buffer, which are in memory together (loadtest/bench_hostile.py)."""
 
     __slots__ = ("budget", "size")
+    COPIES = 4
 
     def __init__(self, budget: Buffered) -> None:
         self.budget = budget
@@ -158,6 +162,7 @@ class Held:
 
     def take(self, n: int) -> bool:
         budget = self.budget
+        n *= self.COPIES
         if budget.used + n > budget.limit:
             return False
         budget.used += n

@@ -1,8 +1,8 @@
-"""Red-team pass on issue 27 (durable tenancy state, scoped join tokens, aliases):
-each test reproduces one finding and fails until it is fixed (real Redis, real
-sockets). A FLUSHALL "at an awkward moment" is made deterministic by wrapping one
-step of a router's sync round: the FLUSHALL itself is real, and the store code
-around it runs unchanged."""
+"""Redis misbehaving, hostile token and key holders, against durable tenancy state,
+scoped join tokens and aliases: each test tells an attack that once got through and
+asserts the guarantee that now holds (real Redis, real sockets). A FLUSHALL "at an
+awkward moment" is made deterministic by wrapping one step of a router's sync
+round: the FLUSHALL itself is real, and the store code around it runs unchanged."""
 
 from __future__ import annotations
 

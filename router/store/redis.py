@@ -622,8 +622,11 @@ class RedisStore:
         today = utc_day(wall)
         commands = len(days)
         for day, rows in zip(days, await pipe.execute(), strict=True):
-            counters, restored = await self._note_totals(day, rows)
-            commands += restored
+            if day == today:  # past days no longer change: no floor to keep for them
+                counters, restored = await self._note_totals(day, rows)
+                commands += restored
+            else:
+                counters = {raw.decode(errors="replace"): int(v) for raw, v in rows.items()}
             for raw, value in counters.items():
                 name, _, field = raw.partition("\t")
                 # a daily budget counts today only; a monthly one every day so far
