@@ -289,7 +289,7 @@ class Limits(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # One answer read whole (every non-streamed answer) may be at most this large, and
     # all the answers this process holds whole at once may take at most buffered_bytes
-    # of memory (four times their size: chunks, body, parsed answer, socket buffer):
+    # of memory (six times their size: chunks, body, parsed answer, socket buffer):
     # over either, the attempt fails (the node is not blamed for the router's budget).
     max_response_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     buffered_bytes: int = Field(256 * 1024 * 1024, ge=1024)

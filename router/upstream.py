@@ -150,11 +150,12 @@ class Opened:
 class Held:
     """The memory one answer read whole takes, counted in ``budget`` until released
     (once): ``COPIES`` times its bytes, for the chunks read, the body they are
-    joined into, the answer parsed from it and the copy in the client's socket
-    buffer, which are in memory together (loadtest/bench_hostile.py)."""
+    joined into, the answer parsed from it, the copy in the client's socket buffer
+    and what the allocator keeps meanwhile, about what a process's resident memory
+    grows by per answer (loadtest/bench_hostile.py)."""
 
     __slots__ = ("budget", "size")
-    COPIES = 4
+    COPIES = 6
 
     def __init__(self, budget: Buffered) -> None:
         self.budget = budget

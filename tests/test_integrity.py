@@ -269,9 +269,9 @@ async def test_answers_read_whole_share_one_budget_of_memory(
         return out
 
     r = await make_router(
-        # Two 400 kB answers, counted four times each (router.upstream.Held), fit.
+        # Two 400 kB answers, counted six times each (router.upstream.Held), fit.
         [await node(big)],
-        limits={"buffered_bytes": 4_000_000, "max_response_bytes": 600_000},
+        limits={"buffered_bytes": 6_000_000, "max_response_bytes": 600_000},
     )
     upstream = r.router.proxy.upstream
 
@@ -280,7 +280,7 @@ async def test_answers_read_whole_share_one_budget_of_memory(
             return resp.status, await resp.json()
 
     held = [asyncio.create_task(ask()) for _ in range(2)]
-    await until(lambda: upstream.buffered.used >= 3_200_000, 5)
+    await until(lambda: upstream.buffered.used >= 4_800_000, 5)
     status, doc = await ask()  # a third would take the router past its budget
     assert status == 503 and doc["error"]["code"] == "router_busy"
     assert upstream.buffered.used <= upstream.buffered.limit

@@ -342,7 +342,7 @@ async def test_a_continuations_refusal_gives_back_its_buffered_bytes(
         [await node(truncates, id="first"),
          await node(refuses_continuations, id="second", engine="vllm")],
         policy={"name": "round_robin"},
-        limits={"buffered_bytes": 4_000_000, "max_response_bytes": 600_000},
+        limits={"buffered_bytes": 6_000_000, "max_response_bytes": 600_000},
     )  # fmt: skip
     seen = finished(r)
     for i in range(4):
