@@ -401,6 +401,8 @@ class Upstream:
             except BaseException:
                 held.release()
                 raise
+            if not call.count and call.asked is None:
+                doc = None  # checked; nothing reads it again: not kept while it is sent
             return Opened(attempt, response, body, True, doc, held, encoding)
         except Failed as f:
             self._abandon(attempt, response, f.outcome)
