@@ -52,7 +52,7 @@ class Sizes:
     limit: int | None  # the largest of LIMIT_FIELDS; None: no limit set
     n: int  # choices asked for
     changed: bool  # the body must be sent rewritten (a value was coerced)
-    media: int = 0  # image, audio and video parts of the messages
+    media: int = 0  # image, audio and video parts of the messages (counted when billed)
     generates: bool = True  # False: an embeddings request (no completion at all)
 
     @property
@@ -134,10 +134,10 @@ def read_sizes(doc: dict[str, Any], generates: bool = True) -> Sizes:
             limit = value
     n, coerced = _int_field(doc, "n", MAX_N)
     changed = changed or coerced
-    return Sizes(stream is True, limit, n or 1, changed, _media(doc.get("messages")))
+    return Sizes(stream is True, limit, n or 1, changed)
 
 
-def _media(messages: Any) -> int:
+def media_parts(messages: Any) -> int:
     """Image, audio and video parts of chat messages (counted by their structure,
     not by their names appearing anywhere in the body)."""
     if type(messages) is not list:
@@ -167,12 +167,11 @@ def _int_field(doc: dict[str, Any], name: str, high: int) -> tuple[int | None, b
     value = doc.get(name)
     if value is None:
         return None, False
+    coerced = _as_int(value, name, 1, high)
     if type(value) is int:
-        if not 1 <= value <= high:
-            raise Invalid(f"{name} must be between 1 and {high}", name)
-        return value, False
-    doc[name] = value = _as_int(value, name, 1, high)
-    return value, True
+        return coerced, False
+    doc[name] = coerced
+    return coerced, True
 
 
 def prompt_bound(body: bytes, media: int = 0) -> int:

@@ -43,7 +43,7 @@ from aiohttp import web
 from policies import Policy, RequestInfo, node_cost
 from router.addresses import VIA_HEADER, via_refused
 from router.affinity import HIT, affinity_key, place
-from router.bill import PROMPT_BYTES_PER_TOKEN, Invalid, limit_to, read_sizes
+from router.bill import PROMPT_BYTES_PER_TOKEN, Invalid, limit_to, media_parts, read_sizes
 from router.budgets import RetryBudget
 from router.call import Call, Exchange, Failed
 from router.config import AuthConfig, Config
@@ -343,8 +343,6 @@ class Proxy:
             return _bad_request(str(e), "invalid_value", e.param)
         if asked != model:  # by the model's own name (a node may serve it by an alias)
             doc["model"] = model
-        if sizes.changed or asked != model:  # as the engine reads it, as it is billed
-            body = orjson.dumps(doc)
         ex.stream = stream = sizes.stream
         info = RequestInfo(
             model=model, stream=stream, max_tokens=sizes.limit, prompt_bytes=len(body)
@@ -386,6 +384,7 @@ class Proxy:
             call.asked = asked
         if count:  # the tokens, estimated now: the body's bytes over 4, plus limit x n
             call.count = True
+            sizes.media = media_parts(doc.get("messages"))  # what the prompt may bill
             if key is not None and sizes.generates:
                 refused = self._within_allowance(call, key)
                 if refused is not None:
@@ -404,6 +403,10 @@ class Proxy:
             call.key = key
         if count and stream:
             self._ask_usage(call)
+        # Sent as the engine reads it and as it is billed: coerced sizes, a key's
+        # limit, the usage asked for, the model's own name. One encoding, at the end.
+        if sizes.changed or call.hide_usage or asked != model:
+            call.body = orjson.dumps(doc)
         return call
 
     def _within_allowance(self, call: Call, key: Key) -> Refusal | None:
@@ -424,8 +427,7 @@ class Proxy:
             if not last:
                 return self.keys.no_room(key)
             room = max(room, 1)
-        limit_to(call.doc, sizes, room)
-        call.body = orjson.dumps(call.doc)
+        limit_to(call.doc, sizes, room)  # the body is encoded once admitted (_admit)
         call.info.max_tokens = room
         return None
 
@@ -480,8 +482,8 @@ class Proxy:
         doc = call.doc
         options = doc.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
-            doc = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
-            call.doc, call.body, call.hide_usage = doc, orjson.dumps(doc), True
+            doc["stream_options"] = {**(options or {}), "include_usage": True}
+            call.hide_usage = True
 
     # -- 2. candidates ----------------------------------------------------------------
 

@@ -195,18 +195,25 @@ class MemoryStore:
         return True
 
     async def put_key(self, record: dict[str, Any]) -> None:
-        self.keys[record["id"]] = record
-        if self.ledger is not None:
-            self.ledger.put("key", record)
+        self._put("key", self.keys, record)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
 
     async def delete_key(self, key_id: str) -> None:
-        self.keys.pop(key_id, None)
-        if self.ledger is not None:
-            self.ledger.delete("key", key_id)
+        self._delete("key", self.keys, key_id)
         if self.keyring is not None:
             self.keyring.adopt(self.keys)
+
+    def _put(self, kind: str, records: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+        """A client key's or join token's record, here and in the ledger."""
+        records[record["id"]] = record
+        if self.ledger is not None:
+            self.ledger.put(kind, record)
+
+    def _delete(self, kind: str, records: dict[str, dict[str, Any]], rid: str) -> None:
+        records.pop(rid, None)
+        if self.ledger is not None:
+            self.ledger.delete(kind, rid)
 
     def flush_usage(self) -> None:
         """The keyring's usage since the last flush into the day's totals (and the
@@ -250,16 +257,12 @@ class MemoryStore:
         keyring.adopt_spent(totals, {n: period_of(p, wall) for n, p in budgeted.items()})
 
     async def put_join_token(self, record: dict[str, Any]) -> None:
-        self.join_token_records[record["id"]] = record
-        if self.ledger is not None:
-            self.ledger.put("join_token", record)
+        self._put("join_token", self.join_token_records, record)
         if self.join_tokens is not None:
             self.join_tokens.adopt(self.join_token_records)
 
     async def delete_join_token(self, token_id: str) -> None:
-        self.join_token_records.pop(token_id, None)
-        if self.ledger is not None:
-            self.ledger.delete("join_token", token_id)
+        self._delete("join_token", self.join_token_records, token_id)
         if self.join_tokens is not None:
             self.join_tokens.adopt(self.join_token_records)
 
